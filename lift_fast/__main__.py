@@ -1,0 +1,3 @@
+from lift_fast.cli import main
+
+raise SystemExit(main())

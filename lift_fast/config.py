@@ -1,0 +1,250 @@
+"""Configuration: dataclasses with defaults, then a YAML/TOML file, then dotted overrides.
+
+    cfg = load_config("run.yaml", ["train.steps=200", "model.name=vit_tiny_patch16"])
+    save_config(cfg, run_dir / "config.yaml")
+
+Every field is typed; values from files and the command line are checked against that type and
+against the field's `choices`/`min` metadata. Unknown sections or fields, and bad values, raise
+`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist or a value that does not fit its field."""
+
+
+def _field(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None):
+    """A dataclass field carrying its docstring and validation rules as metadata."""
+    meta = {"doc": doc, "choices": choices, "min": min}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are prepared."""
+
+    image_size: int = _field(64, "side of the square training crop, in pixels", min=8)
+    backend: str = _field("auto", "image loader: auto prefers DALI when it works", choices=("auto", "dali", "pil"))
+    crop_scale: tuple[float, float] = _field((0.9, 1.0), "RandomResizedCrop area range (LIFT: 0.9-1.0)")
+    hflip: bool = _field(False, "random horizontal flip (off: it would flip left/right relations)")
+    num_workers: int = _field(1, "loader worker processes", min=0)
+    shuffle_buffer: int = _field(2048, "samples held for shuffling within and across shards", min=1)
+    on_error: str = _field("error", "bad sample (corrupt image, no embedding): error or counted skip", choices=("error", "skip"))
+
+
+@dataclass
+class EmbedConfig:
+    """The frozen text encoder and how captions are turned into vectors."""
+
+    model: str = _field("all-minilm-l6-v2", "encoder: a local path, a hub id, or 'all-minilm-l6-v2' (bundled)")
+    pooling: str = _field("mean", "token pooling", choices=("mean", "cls", "last"))
+    prompt: str = _field("", "prefix prepended to every caption (an instruction, for LLM embedders)")
+    max_length: int = _field(77, "tokens kept per caption; longer ones are truncated and counted", min=1)
+    normalize: bool = _field(True, "store L2-normalised rows")
+    dtype: str = _field("float16", "storage dtype of the rows", choices=("float16", "float32"))
+    batch_size: int = _field(128, "captions per forward pass", min=1)
+    on_error: str = _field("error", "empty/undecodable/missing caption: error or counted skip", choices=("error", "skip"))
+    trust_remote_code: bool = _field(False, "allow code from the model folder (only for models that need it)")
+
+
+@dataclass
+class ModelConfig:
+    """The image tower: ViT, pooling and LIFT head."""
+
+    name: str = _field("vit_tiny_patch16", "ViT preset, vit_{tiny,small,base,large}_patch{8,14,16,32} or vit_b16")
+    patch_size: int = _field(0, "override the preset's patch size (0 keeps it)", min=0)
+    depth: int = _field(0, "override the preset's number of blocks (0 keeps it)", min=0)
+    pooling: str = _field("mean", "image feature: mean of patch tokens (LIFT) or class token", choices=("mean", "cls"))
+    pos_embed: str = _field("learned", "position embedding", choices=("learned", "sincos"))
+    head_hidden: int = _field(0, "hidden width of the LIFT head (0: the text dim)", min=0)
+    attention: str = _field("auto", "attention backend", choices=("auto", "sdpa", "math"))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and logging."""
+
+    steps: int = _field(2000, "optimizer steps", min=1)
+    batch_size: int = _field(128, "global batch size", min=1)
+    lr: float = _field(1e-3, "peak learning rate", min=0.0)
+    min_lr: float = _field(0.0, "learning rate at the end of the cosine", min=0.0)
+    warmup_steps: int = _field(100, "linear warm-up steps", min=0)
+    weight_decay: float = _field(0.2, "AdamW weight decay (not on biases, norms, logit scale)", min=0.0)
+    betas: tuple[float, float] = _field((0.9, 0.98), "AdamW betas")
+    eps: float = _field(1e-6, "AdamW epsilon", min=0.0)
+    grad_clip: float = _field(1.0, "max gradient norm (0: off)", min=0.0)
+    loss: str = _field("clip", "contrastive loss", choices=("clip", "siglip"))
+    logit_scale_init: float = _field(14.285714, "initial logit scale (1/temperature)", min=0.0)
+    logit_scale_max: float = _field(100.0, "the logit scale is clamped at this value", min=1.0)
+    seed: int = _field(0, "seed for weights, data order and augmentation")
+    threads: int = _field(0, "CPU threads for torch (0: torch's default)", min=0)
+    log_every: int = _field(20, "steps between metrics.jsonl lines", min=1)
+    checkpoint_every: int = _field(0, "steps between checkpoints (0: only at the end)", min=0)
+    keep_checkpoints: int = _field(2, "complete checkpoints kept", min=1)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out retrieval and compositional tests."""
+
+    batch_size: int = _field(256, "images per forward pass", min=1)
+    compositional: bool = _field(True, "run the SugarCrepe-style tests when their JSON files exist")
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any, annotation: Any, meta: dict) -> Any:
+    """Check `value` against a field's type and rules; return it in the field's type."""
+    kind = typing.get_origin(annotation) or annotation
+    try:
+        if kind is tuple:
+            item_types = typing.get_args(annotation)
+            if isinstance(value, str):
+                value = yaml.safe_load(value if value.lstrip().startswith("[") else f"[{value}]")
+            if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+                raise ConfigError(f"{key}: expected {len(item_types)} values, got {value!r}")
+            return tuple(_coerce(key, v, t, meta) for v, t in zip(value, item_types))
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                value = value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            value = int(value)
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ConfigError(f"{key}: expected a number, got {value!r}")
+            value = float(value)
+        elif kind is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ConfigError(f"{key}: expected a string, got {value!r}")
+            value = str(value)
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{key}: cannot read {value!r} as {kind.__name__}") from None
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['min']}")
+    return value
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    """Set `section.field` on cfg, validating the value."""
+    section_name, _, field_name = key.partition(".")
+    if section_name not in SECTIONS or not field_name:
+        raise ConfigError(f"unknown config key {key!r}: keys look like section.field, sections are {', '.join(SECTIONS)}")
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if field_name not in fields:
+        raise ConfigError(f"unknown config key {key!r}; {section_name} has {', '.join(fields)}")
+    hints = typing.get_type_hints(type(section))
+    f = fields[field_name]
+    setattr(section, field_name, _coerce(key, value, hints[field_name], dict(f.metadata)))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a flat {dotted.key: value} dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        tree = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected sections (data, embed, model, train, eval) at the top level")
+    return _flatten(tree)
+
+
+def parse_overrides(items: typing.Iterable[str]) -> dict[str, str]:
+    """Turn ["train.steps=200", ...] into {"train.steps": "200", ...}."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        out[key.strip()] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] | dict = ()) -> Config:
+    """Defaults, then the file at `path` (YAML or TOML), then dotted overrides; raises ConfigError."""
+    cfg = Config()
+    if path is not None:
+        for key, value in read_config_file(path).items():
+            try:
+                _set(cfg, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"{path}: {err}") from None
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    for key, value in overrides.items():
+        _set(cfg, key, value)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain nested dicts (tuples become lists), ready for YAML or JSON."""
+
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()} for name in SECTIONS}
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+def describe(section: type) -> list[tuple[str, Any, str]]:
+    """(field, default, doc) for each field of a config section, for --help output and docs."""
+    return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(), f.metadata.get("doc", ""))
+            for f in dataclasses.fields(section)]
+
