@@ -99,14 +99,17 @@ def iter_samples(shard: str | Path) -> Iterator[Sample]:
 
 
 class ShardWriter:
-    """Write samples into numbered shards `00000.tar`, `00001.tar`, ... of `samples_per_shard` each."""
+    """Write samples into numbered shards `00000.tar`, `00001.tar`, ... of `samples_per_shard` each.
+
+    Member times are fixed (mtime 0), so the same samples give byte-identical shards.
+    """
 
     def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000):
         import webdataset as wds
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._writer = wds.ShardWriter(str(out_dir / "%05d.tar"), maxcount=samples_per_shard, verbose=0)
+        self._writer = wds.ShardWriter(str(out_dir / "%05d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0)
 
     def write(self, key: str, files: dict[str, bytes | str | dict]) -> None:
         """Add one sample; `files` maps extension ('jpg', 'txt', 'json') to its content."""

@@ -1,0 +1,296 @@
+"""Plain-torch contrastive losses: the CPU path, the fallback, and what the Triton kernels must match.
+
+Also holds what every loss in this package shares: the `LIFT_FAST_KERNELS` choice, input checks,
+conversion of `logit_scale`/`logit_bias`, and gathering features across a torch.distributed job.
+
+Numerics: the similarity matmul runs in the features' dtype (bf16 stays bf16, so it runs on tensor
+cores), then the logits are upcast to `compute_dtype` (float32, or float64 for float64 inputs) before
+the scale, the bias, the log-sum-exp and the log-sigmoid. Losses come back in `compute_dtype`.
+Only torch is imported here; nothing from the rest of lift_fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+KERNELS_ENV_VAR = "LIFT_FAST_KERNELS"
+KERNELS_CHOICES = ("auto", "triton", "torch")
+
+_logged_auto_choice = False
+
+
+# --- implementation choice -------------------------------------------------------------------------
+
+
+def loss_implementation() -> str:
+    """Return the loss implementation to use now, from `LIFT_FAST_KERNELS` (read at every call).
+
+    Returns:
+        "torch" (the only implementation in this build; `auto` falls back to it and logs so once).
+
+    Raises:
+        ValueError: the variable holds something other than auto, triton or torch.
+        RuntimeError: the variable asks for triton, whose kernels are not in this build yet.
+    """
+    global _logged_auto_choice
+    raw = os.environ.get(KERNELS_ENV_VAR, "auto")
+    choice = raw.strip().lower() or "auto"
+    if choice not in KERNELS_CHOICES:
+        raise ValueError(
+            f"{KERNELS_ENV_VAR}={raw!r} is not a known loss implementation; "
+            f"use one of {', '.join(KERNELS_CHOICES)}"
+        )
+    if choice == "triton":
+        raise RuntimeError(
+            f"{KERNELS_ENV_VAR}=triton asks for the Triton loss kernels, which are not in this build "
+            f"of lift_fast.kernels yet; set {KERNELS_ENV_VAR}=auto or torch to use the plain-torch loss"
+        )
+    if choice == "auto" and not _logged_auto_choice:
+        logger.info("%s=auto: using the plain-torch contrastive loss (no Triton kernels in this build)",
+                    KERNELS_ENV_VAR)
+        _logged_auto_choice = True
+    return "torch"
+
+
+# --- input checks and conversions ------------------------------------------------------------------
+
+
+def check_feature_pair(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """Check that image and text features are matching [B, D] floating-point tensors.
+
+    Raises:
+        TypeError: either is not a floating-point tensor.
+        ValueError: either is not 2-D, B or D differ (both shapes are named), B is 0, or the two
+            live on different devices.
+    """
+    for name, features in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+            kind = features.dtype if isinstance(features, torch.Tensor) else type(features).__name__
+            raise TypeError(f"{name} must be a floating-point tensor [B, D], got {kind}")
+        if features.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [B, D], got shape {tuple(features.shape)}")
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image_features {tuple(image_features.shape)} and text_features "
+            f"{tuple(text_features.shape)} must have the same shape [B, D]"
+        )
+    if image_features.shape[0] == 0:
+        raise ValueError("image_features and text_features hold no rows (B=0); the loss needs B >= 1")
+    if image_features.device != text_features.device:
+        raise ValueError(
+            f"image_features are on {image_features.device} but text_features on "
+            f"{text_features.device}; move both to one device"
+        )
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the logits and the loss are computed in: float32, or float64 if an input is."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def common_feature_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the similarity matmul runs in: the promotion of the features' dtypes."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def as_scalar(value, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Turn `logit_scale` or `logit_bias` (float or one-element tensor) into a 0-d tensor.
+
+    The conversion is differentiable, so a parameter passed in receives its gradient.
+
+    Raises:
+        ValueError: a tensor with more than one element.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar (0-d or one-element tensor, or a float), "
+                             f"got shape {tuple(value.shape)}")
+        return value.reshape(()).to(device=device, dtype=dtype)
+    return torch.tensor(float(value), device=device, dtype=dtype)
+
+
+def prepare_loss_inputs(image_features, text_features, logit_scale, logit_bias):
+    """Check a loss's inputs and bring them to the form the plain-torch losses take.
+
+    Returns:
+        (image_features, text_features) in one (promoted) dtype, and logit_scale, logit_bias
+        (or None) as 0-d tensors in the compute dtype on the features' device.
+
+    Raises:
+        as `check_feature_pair` and `as_scalar`.
+    """
+    check_feature_pair(image_features, text_features)
+    feature_dtype = common_feature_dtype(image_features, text_features)
+    image_features = image_features.to(feature_dtype)
+    text_features = text_features.to(feature_dtype)
+    device, dtype = image_features.device, compute_dtype(image_features)
+    scale = as_scalar(logit_scale, "logit_scale", device, dtype)
+    bias = None if logit_bias is None else as_scalar(logit_bias, "logit_bias", device, dtype)
+    return image_features, text_features, scale, bias
+
+
+def check_rank(rank: int, world_size: int, owner: str) -> None:
+    """Raise ValueError unless world_size >= 1 and 0 <= rank < world_size."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"{owner}(rank={rank}, world_size={world_size}): need world_size >= 1 "
+                         "and 0 <= rank < world_size")
+
+
+# --- plain-torch losses ----------------------------------------------------------------------------
+
+
+def contrastive_logits(
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """logit_scale * rows @ columns.T (+ logit_bias), matmul in the features' dtype, result upcast.
+
+    Args:
+        rows: [M, D]; columns: [N, D], same dtype; logit_scale, logit_bias: 0-d, in the result dtype.
+
+    Returns:
+        logits [M, N] in logit_scale's dtype.
+    """
+    similarity = rows @ columns.T  # [M, N], input dtype
+    logits = similarity.to(logit_scale.dtype) * logit_scale
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    return logits
+
+
+def clip_loss_torch(
+    image_rows: torch.Tensor,
+    text_rows: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+    *,
+    image_columns: torch.Tensor | None = None,
+    text_columns: torch.Tensor | None = None,
+    label_offset: int = 0,
+) -> torch.Tensor:
+    """Symmetric InfoNCE: mean of image->text and text->image cross-entropy over the rows.
+
+    Without columns, the rows are the whole batch (one [B, B] logit matrix and its transpose). With
+    columns (open_clip's local loss), local rows [b, D] meet the global batch [B, D], and row i's
+    positive is column i + label_offset.
+
+    Args:
+        image_rows, text_rows: [b, D] features, one dtype.
+        logit_scale, logit_bias: 0-d tensors in the compute dtype (see `as_scalar`).
+        image_columns, text_columns: [B, D] or None (both or neither).
+        label_offset: index of row 0's positive among the columns.
+
+    Returns:
+        0-d loss in logit_scale's dtype.
+    """
+    if image_columns is None:
+        logits_per_image = contrastive_logits(image_rows, text_rows, logit_scale, logit_bias)  # [B, B]
+        logits_per_text = logits_per_image.T
+    else:
+        logits_per_image = contrastive_logits(image_rows, text_columns, logit_scale, logit_bias)
+        logits_per_text = contrastive_logits(text_rows, image_columns, logit_scale, logit_bias)
+    labels = torch.arange(image_rows.shape[0], device=image_rows.device) + label_offset
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss_torch(
+    image_rows: torch.Tensor,
+    text_columns: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    *,
+    positive_offset: int = 0,
+) -> torch.Tensor:
+    """Pairwise sigmoid loss: -sum(logsigmoid(label * logit)) / b, label +1 on positives, -1 elsewhere.
+
+    Args:
+        image_rows: [b, D] (local) image features; text_columns: [B, D] text features, same dtype.
+        logit_scale, logit_bias: 0-d tensors in the compute dtype (logit_bias may be None).
+        positive_offset: image row i's positive is text column i + positive_offset.
+
+    Returns:
+        0-d loss in logit_scale's dtype.
+    """
+    logits = contrastive_logits(image_rows, text_columns, logit_scale, logit_bias)  # [b, B]
+    signs = torch.full_like(logits, -1.0)
+    signs.diagonal(positive_offset).fill_(1.0)
+    return -F.logsigmoid(signs * logits).sum() / image_rows.shape[0]
+
+
+def project_and_normalize(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """normalize(hidden @ weight.T + bias): the projection in the input dtype, the norm in float32.
+
+    Args:
+        hidden: [B, H]; weight: [D, H]; bias: [D] or None.
+
+    Returns:
+        [B, D] unit rows in hidden's dtype.
+    """
+    projected = F.linear(hidden, weight, bias)  # [B, D]
+    return normalize_rows(projected)
+
+
+def normalize_rows(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the rows of [B, D] features; the norm is taken in float32 (or float64)."""
+    return F.normalize(features.to(compute_dtype(features)), dim=-1).to(features.dtype)
+
+
+# --- torch.distributed -----------------------------------------------------------------------------
+
+
+def check_process_group(rank: int, world_size: int, owner: str) -> None:
+    """Check that the default process group exists and agrees with the loss's rank and world_size.
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised.
+        ValueError: rank or world_size differ from the process group's.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{owner}(world_size={world_size}) needs torch.distributed initialised "
+            "(torch.distributed.init_process_group, e.g. under torchrun)"
+        )
+    if (rank, world_size) != (dist.get_rank(), dist.get_world_size()):
+        raise ValueError(
+            f"{owner} was built with rank={rank}, world_size={world_size} but the process group has "
+            f"rank={dist.get_rank()}, world_size={dist.get_world_size()}"
+        )
+
+
+def gather_rows(tensor: torch.Tensor, *, rank: int, world_size: int, with_grad: bool,
+                keep_local_grad: bool = False) -> torch.Tensor:
+    """Concatenate every rank's [b, D] tensor into [world_size * b, D], in rank order.
+
+    Every rank must pass the same b (as in open_clip). With `with_grad`, gradients flow back to the
+    rank that owns each row (summed over ranks). Without it the gathered copy is detached; with
+    `keep_local_grad` this rank's own slot is the input tensor itself, so its rows keep their graph.
+    """
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    tensor = tensor.contiguous()
+    if with_grad:
+        return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.detach())
+    if keep_local_grad:
+        parts[rank] = tensor
+    return torch.cat(parts, dim=0)

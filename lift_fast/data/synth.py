@@ -1,0 +1,193 @@
+"""A synthetic compositional image-caption set: one or two coloured shapes and their relation.
+
+    out/train/00000.tar ...          KEY.jpg, KEY.txt ("a red circle to the left of a blue square"), KEY.json
+    out/eval/00000.tar ...           the same, from another random stream
+    out/eval/sugarcrepe/<cat>.json   hard negatives in SugarCrepe's format, one file per category
+
+The categories follow SugarCrepe: `replace_att` (one colour replaced by one not in the image),
+`swap_att` (the two colours swapped), `replace_rel` (a false relation), `swap_obj` (the two objects
+swapped around the relation). Two-object scenes place the objects apart along one axis and close
+along the other, so exactly one relation (and its inverse) is true. Everything is drawn from
+numpy generators seeded by (seed, split), so the same seed gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from lift_fast.data.shards import ShardWriter
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 140, 30),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+# relation -> (axis, sign): "A to the left of B" means A.x < B.x.
+RELATIONS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
+INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+CATEGORIES = ("replace_att", "swap_att", "replace_rel", "swap_obj")
+
+
+@dataclass
+class Shape:
+    color: str
+    shape: str
+    x: float  # centre, as a fraction of the image side
+    y: float
+    size: float  # half-width, as a fraction of the image side
+
+    def phrase(self) -> str:
+        """'an orange star', 'a red circle'."""
+        article = "an" if self.color[0] in "aeiou" else "a"
+        return f"{article} {self.color} {self.shape}"
+
+
+@dataclass
+class Scene:
+    """What one image shows, and the caption that says so."""
+
+    objects: list[Shape]
+    relation: str | None  # the relation of objects[0] to objects[1] used in the caption
+    background: tuple[int, int, int]
+
+    def caption(self) -> str:
+        if self.relation is None:
+            return self.objects[0].phrase()
+        first, second = self.objects
+        return f"{first.phrase()} {self.relation} {second.phrase()}"
+
+    def metadata(self) -> dict:
+        return {
+            "caption": self.caption(),
+            "relation": self.relation,
+            "objects": [vars(o) for o in self.objects],
+        }
+
+
+def sample_scene(rng: np.random.Generator, two_object_fraction: float = 0.85) -> Scene:
+    """Draw a random scene: one shape, or two shapes with distinct colours in one relation."""
+    background = tuple(int(v) for v in rng.integers(200, 256, size=3))
+    colors = list(COLORS)
+    if rng.random() >= two_object_fraction:
+        size = rng.uniform(0.14, 0.22)
+        x, y = rng.uniform(0.25, 0.75, size=2)
+        return Scene([Shape(str(rng.choice(colors)), str(rng.choice(SHAPES)), x, y, size)], None, background)
+    first_color, second_color = rng.choice(colors, size=2, replace=False)
+    relation = str(rng.choice(list(RELATIONS)))
+    axis, sign = RELATIONS[relation]
+    sizes = rng.uniform(0.11, 0.16, size=2)
+    # Along the relation's axis the centres are at least ~0.42 apart; across it they stay close.
+    along = np.sort(rng.uniform(0.16, 0.84, size=2))
+    while along[1] - along[0] < 0.42:
+        along = np.sort(rng.uniform(0.16, 0.84, size=2))
+    if sign > 0:
+        along = along[::-1]
+    across = rng.uniform(0.3, 0.7) + rng.uniform(-0.06, 0.06, size=2)
+    centres = [(along[i], across[i]) if axis == 0 else (across[i], along[i]) for i in range(2)]
+    objects = [
+        Shape(str(c), str(rng.choice(SHAPES)), float(x), float(y), float(s))
+        for c, (x, y), s in zip((first_color, second_color), centres, sizes)
+    ]
+    return Scene(objects, relation, background)
+
+
+def render(scene: Scene, image_size: int) -> Image.Image:
+    """Draw the scene at image_size x image_size (supersampled 4x, then downscaled for smooth edges)."""
+    scale = 4
+    side = image_size * scale
+    image = Image.new("RGB", (side, side), scene.background)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        cx, cy, r = obj.x * side, obj.y * side, obj.size * side
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif obj.shape == "square":
+            h = r * 0.85
+            draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+        elif obj.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+        else:  # star: five points, inner radius 0.45 r
+            angles = np.pi / 2 + np.arange(10) * np.pi / 5
+            radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+            draw.polygon([(cx + q * np.cos(a), cy - q * np.sin(a)) for q, a in zip(radii, angles)], fill=fill)
+    return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def hard_negatives(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
+    """One false caption per category that applies to the scene (single shapes get replace_att only)."""
+    out = {}
+    first = scene.objects[0]
+    unused = [c for c in COLORS if c not in {o.color for o in scene.objects}]
+    replaced = Shape(str(rng.choice(unused)), first.shape, first.x, first.y, first.size)
+    if scene.relation is None:
+        out["replace_att"] = Scene([replaced], None, scene.background).caption()
+        return out
+    second = scene.objects[1]
+    which = int(rng.integers(2))
+    objs = [first, second]
+    objs[which] = Shape(str(rng.choice(unused)), objs[which].shape, 0, 0, 0)
+    out["replace_att"] = Scene(objs, scene.relation, scene.background).caption()
+    swapped_colors = [Shape(second.color, first.shape, 0, 0, 0), Shape(first.color, second.shape, 0, 0, 0)]
+    out["swap_att"] = Scene(swapped_colors, scene.relation, scene.background).caption()
+    false_relations = [r for r in RELATIONS if r != scene.relation]
+    out["replace_rel"] = Scene([first, second], str(rng.choice(false_relations)), scene.background).caption()
+    out["swap_obj"] = Scene([second, first], scene.relation, scene.background).caption()
+    # When both colours and shapes differ, each negative is a different sentence from the caption;
+    # a negative equal to the caption (same shape twice under swap_att) would be no test at all.
+    return {k: v for k, v in out.items() if v != scene.caption()}
+
+
+def write_split(out_dir: Path, split: str, count: int, *, image_size: int, seed: int,
+                samples_per_shard: int, progress: bool = True) -> dict[str, list[dict]]:
+    """Write one split's shards; return its hard negatives by category (for the eval split)."""
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    negatives: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
+    with ShardWriter(out_dir / split, samples_per_shard) as writer:
+        for index in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
+            key = f"{index:08d}"
+            scene = sample_scene(rng)
+            buffer = io.BytesIO()
+            render(scene, image_size).save(buffer, format="JPEG", quality=95)
+            # Some captions put the second object first ("B right of A"), so both phrasings are learned.
+            if scene.relation is not None and rng.random() < 0.5:
+                scene = Scene(scene.objects[::-1], INVERSE[scene.relation], scene.background)
+            writer.write(key, {"jpg": buffer.getvalue(), "txt": scene.caption(), "json": json.dumps(scene.metadata())})
+            for category, negative in hard_negatives(scene, rng).items():
+                negatives[category].append({"filename": f"{key}.jpg", "caption": scene.caption(), "negative_caption": negative})
+    return negatives
+
+
+def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: int = 1000, image_size: int = 64,
+                    seed: int = 0, samples_per_shard: int = 2000, progress: bool = True) -> dict:
+    """Write the synthetic set (train and eval shards, SugarCrepe-style negatives) under out_dir.
+
+    Returns a summary: {"train": n, "eval": n, "negatives": {category: n}, "out": path}.
+    Raises FileExistsError if out_dir already holds shards (nothing is overwritten).
+    """
+    out_dir = Path(out_dir)
+    for split in ("train", "eval"):
+        if any((out_dir / split).glob("*.tar")):
+            raise FileExistsError(f"{out_dir / split} already holds shards; choose an empty --out folder")
+    write_split(out_dir, "train", num_train, image_size=image_size, seed=seed,
+                samples_per_shard=samples_per_shard, progress=progress)
+    negatives = write_split(out_dir, "eval", num_eval, image_size=image_size, seed=seed,
+                            samples_per_shard=samples_per_shard, progress=progress)
+    sugarcrepe = out_dir / "eval" / "sugarcrepe"
+    sugarcrepe.mkdir(parents=True, exist_ok=True)
+    for category, items in negatives.items():
+        payload = {str(i): item for i, item in enumerate(items)}
+        (sugarcrepe / f"{category}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    return {"out": str(out_dir), "train": num_train, "eval": num_eval,
+            "negatives": {c: len(v) for c, v in negatives.items()}}

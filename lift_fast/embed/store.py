@@ -1,0 +1,314 @@
+"""The embedding store: one file of caption embeddings per data shard, plus `manifest.json`.
+
+    store/
+      manifest.json      format version, encoder identity, dtype, dim, normalized, data shards, per-shard counts
+      00000.keys.txt     one sample key per line, in shard order
+      00000.json         count, skipped (with keys and reasons), truncated, duplicates, source tar stamp
+      00000.npy          [count, dim] rows in the order of 00000.keys.txt (float16 by default)
+
+Every file is written under a temporary name and renamed into place; a shard's `.npy` is written
+last, so its presence marks a finished shard. Ranks of one job write disjoint shards and update
+the manifest's per-shard counts under a file lock.
+
+    keys, embeddings, manifest = load_store("store/")       # everything, concatenated in shard order
+    store = open_store("store/")                             # per-shard memmaps, for loaders
+    rows = store.embeddings("00000")[store.row_index("00000")["000123"]]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "lift-fast-embeddings"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Fields that decide whether two stores' rows are interchangeable. `model` counts only when the
+# weights hash is not known (the hash identifies the encoder better than the name it was given by);
+# `path` and `revision` depend on the machine and are recorded for people, not compared.
+MATCH_FIELDS = ("weights_sha256", "model", "pooling", "prompt", "max_length", "normalize", "dim", "dtype")
+
+
+class StoreError(ValueError):
+    """A store folder, manifest or shard file that is missing or unreadable; the message names the file."""
+
+
+class StoreMismatchError(StoreError):
+    """A store made with another encoder or setting than the one asked for."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file beside `path`, fsync it, then rename it to `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write a JSON object atomically."""
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{what} {path} is not valid JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise StoreError(f"{what} {path} does not hold a JSON object")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------- manifest
+
+
+def new_manifest(identity: dict, dtype: str) -> dict:
+    """A manifest for an empty store written by the encoder with this identity, rows stored as `dtype`."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "encoder": dict(identity),
+        "dtype": dtype,
+        "dim": identity["dim"],
+        "normalized": identity["normalize"],
+        "data_shards": [],
+        "shards": {},
+    }
+
+
+def read_manifest(store_dir: str | Path) -> dict:
+    """The manifest of a store folder; raises StoreError naming the folder or file when absent or bad."""
+    store_dir = Path(store_dir)
+    if not store_dir.is_dir():
+        raise StoreError(f"embedding store {store_dir} does not exist (run `lift-fast embed` to make it)")
+    path = store_dir / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"embedding store {store_dir} has no {MANIFEST} ({path} is missing); "
+                         "it is not a finished `lift-fast embed` output")
+    manifest = _read_json(path, "store manifest")
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r} "
+                         f"is not {FORMAT!r} version {FORMAT_VERSION}")
+    return manifest
+
+
+def _found(manifest: dict, name: str):
+    encoder = manifest.get("encoder", {})
+    if name in encoder:
+        return encoder[name]
+    if name == "normalize":
+        return manifest.get("normalized")
+    return manifest.get(name)
+
+
+def check_manifest(manifest: dict, expected: dict, path: str | Path) -> None:
+    """Refuse a store whose rows were made differently from what `expected` asks.
+
+    expected: any of MATCH_FIELDS (e.g. a TextEncoder.identity, plus "dtype"); other keys are
+    ignored, and `model` is compared only when `weights_sha256` is not given.
+    path: the manifest file (or the store folder), named in the message.
+    Raises StoreMismatchError listing every field that differs, asked vs found.
+    """
+    path = Path(path)
+    if path.is_dir() or path.name != MANIFEST:
+        path = path / MANIFEST
+    fields = [f for f in MATCH_FIELDS if f in expected]
+    if "weights_sha256" in expected:
+        fields.remove("model")
+    differ = [(f, expected[f], _found(manifest, f)) for f in fields if expected[f] != _found(manifest, f)]
+    if differ:
+        lines = "\n".join(f"  {f}: asked {asked!r}, found {found!r}" for f, asked, found in differ)
+        encoder = manifest.get("encoder", {})
+        context = (f"\n  (asked encoder {expected.get('model')!r} at {expected.get('path')}; "
+                   f"the store was made by {encoder.get('model')!r} at {encoder.get('path')})"
+                   if any(f in ("weights_sha256", "model") for f, _, _ in differ) else "")
+        raise StoreMismatchError(
+            f"embedding store manifest {path} does not match what was asked ({len(differ)} "
+            f"field{'s' if len(differ) > 1 else ''} differ):\n{lines}{context}\n"
+            "Use another store folder, or the settings the store was made with.")
+
+
+@contextlib.contextmanager
+def manifest_lock(store_dir: Path) -> Iterator[None]:
+    """An exclusive lock for read-modify-write of the manifest by several ranks (flock on a local FS)."""
+    with open(store_dir / ".manifest.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_shards: list[str]) -> dict:
+    """Create the store (folder and manifest) or check that an existing one matches; return its manifest.
+
+    identity: the encoder's identity; dtype: storage dtype; data_shards: names of all shards of the data.
+    Raises StoreMismatchError (nothing is touched) when the store was made with another encoder or
+    setting, and StoreError when the folder holds shard files but no manifest.
+    """
+    store_dir = Path(store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    expected = {**identity, "dtype": dtype}
+    with manifest_lock(store_dir):
+        path = store_dir / MANIFEST
+        if path.exists():
+            manifest = read_manifest(store_dir)
+            check_manifest(manifest, expected, path)
+        else:
+            strays = sorted(p.name for p in store_dir.glob("*.npy"))
+            if strays:
+                raise StoreError(f"{store_dir} holds embedding files ({', '.join(strays[:3])}, ...) but no {MANIFEST}; "
+                                 "its encoder is unknown, so lift-fast will not add to it: use an empty folder")
+            manifest = new_manifest(identity, dtype)
+        manifest["data_shards"] = sorted(set(manifest["data_shards"]) | set(data_shards))
+        write_json(path, manifest)
+    return manifest
+
+
+def record_shard(store_dir: str | Path, name: str, info: dict) -> None:
+    """Add or replace the counts of one finished shard in the manifest (under the lock)."""
+    store_dir = Path(store_dir)
+    with manifest_lock(store_dir):
+        manifest = read_manifest(store_dir)
+        manifest["shards"][name] = info
+        manifest["shards"] = dict(sorted(manifest["shards"].items()))
+        write_json(store_dir / MANIFEST, manifest)
+
+
+# ---------------------------------------------------------------------------------------- shard files
+
+
+def shard_files(store_dir: Path, name: str) -> tuple[Path, Path, Path]:
+    """(rows .npy, keys .keys.txt, counts .json) of one shard."""
+    return store_dir / f"{name}.npy", store_dir / f"{name}.keys.txt", store_dir / f"{name}.json"
+
+
+def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: np.ndarray, info: dict) -> None:
+    """Write one shard's keys, counts and rows [len(keys), D], each atomically, the rows last."""
+    store_dir = Path(store_dir)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(keys):
+        raise ValueError(f"shard {name}: {len(keys)} keys but embeddings of shape {tuple(embeddings.shape)}")
+    if any("\n" in key or "\r" in key for key in keys):
+        raise ValueError(f"shard {name}: a key holds a line break; keys.txt stores one key per line")
+    npy, keys_txt, counts = shard_files(store_dir, name)
+    npy.unlink(missing_ok=True)  # from here on the shard counts as unfinished until its rows are in place
+    _atomic_write(keys_txt, lambda f: f.write("".join(f"{k}\n" for k in keys).encode("utf-8")))
+    write_json(counts, {**info, "count": len(keys)})
+    _atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(embeddings), allow_pickle=False))
+
+
+def read_keys(path: Path) -> list[str]:
+    """The keys of a .keys.txt file, one per line."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise StoreError(f"store shard keys {path} does not exist") from None
+
+
+def finished_shard(store_dir: str | Path, name: str) -> dict | None:
+    """The counts of a shard whose files are complete and agree, else None (the shard must be redone)."""
+    npy, keys_txt, counts = shard_files(Path(store_dir), name)
+    if not (npy.is_file() and keys_txt.is_file() and counts.is_file()):
+        return None
+    try:
+        info = json.loads(counts.read_text(encoding="utf-8"))
+        rows = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError):
+        return None
+    if rows.ndim != 2 or rows.shape[0] != info.get("count") or len(read_keys(keys_txt)) != info.get("count"):
+        return None
+    return info
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+class EmbeddingStore:
+    """A finished store opened for reading: per-shard keys and memory-mapped rows, checked against the manifest."""
+
+    def __init__(self, store_dir: str | Path):
+        self.path = Path(store_dir)
+        self.manifest = read_manifest(self.path)
+        self.dim = int(self.manifest["dim"])
+        self.dtype = np.dtype(self.manifest["dtype"])
+        missing = [s for s in self.manifest.get("data_shards", []) if s not in self.manifest["shards"]]
+        if missing:
+            raise StoreError(f"embedding store {self.path} is unfinished: {len(missing)} of "
+                             f"{len(self.manifest['data_shards'])} data shards have no embeddings yet "
+                             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run `lift-fast embed` again")
+        self.shard_names: list[str] = list(self.manifest["shards"])
+        self._keys: dict[str, list[str]] = {}
+        self._rows: dict[str, np.ndarray] = {}
+
+    def keys(self, name: str) -> list[str]:
+        """The sample keys of shard `name`, in row order."""
+        if name not in self._keys:
+            self._check_name(name)
+            keys = read_keys(shard_files(self.path, name)[1])
+            if len(keys) != self.manifest["shards"][name]["count"]:
+                raise StoreError(f"{shard_files(self.path, name)[1]}: {len(keys)} keys, the manifest says "
+                                 f"{self.manifest['shards'][name]['count']}")
+            self._keys[name] = keys
+        return self._keys[name]
+
+    def embeddings(self, name: str) -> np.ndarray:
+        """The rows of shard `name`: a read-only memmap [count, dim] in the store's dtype."""
+        if name not in self._rows:
+            self._check_name(name)
+            npy = shard_files(self.path, name)[0]
+            if not npy.is_file():
+                raise StoreError(f"store shard {npy} does not exist (listed in {self.path / MANIFEST})")
+            try:
+                rows = np.load(npy, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as err:
+                raise StoreError(f"store shard {npy} cannot be read: {err}") from None
+            count = self.manifest["shards"][name]["count"]
+            if rows.shape != (count, self.dim) or rows.dtype != self.dtype:
+                raise StoreError(f"store shard {npy}: rows {rows.shape} {rows.dtype}, the manifest says "
+                                 f"({count}, {self.dim}) {self.dtype}")
+            self._rows[name] = rows
+        return self._rows[name]
+
+    def row_index(self, name: str) -> dict[str, int]:
+        """Key -> row of shard `name`."""
+        return {key: row for row, key in enumerate(self.keys(name))}
+
+    def __len__(self) -> int:
+        return sum(info["count"] for info in self.manifest["shards"].values())
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.manifest["shards"]:
+            raise StoreError(f"embedding store {self.path} has no shard {name!r}; "
+                             f"it has {', '.join(self.shard_names[:5])}{', ...' if len(self.shard_names) > 5 else ''}")
+
+
+def open_store(store_dir: str | Path) -> EmbeddingStore:
+    """Open a finished store for reading; raises StoreError naming the missing or bad file."""
+    return EmbeddingStore(store_dir)
+
+
+def load_store(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
+    """All of a store in memory: keys (N), embeddings [N, D] in the store's dtype, and the manifest.
+
+    Rows follow the shards in name order, each in shard order. Raises StoreError when the folder,
+    manifest or a shard file is missing or disagrees with the manifest.
+    """
+    store = open_store(path)
+    keys = [key for name in store.shard_names for key in store.keys(name)]
+    parts = [np.asarray(store.embeddings(name)) for name in store.shard_names]
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, store.dim), dtype=store.dtype)
+    return keys, embeddings, store.manifest

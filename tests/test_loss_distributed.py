@@ -1,0 +1,108 @@
+"""ClipLoss and SigLipLoss under torch.distributed (2 gloo processes) against one process on the
+global batch.
+
+Each rank holds half of the batch. As DDP averages parameter gradients over ranks, a rank's feature
+gradient divided by world_size must equal the global-batch gradient of its rows (for the variants
+that gather with gradients), and the mean over ranks of the loss and of the logit_scale/logit_bias
+gradients must equal the global-batch ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss
+
+WORLD_SIZE = 2
+LOCAL_BATCH = 7
+DIM = 16
+
+# name -> (module class, constructor arguments besides rank and world_size)
+CASES = {
+    "clip_local_with_grad": (ClipLoss, dict(local_loss=True, gather_with_grad=True)),
+    "clip_global_with_grad": (ClipLoss, dict(local_loss=False, gather_with_grad=True)),
+    "clip_global_no_grad": (ClipLoss, dict(local_loss=False, gather_with_grad=False)),
+    "clip_local_no_grad": (ClipLoss, dict(local_loss=True, gather_with_grad=False)),
+    "siglip_bidir": (SigLipLoss, dict()),
+    "siglip_gather": (SigLipLoss, dict(dist_impl="gather")),
+}
+
+
+@pytest.fixture(autouse=True)
+def default_kernels(monkeypatch):
+    monkeypatch.delenv(KERNELS_ENV_VAR, raising=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _loss_and_grads(module, image, text, scale, bias):
+    leaves = [tensor.clone().requires_grad_() for tensor in (image, text, scale, bias)]
+    loss = module(*leaves)
+    loss.backward()
+    return [loss.detach()] + [leaf.grad for leaf in leaves]
+
+
+def _worker(rank, port, inputs, results_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        image, text, scale, bias = inputs
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        results = {}
+        for name, (module_class, arguments) in CASES.items():
+            module = module_class(rank=rank, world_size=WORLD_SIZE, **arguments)
+            results[name] = _loss_and_grads(module, image[rows], text[rows], scale, bias)
+        torch.save(results, f"{results_path}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_match_the_global_batch(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    batch = WORLD_SIZE * LOCAL_BATCH
+    image = F.normalize(torch.randn(batch, DIM, generator=generator, dtype=torch.float64), dim=1)
+    noise = torch.randn(batch, DIM, generator=generator, dtype=torch.float64)
+    text = F.normalize(image + 1.5 * noise / math.sqrt(DIM), dim=1)
+    scale, bias = torch.tensor(14.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
+    inputs = (image, text, scale, bias)
+
+    results_path = tmp_path / "results"
+    # fork: the children inherit the imported torch instead of importing it again (seconds each)
+    mp.start_processes(_worker, args=(_free_port(), inputs, str(results_path)), nprocs=WORLD_SIZE,
+                       join=True, start_method="fork")
+    per_rank = [torch.load(f"{results_path}.rank{rank}") for rank in range(WORLD_SIZE)]
+
+    for name, (module_class, _) in CASES.items():
+        expected_loss, expected_image, expected_text, expected_scale, expected_bias = (
+            _loss_and_grads(module_class(), *inputs))
+        losses = torch.stack([results[name][0] for results in per_rank])
+        torch.testing.assert_close(losses.mean(), expected_loss, msg=name)
+        if name == "clip_local_no_grad":
+            continue  # open_clip's gradients here miss the other ranks' terms; only the value is defined
+        if name == "clip_global_no_grad":
+            # each rank computes the whole global loss but differentiates only its own rows
+            feature_grad_factor = 1
+            torch.testing.assert_close(losses, expected_loss.expand(WORLD_SIZE), msg=name)
+        else:
+            feature_grad_factor = WORLD_SIZE
+        for rank, results in enumerate(per_rank):
+            _, image_grad, text_grad, scale_grad, bias_grad = results[name]
+            rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+            torch.testing.assert_close(image_grad / feature_grad_factor, expected_image[rows], msg=name)
+            torch.testing.assert_close(text_grad / feature_grad_factor, expected_text[rows], msg=name)
+        for position, expected_grad in ((3, expected_scale), (4, expected_bias)):
+            mean_grad = torch.stack([results[name][position] for results in per_rank]).mean()
+            torch.testing.assert_close(mean_grad, expected_grad, atol=1e-12, rtol=1e-9, msg=name)
