@@ -92,15 +92,32 @@ def test_resume_skips_finished_shards_and_redoes_a_partial_one(tmp_path, minilm)
     assert len(load_store(store_dir)[0]) == 15
 
 
-def test_changed_data_shard_is_redone(tmp_path, minilm):
-    make_data(tmp_path / "data", n=6, per_shard=3, seed=1)
-    embed_shards(tmp_path / "data", tmp_path / "store", EmbedConfig(), encoder=minilm, progress=False)
-    make_data(tmp_path / "data", n=8, per_shard=4, seed=2)  # the same shard names, other samples
+def test_changed_data_shard_is_redone_a_copied_one_kept(tmp_path, minilm):
+    def write(colour):
+        with ShardWriter(tmp_path / "data", samples_per_shard=3) as writer:
+            for i in range(6):
+                writer.write(f"{i:03d}", {"jpg": JPEG, "txt": f"shape {i} is {colour}"})
 
-    summary = embed_shards(tmp_path / "data", tmp_path / "store", EmbedConfig(), encoder=minilm, progress=False)
+    write("red")
+    store_dir = tmp_path / "store"
+    embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    rows_before = snapshot(store_dir)["00000.npy"]
+    os.utime(tmp_path / "data" / "00000.tar", ns=(1, 10**18))  # copied: same bytes, new mtime
 
-    assert summary["shards_resumed"] == 0 and summary["rows"] == 8
-    assert len(load_store(tmp_path / "store")[0]) == 8
+    copied = embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+
+    assert (copied["shards_resumed"], copied["shards_embedded"]) == (2, 0)
+    assert snapshot(store_dir)["00000.npy"] == rows_before
+    assert json.loads((store_dir / "00000.json").read_text())["source_mtime_ns"] == 10**18
+    assert load_store(store_dir)[2]["shards"]["00000"]["source_mtime_ns"] == 10**18
+
+    write("tan")  # the same tar sizes, other captions
+    changed = embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    keys, embeddings, _ = load_store(store_dir)
+
+    assert (changed["shards_resumed"], changed["shards_embedded"]) == (0, 2)
+    expected = minilm.encode([f"shape {i} is tan" for i in range(6)]).numpy()
+    np.testing.assert_allclose(embeddings.astype(np.float32), expected, atol=2e-3)
 
 
 def test_other_setting_is_refused_naming_manifest_and_field(tmp_path, minilm):

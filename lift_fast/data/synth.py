@@ -99,6 +99,11 @@ def sample_scene(rng: np.random.Generator, two_object_fraction: float = 0.85) ->
         Shape(str(c), str(rng.choice(SHAPES)), float(x), float(y), float(s))
         for c, (x, y), s in zip((first_color, second_color), centres, sizes)
     ]
+    # One caption per image: the object whose colour comes first in COLORS is named first. Otherwise
+    # "A left of B" and "B right of A" would both be targets for the same picture, and the tower
+    # could only learn their average.
+    if list(COLORS).index(objects[0].color) > list(COLORS).index(objects[1].color):
+        objects, relation = objects[::-1], INVERSE[relation]
     return Scene(objects, relation, background)
 
 
@@ -160,9 +165,6 @@ def write_split(out_dir: Path, split: str, count: int, *, image_size: int, seed:
             scene = sample_scene(rng)
             buffer = io.BytesIO()
             render(scene, image_size).save(buffer, format="JPEG", quality=95)
-            # Some captions put the second object first ("B right of A"), so both phrasings are learned.
-            if scene.relation is not None and rng.random() < 0.5:
-                scene = Scene(scene.objects[::-1], INVERSE[scene.relation], scene.background)
             writer.write(key, {"jpg": buffer.getvalue(), "txt": scene.caption(), "json": json.dumps(scene.metadata())})
             for category, negative in hard_negatives(scene, rng).items():
                 negatives[category].append({"filename": f"{key}.jpg", "caption": scene.caption(), "negative_caption": negative})

@@ -124,11 +124,9 @@ def check_manifest(manifest: dict, expected: dict, path: str | Path) -> None:
     Raises StoreMismatchError listing every field that differs, asked vs found.
     """
     path = Path(path)
-    if path.is_dir() or path.name != MANIFEST:
+    if path.name != MANIFEST:
         path = path / MANIFEST
-    fields = [f for f in MATCH_FIELDS if f in expected]
-    if "weights_sha256" in expected:
-        fields.remove("model")
+    fields = [f for f in MATCH_FIELDS if f in expected and not (f == "model" and "weights_sha256" in expected)]
     differ = [(f, expected[f], _found(manifest, f)) for f in fields if expected[f] != _found(manifest, f)]
     if differ:
         lines = "\n".join(f"  {f}: asked {asked!r}, found {found!r}" for f, asked, found in differ)
@@ -138,7 +136,7 @@ def check_manifest(manifest: dict, expected: dict, path: str | Path) -> None:
                    if any(f in ("weights_sha256", "model") for f, _, _ in differ) else "")
         raise StoreMismatchError(
             f"embedding store manifest {path} does not match what was asked ({len(differ)} "
-            f"field{'s' if len(differ) > 1 else ''} differ):\n{lines}{context}\n"
+            f"{'fields differ' if len(differ) > 1 else 'field differs'}):\n{lines}{context}\n"
             "Use another store folder, or the settings the store was made with.")
 
 
