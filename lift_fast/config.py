@@ -210,9 +210,13 @@ def parse_overrides(items: typing.Iterable[str]) -> dict[str, str]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] | dict = ()) -> Config:
-    """Defaults, then the file at `path` (YAML or TOML), then dotted overrides; raises ConfigError."""
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] | dict = (), *,
+                preset: typing.Iterable[str] = ()) -> Config:
+    """Defaults, then a preset's dotted settings, then the file at `path` (YAML or TOML), then dotted
+    overrides; raises ConfigError naming the key."""
     cfg = Config()
+    for key, value in parse_overrides(preset).items():
+        _set(cfg, key, value)
     if path is not None:
         for key, value in read_config_file(path).items():
             try:

@@ -1,0 +1,94 @@
+"""Checkpoints: `run/checkpoints/step_000100/` holding `model.safetensors` and `state.pt`.
+
+A checkpoint is written into a hidden temporary folder and renamed into place, so a crash never
+leaves a half-written checkpoint under a name that counts. Only folders with a `model.safetensors`
+and a `state.pt` count as complete. `state.pt` holds optimizer, scheduler, step and RNG states and
+is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PATTERN = re.compile(r"step_(\d+)")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if PATTERN.fullmatch(p.name) and (p / "model.safetensors").is_file()
+             and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(PATTERN.fullmatch(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    """Torch's CPU (and CUDA) generator states; the trainer draws nothing from numpy or `random`."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, scheduler, *,
+                    extra: dict | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep` complete ones."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_state(), "extra": extra or {}}
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load `model.safetensors` from a checkpoint folder; raises ValueError on missing/unexpected keys."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint weights {path} do not exist")
+    weights = load_file(str(path))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the model built from the run's config: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states; returns the saved state (step, extra)."""
+    folder = Path(folder)
+    load_weights(model, folder)
+    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
