@@ -113,7 +113,11 @@ def _cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LIFT_FAST_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the encoder comes from a local folder or the cache
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per stage is ours; no "Loading weights" bars
     args = build_parser().parse_args(argv)
     try:
         run_command(args)

@@ -124,8 +124,9 @@ class ShardImageDataset(IterableDataset):
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return to_tensor(image)
 
-    def _examples(self, epoch: int, rng: np.random.Generator | None) -> Iterator[dict]:
-        skipped = 0
+    def _examples(self, epoch: int, rng: np.random.Generator | None, pending: list[int]) -> Iterator[dict]:
+        """Decoded examples of one pass; pending[0] counts skipped samples not yet reported, and is
+        handed to the next example yielded (in a later pass, when the skips end this one)."""
         for sample, _ in self._samples(epoch):
             try:
                 row = self._row_index(sample.shard.stem).get(sample.key)
@@ -136,12 +137,12 @@ class ShardImageDataset(IterableDataset):
             except ShardError as err:
                 if self.on_error != "skip":
                     raise
-                skipped += 1
+                pending[0] += 1
                 log.warning("skipping: %s", err)
                 continue
             embedding = torch.from_numpy(np.asarray(self.store.embeddings(sample.shard.stem)[row], dtype=np.float32))
+            skipped, pending[0] = pending[0], 0
             yield {"image": image, "embedding": embedding, "key": sample.key, "skipped": skipped}
-            skipped = 0
 
     def _row_index(self, name: str) -> dict[str, int]:
         if name not in self._rows:
@@ -149,16 +150,28 @@ class ShardImageDataset(IterableDataset):
         return self._rows[name]
 
     def __iter__(self) -> Iterator[dict]:
-        if self.split == "eval":
-            yield from self._examples(0, None)
-            return
         slot, _ = self._reader_slot()
+        pending = [0]
+        if self.split == "eval":
+            # One example is held back, so that samples skipped after the last good one are counted in it.
+            held = None
+            for example in self._examples(0, None, pending):
+                if held is not None:
+                    yield held
+                held = example
+            if held is None and pending[0]:
+                raise ShardError(f"no usable samples for reader {slot}: all {pending[0]} of its samples in "
+                                 f"{len(self.shards)} shard(s) ({self.shards[0].parent}) were skipped")
+            if held is not None:
+                held["skipped"] += pending[0]
+                yield held
+            return
         rng = np.random.default_rng([self.seed, slot, 1])
         buffer: list[dict] = []
         epoch = 0
         while True:
             produced = False
-            for example in self._examples(epoch, rng):
+            for example in self._examples(epoch, rng, pending):
                 produced = True
                 if len(buffer) < self.shuffle_buffer:
                     buffer.append(example)

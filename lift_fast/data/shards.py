@@ -88,6 +88,14 @@ def iter_samples(shard: str | Path) -> Iterator[Sample]:
                 if current is None:
                     current = Sample(key, shard, {})
                 current.files[ext] = tar.extractfile(member).read()
+        # tarfile ends the member loop quietly when the file stops at a header boundary, so a shard cut
+        # between two members would read as a shorter, valid one: require the end-of-archive block.
+        end = tar.offset
+        with open(shard, "rb") as f:
+            f.seek(end)
+            marker = f.read(tarfile.BLOCKSIZE)
+        if len(marker) < tarfile.BLOCKSIZE or marker.count(0) != tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"no end-of-archive block at byte {end} of {shard.stat().st_size}")
     except (tarfile.TarError, EOFError, OSError) as err:
         after = f" after sample {current.key!r}" if current else ""
         raise ShardError(f"shard {shard} is truncated or corrupt{after}: {err}") from None

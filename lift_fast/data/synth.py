@@ -3,6 +3,7 @@
     out/train/00000.tar ...          KEY.jpg, KEY.txt ("a red circle to the left of a blue square"), KEY.json
     out/eval/00000.tar ...           the same, from another random stream
     out/eval/sugarcrepe/<cat>.json   hard negatives in SugarCrepe's format, one file per category
+                                     (a category with no items, as in a tiny set, gets none)
 
 The categories follow SugarCrepe: `replace_att` (one colour replaced by one not in the image),
 `swap_att` (the two colours swapped), `replace_rel` (a false relation), `swap_obj` (the two objects
@@ -189,6 +190,8 @@ def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: in
     sugarcrepe = out_dir / "eval" / "sugarcrepe"
     sugarcrepe.mkdir(parents=True, exist_ok=True)
     for category, items in negatives.items():
+        if not items:  # SugarCrepe readers refuse an empty category file (tiny sets of one-shape scenes)
+            continue
         payload = {str(i): item for i, item in enumerate(items)}
         (sugarcrepe / f"{category}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     return {"out": str(out_dir), "train": num_train, "eval": num_eval,

@@ -1,0 +1,220 @@
+"""The training loop, its run folder, resume, store checks, optimiser groups, schedule and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lift_fast.config import TrainConfig, load_config
+from lift_fast.embed import StoreMismatchError
+from lift_fast.models.vit import build_model
+from lift_fast.train import checkpoint as checkpoint_module
+from lift_fast.train.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
+from lift_fast.train.loop import train
+from lift_fast.train.optim import build_optimizer, build_scheduler, cosine_schedule, parameter_groups
+
+TINY = ["data.image_size=32", "model.depth=1", "train.steps=30", "train.batch_size=16", "train.lr=3e-3",
+        "train.warmup_steps=3", "train.log_every=1", "data.num_workers=0", "data.shuffle_buffer=64",
+        "train.checkpoint_every=10", "train.keep_checkpoints=2"]
+
+
+def tiny_config(*extra: str):
+    return load_config(overrides=TINY + list(extra))
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_data, stores, tmp_path_factory):
+    """A 30-step run (checkpoints every 10, two kept); copy it before continuing it."""
+    run = tmp_path_factory.mktemp("train") / "run"
+    result = train(tiny_config(), synth_data / "train", stores / "train", run, progress=False)
+    return run, result
+
+
+def test_loss_decreases(trained_run):
+    run, result = trained_run
+    losses = [record["loss"] for record in read_metrics(run)]
+    assert len(losses) == 30
+    assert all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert result["step"] == 30 and result["loss"] == losses[-1]
+
+
+def test_run_folder(trained_run):
+    run, result = trained_run
+    assert load_config(run / "config.yaml") == tiny_config()
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 31))
+    for record in records:
+        for name in ("step", "loss", "lr", "logit_scale", "samples_per_second"):
+            assert isinstance(record[name], (int, float)), name
+        assert record["samples_per_second"] > 0
+        assert 0 < record["logit_scale"] <= 100
+    # warm-up then cosine, as the schedule says: lr after step s is the schedule at s (0-based next step)
+    for record in records:
+        expected = cosine_schedule(record["step"], steps=30, warmup_steps=3, lr=3e-3)
+        assert record["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert records[0]["logit_scale"] == pytest.approx(14.285714, rel=0.05)
+    # keep_checkpoints=2: of steps 10, 20, 30 only the newest two are left, each complete
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step_000020", "step_000030"]
+    assert result["checkpoint"] == str(run / "checkpoints" / "step_000030")
+    weights = load_file(str(run / "checkpoints" / "step_000030" / "model.safetensors"))
+    assert "logit_scale" in weights and "visual.pos_embed" in weights
+    assert (run / "checkpoints" / "step_000030" / "state.pt").is_file()
+
+
+def test_second_train_without_resume_refused(trained_run, synth_data, stores):
+    run, _ = trained_run
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(FileExistsError, match="resume") as err:
+        train(tiny_config(), synth_data / "train", stores / "train", run, progress=False)
+    assert str(run) in str(err.value)
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_auto_continues(trained_run, synth_data, stores, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    saved = load_file(str(run / "checkpoints" / "step_000030" / "model.safetensors"))
+    result = train(tiny_config("train.steps=34"), synth_data / "train", stores / "train", run, resume="auto",
+                   progress=False)
+    assert result["step"] == 34
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 35))  # steps 31.. follow on, none repeated
+    assert latest_checkpoint(run).name == "step_000034"
+    assert load_config(run / "config.yaml").train.steps == 34
+    resumed = load_file(str(run / "checkpoints" / "step_000034" / "model.safetensors"))
+    # the initial weights, as train() makes them (seeded right before building the model)
+    torch.manual_seed(0)
+    initial = build_model(tiny_config().model, 32, 384, tiny_config().train.logit_scale_init).state_dict()
+    trained_distance = (saved["visual.pos_embed"] - initial["visual.pos_embed"]).abs().max()
+    drift = (resumed["visual.pos_embed"] - saved["visual.pos_embed"]).abs().max()
+    # four more steps at the tail of the cosine move the saved weights a little; a fresh start would
+    # be as far from them as the first 30 steps took them
+    assert 0 < drift < trained_distance / 4
+
+
+def test_resume_auto_on_empty_run_starts_fresh(synth_data, stores, tmp_path):
+    result = train(tiny_config("train.steps=2", "train.checkpoint_every=0"), synth_data / "train",
+                   stores / "train", tmp_path / "run", resume="auto", progress=False)
+    assert result["step"] == 2
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step_000002"]
+
+
+def test_resume_from_folder_without_weights(synth_data, stores, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        train(tiny_config(), synth_data / "train", stores / "train", tmp_path / "run",
+              resume=str(tmp_path / "nothing"), progress=False)
+
+
+def test_store_made_with_other_settings(synth_data, stores, tmp_path):
+    cfg = tiny_config("embed.max_length=16")
+    with pytest.raises(StoreMismatchError) as err:
+        train(cfg, synth_data / "train", stores / "train", tmp_path / "run", progress=False)
+    message = str(err.value)
+    assert str(stores / "train" / "manifest.json") in message
+    assert "max_length" in message and "16" in message and "77" in message
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_parameter_groups():
+    cfg = load_config(overrides=["model.depth=2", "model.pooling=cls"])
+    model = build_model(cfg.model, 32, 24)
+    groups = parameter_groups(model, weight_decay=0.2)
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert decay | no_decay == set(names.values()) and not decay & no_decay
+    for name in no_decay:
+        assert (name.endswith(".bias") or "norm" in name or name in ("logit_scale", "visual.pos_embed",
+                                                                      "visual.cls_token")), name
+    for name in ("logit_scale", "visual.pos_embed", "visual.cls_token", "visual.norm.weight",
+                 "visual.blocks.0.norm1.weight", "visual.blocks.1.attn.qkv.bias", "head.fc2.bias"):
+        assert name in no_decay
+    for name in ("visual.patch_embed.proj.weight", "visual.blocks.0.attn.qkv.weight",
+                 "visual.blocks.1.mlp.fc2.weight", "head.fc1.weight", "head.fc2.weight"):
+        assert name in decay
+    optimizer = build_optimizer(model, TrainConfig())
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.2, 0.0]
+    assert optimizer.defaults["betas"] == (0.9, 0.98) and optimizer.defaults["eps"] == 1e-6
+
+
+def test_cosine_schedule_values():
+    kwargs = dict(steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-5)
+    assert cosine_schedule(0, **kwargs) == pytest.approx(1e-4)  # first warm-up step
+    assert cosine_schedule(4, **kwargs) == pytest.approx(5e-4)
+    assert cosine_schedule(9, **kwargs) == pytest.approx(1e-3)  # warm-up ends at the peak
+    assert cosine_schedule(10, **kwargs) == pytest.approx(1e-3)
+    assert cosine_schedule(60, **kwargs) == pytest.approx((1e-3 + 1e-5) / 2)  # midpoint of the cosine
+    assert cosine_schedule(35, **kwargs) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    assert cosine_schedule(110, **kwargs) == pytest.approx(1e-5)  # the end
+    assert cosine_schedule(500, **kwargs) == pytest.approx(1e-5)  # stays there past the end
+    assert cosine_schedule(0, steps=10, warmup_steps=0, lr=1.0) == pytest.approx(1.0)
+
+
+def test_scheduler_follows_schedule():
+    cfg = load_config(overrides=["train.steps=20", "train.warmup_steps=4", "train.lr=0.01", "train.min_lr=0.001"])
+    model = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    for step in range(25):
+        expected = cosine_schedule(step, steps=20, warmup_steps=4, lr=0.01, min_lr=0.001)
+        assert all(g["lr"] == pytest.approx(expected) for g in optimizer.param_groups), step
+        optimizer.step()
+        scheduler.step()
+
+
+def tiny_checkpoint(run, step):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return save_checkpoint(run, step, model, optimizer, scheduler, keep=5), (model, optimizer, scheduler)
+
+
+def test_incomplete_checkpoints_do_not_count(tmp_path):
+    run = tmp_path / "run"
+    assert latest_checkpoint(run) is None
+    good, _ = tiny_checkpoint(run, 5)
+    root = run / "checkpoints"
+    # a crash mid-write leaves the temporary folder, even with both files in it
+    shutil.copytree(good, root / ".tmp_step_000009")
+    # a folder with weights but no state, and one with state but no weights
+    (root / "step_000007").mkdir()
+    shutil.copy(good / "model.safetensors", root / "step_000007")
+    (root / "step_000008").mkdir()
+    shutil.copy(good / "state.pt", root / "step_000008")
+    (root / "step_000006.old").mkdir()
+    shutil.copytree(good, root / "step_000006.old", dirs_exist_ok=True)
+    assert latest_checkpoint(run) == good
+    assert complete_checkpoints(run) == [good]
+
+
+def test_checkpoints_sort_by_step_number(tmp_path):
+    run = tmp_path / "run"
+    for step in (9, 1000000, 100):
+        tiny_checkpoint(run, step)
+    assert [p.name for p in complete_checkpoints(run)] == ["step_000009", "step_000100", "step_1000000"]
+
+
+def test_crash_while_saving_keeps_previous_latest(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    good, (model, optimizer, scheduler) = tiny_checkpoint(run, 5)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(run, 10, model, optimizer, scheduler)
+    assert latest_checkpoint(run) == good
+    assert not (run / "checkpoints" / "step_000010").exists()
