@@ -15,10 +15,7 @@ into --out and prints the table last. Exit status: 0, 1 if a check failed, 2 on 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -32,6 +29,7 @@ if str(BENCH_DIR) not in sys.path:  # so `gpu_checks` imports however this scrip
 import torch  # noqa: E402
 
 from gpu_checks import Check, Context, Row, load_checks  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 DEFAULT_BUDGET_S = 480.0  # 8 of the 15 minutes a device session gets, leaving time to rerun
 DEFAULT_OUT = BENCH_DIR / "results"
@@ -109,47 +107,8 @@ def _release_memory(ctx: Context) -> None:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Date, device name and properties, torch / CUDA / cuDNN / driver versions."""
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device.type,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "host_cpu": _cpu_model(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=props.name,
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            sm_count=props.multi_processor_count,
-            compute_capability=f"{props.major}.{props.minor}",
-            cudnn=torch.backends.cudnn.version(),
-            driver=_nvidia_driver(),
-        )
-    else:
-        info["gpu"] = None
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
+    """Date, device name and properties, torch / CUDA / cuDNN / driver versions, commit."""
+    return {"device": device.type, **machine_info(str(device))}
 
 
 def table_lines(results: list[dict[str, Any]]) -> list[str]:
@@ -175,7 +134,7 @@ def _format_value(value: float) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
-    device = env["gpu"] or f"CPU ({env['host_cpu']})"
+    device = env["gpu"] or f"CPU ({env['cpu']})"
     if env.get("sm_count"):
         device += (f", {env['sm_count']} SMs, {env['gpu_memory_gib']} GiB, "
                    f"compute capability {env['compute_capability']}")

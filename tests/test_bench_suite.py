@@ -45,6 +45,7 @@ def test_benchmark_flag_runs_only_the_pairs_and_saves_their_ratios(tmp_path):
         "[pytest]\ntestpaths = tests bench\npython_files = test_*.py bench_*.py\n")
     (tmp_path / "bench").mkdir()
     shutil.copy(BENCH_DIR / "conftest.py", tmp_path / "bench" / "conftest.py")
+    shutil.copy(BENCH_DIR / "machine.py", tmp_path / "bench" / "machine.py")
     (tmp_path / "bench" / "bench_sleep.py").write_text(PAIR_MODULE)
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_plain.py").write_text("def test_plain():\n    pass\n")
