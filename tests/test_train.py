@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +220,19 @@ def test_crash_while_saving_keeps_previous_latest(tmp_path, monkeypatch):
         save_checkpoint(run, 10, model, optimizer, scheduler)
     assert latest_checkpoint(run) == good
     assert not (run / "checkpoints" / "step_000010").exists()
+
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_train_loss.json"
+
+
+def test_loss_curve_matches_golden(trained_run):
+    """The 30-step loss curve of the tiny run is checked in, so a change to the model, loss, schedule,
+    data order or augmentation shows up here. LIFT_FAST_UPDATE_GOLDEN=1 rewrites the file."""
+    run, _ = trained_run
+    losses = [round(record["loss"], 4) for record in read_metrics(run)]
+    if os.environ.get("LIFT_FAST_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps({"config": TINY, "loss": losses}, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["config"] == TINY, "the tiny config changed: rerun with LIFT_FAST_UPDATE_GOLDEN=1"
+    # Other CPUs round differently in BLAS; 0.02 absorbs that over 30 steps, not a real change.
+    assert losses == pytest.approx(golden["loss"], abs=0.02)
