@@ -94,9 +94,8 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, overrides: 
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    if not any((data / "eval").glob("*.tar")) or not (data / "eval" / "sugarcrepe").is_dir():
-        write_synthetic(data, **(QUICK_DATA if quick else DEMO_DATA), image_size=cfg.data.image_size,
-                        seed=cfg.train.seed, progress=progress)
+    write_synthetic(data, **(QUICK_DATA if quick else DEMO_DATA), image_size=cfg.data.image_size,
+                    seed=cfg.train.seed, progress=progress)  # keeps splits already written
     timings["synth"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -179,4 +180,33 @@ def test_refuses_when_only_eval_has_shards(tmp_path):
     before = snapshot(out)
     with pytest.raises(FileExistsError):
         write_synthetic(out, seed=0, **{**SMALL, "num_train": 2, "num_eval": 2})
+    assert snapshot(out) == before
+
+
+def test_interrupted_run_is_completed_and_keeps_finished_split(tmp_path):
+    settings = {**SMALL, "num_train": 4, "num_eval": 4, "seed": 3}
+    reference = tmp_path / "reference"
+    write_synthetic(reference, **settings)
+    out = tmp_path / "out"
+    write_synthetic(out, **settings)
+    # as if the run stopped while writing eval: only a partial folder is left of it
+    shutil.rmtree(out / "eval")
+    (out / ".eval.partial").mkdir()
+    (out / ".eval.partial" / "00000.tar").write_bytes(b"half a shard")
+    train_before = snapshot(out / "train")
+    summary = write_synthetic(out, **settings)
+    assert summary["reused"] == ["train"]
+    assert snapshot(out / "train") == train_before
+    assert not (out / ".eval.partial").exists()
+    for path in (reference / "eval").rglob("*"):
+        if path.is_file():
+            assert (out / "eval" / path.relative_to(reference / "eval")).read_bytes() == path.read_bytes()
+
+
+def test_rerun_with_other_settings_names_them(tmp_path):
+    out = tmp_path / "out"
+    write_synthetic(out, **{**SMALL, "num_train": 2, "num_eval": 2})
+    before = snapshot(out)
+    with pytest.raises(FileExistsError, match=r"image_size: .* there, 48 asked"):
+        write_synthetic(out, **{**SMALL, "num_train": 2, "num_eval": 2, "image_size": 48})
     assert snapshot(out) == before

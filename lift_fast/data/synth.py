@@ -4,6 +4,7 @@
     out/eval/00000.tar ...           the same, from another random stream
     out/eval/sugarcrepe/<cat>.json   hard negatives in SugarCrepe's format, one file per category
                                      (a category with no items, as in a tiny set, gets none)
+    out/synth.json                   the settings it was written with
 
 The categories follow SugarCrepe: `replace_att` (one colour replaced by one not in the image),
 `swap_att` (the two colours swapped), `replace_rel` (a false relation), `swap_obj` (the two objects
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,8 @@ SHAPES = ("circle", "square", "triangle", "star")
 RELATIONS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 CATEGORIES = ("replace_att", "swap_att", "replace_rel", "swap_obj")
+SETTINGS_FILE = "synth.json"
+SETTINGS_FORMAT = "lift-fast-synth/1"
 
 
 @dataclass
@@ -155,12 +159,12 @@ def hard_negatives(scene: Scene, rng: np.random.Generator) -> dict[str, str]:
     return {k: v for k, v in out.items() if v != scene.caption()}
 
 
-def write_split(out_dir: Path, split: str, count: int, *, image_size: int, seed: int,
+def write_split(folder: Path, split: str, count: int, *, image_size: int, seed: int,
                 samples_per_shard: int, progress: bool = True) -> dict[str, list[dict]]:
-    """Write one split's shards; return its hard negatives by category (for the eval split)."""
+    """Write one split's shards into `folder`; return its hard negatives by category."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     negatives: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
-    with ShardWriter(out_dir / split, samples_per_shard) as writer:
+    with ShardWriter(folder, samples_per_shard) as writer:
         for index in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
             key = f"{index:08d}"
             scene = sample_scene(rng)
@@ -172,27 +176,64 @@ def write_split(out_dir: Path, split: str, count: int, *, image_size: int, seed:
     return negatives
 
 
+def write_negatives(folder: Path, negatives: dict[str, list[dict]]) -> None:
+    """One SugarCrepe-format file per category that has items (readers refuse empty ones)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for category, items in negatives.items():
+        if items:
+            payload = {str(i): item for i, item in enumerate(items)}
+            (folder / f"{category}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+
+
+def _check_out_folder(out_dir: Path, settings: dict) -> None:
+    """Refuse a folder holding other data, or a synthetic set written with other settings."""
+    recorded = out_dir / SETTINGS_FILE
+    if recorded.is_file():
+        found = json.loads(recorded.read_text(encoding="utf-8"))
+        differ = [f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in settings.items() if found.get(k) != v]
+        if differ:
+            raise FileExistsError(f"{out_dir / 'train'} already holds shards of a synthetic set written with other "
+                                  f"settings ({'; '.join(differ)}); choose another --out folder")
+    for split in ("train", "eval"):
+        folder = out_dir / split
+        if not folder.exists():
+            continue
+        if not recorded.is_file() and any(folder.glob("*.tar")):
+            raise FileExistsError(f"{folder} already holds shards; choose an empty --out folder")
+        if not any(folder.glob("*.tar")):
+            raise FileExistsError(f"{folder} exists but holds no shards; remove it to write the split again")
+
+
 def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: int = 1000, image_size: int = 64,
                     seed: int = 0, samples_per_shard: int = 2000, progress: bool = True) -> dict:
     """Write the synthetic set (train and eval shards, SugarCrepe-style negatives) under out_dir.
 
-    Returns a summary: {"train": n, "eval": n, "negatives": {category: n}, "out": path}.
-    Raises FileExistsError if out_dir already holds shards (nothing is overwritten).
+    Each split is written into a hidden `.SPLIT.partial` folder and renamed when complete, so an
+    interrupted run leaves no half split behind; run again with the same settings and the
+    complete splits are kept (`synth.json` records the settings).
+    Returns {"out", "train", "eval", "reused": [splits kept], "negatives": {category: n}}.
+    Raises FileExistsError if out_dir holds other shards or a set made with other settings
+    (nothing is overwritten).
     """
     out_dir = Path(out_dir)
-    for split in ("train", "eval"):
-        if any((out_dir / split).glob("*.tar")):
-            raise FileExistsError(f"{out_dir / split} already holds shards; choose an empty --out folder")
-    write_split(out_dir, "train", num_train, image_size=image_size, seed=seed,
-                samples_per_shard=samples_per_shard, progress=progress)
-    negatives = write_split(out_dir, "eval", num_eval, image_size=image_size, seed=seed,
-                            samples_per_shard=samples_per_shard, progress=progress)
-    sugarcrepe = out_dir / "eval" / "sugarcrepe"
-    sugarcrepe.mkdir(parents=True, exist_ok=True)
-    for category, items in negatives.items():
-        if not items:  # SugarCrepe readers refuse an empty category file (tiny sets of one-shape scenes)
+    settings = {"format": SETTINGS_FORMAT, "num_train": num_train, "num_eval": num_eval, "image_size": image_size,
+                "seed": seed, "samples_per_shard": samples_per_shard}
+    _check_out_folder(out_dir, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+    reused = []
+    for split, count in (("train", num_train), ("eval", num_eval)):
+        final = out_dir / split
+        if final.is_dir():  # appears only by the rename below, so it is complete
+            reused.append(split)
             continue
-        payload = {str(i): item for i, item in enumerate(items)}
-        (sugarcrepe / f"{category}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    return {"out": str(out_dir), "train": num_train, "eval": num_eval,
-            "negatives": {c: len(v) for c, v in negatives.items()}}
+        partial = out_dir / f".{split}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        negatives = write_split(partial, split, count, image_size=image_size, seed=seed,
+                                samples_per_shard=samples_per_shard, progress=progress)
+        if split == "eval":
+            write_negatives(partial / "sugarcrepe", negatives)
+        partial.rename(final)
+    counts = {path.stem: len(json.loads(path.read_text(encoding="utf-8")))
+              for path in sorted((out_dir / "eval" / "sugarcrepe").glob("*.json"))}
+    return {"out": str(out_dir), "train": num_train, "eval": num_eval, "reused": reused, "negatives": counts}
