@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The Triton loss kernels run on CPU tensors under the interpreter; it must be on before
+# lift_fast.kernels is imported (triton.jit decides at decoration time).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for subprocesses started by tests
 
 import pytest
