@@ -10,6 +10,7 @@ Importable on its own (torch only), so other trainers can use the loss:
 has the plain-torch one only, so `triton` is an error and `auto` uses torch.
 """
 
+from . import chunking, slab_ops
 from .clip_loss import ClipLoss, clip_loss, fused_projection_clip_loss
 from .reference import KERNELS_CHOICES, KERNELS_ENV_VAR, loss_implementation
 from .siglip_loss import SigLipLoss, siglip_loss

@@ -1,19 +1,35 @@
-"""CLIP InfoNCE loss: functional `clip_loss`, open_clip-compatible `ClipLoss`, and the
-fused-projection form `fused_projection_clip_loss`.
+"""CLIP InfoNCE without the B x B logits: `clip_loss`, open_clip-compatible `ClipLoss`, and
+`fused_projection_clip_loss` (the image head's last linear layer and the L2 norm fused in).
 
-All three run the plain-torch path in `reference.py` in this build; `LIFT_FAST_KERNELS` is read and
-checked at every call so that the Triton kernels can slot in later without changing callers.
+Algorithm (row slabs; B rows of this rank, N = global batch, D = feature dim):
+  forward   for each slab of rows: sim = rows @ texts.T  [m, N] float32 (one GEMM)
+            -> row log-sum-exp (complete) and column log-sum-exp (running, over slabs)
+            under torch.distributed the column stats of all ranks are merged (an all-gather of [N])
+  backward  for each slab: recompute sim, turn it into d loss / d sim (one element-wise pass),
+            d image[rows] = G @ texts, d texts += G.T @ rows (skipped for frozen texts)
+FLOPs: 2 B N D forward, 4 (frozen texts) or 6 B N D backward. Memory beyond inputs and their
+gradients: one [m, N] float32 slab and its gradient, with m chosen so the slab stays O(N D),
+plus a float32 accumulator for the text gradient when texts need one.
+
+The element-wise passes are Triton kernels on CUDA (or with LIFT_FAST_KERNELS=triton, on CPU
+under TRITON_INTERPRET=1) and their torch twins otherwise (slab_ops.py). Forward and backward are
+`torch.library` custom ops with fake implementations, so a compiled train step calls them as they are.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from . import slab_ops
+from .chunking import all_gather_rows, matmul_f32, similarity, slab_rows, sum_to_owner
 from .reference import (
+    as_scalar,
     check_process_group,
     check_rank,
     clip_loss_torch,
+    compute_dtype,
     gather_rows,
     loss_implementation,
     normalize_rows,
@@ -23,6 +39,136 @@ from .reference import (
 from .siglip_loss import siglip_loss
 
 FUSED_LOSSES = ("clip", "siglip")
+
+# ------------------------------------------------------------------------------ the custom ops
+
+
+@torch.library.custom_op("lift_fast::clip_forward", mutates_args=())
+def clip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, rank: int, world_size: int,
+                 use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of this rank's rows, row and global column softmax statistics ([2, b] and [2, N]: max and
+    log of sum(exp(logit - max))), and the gathered texts.
+
+    image, text: [b, D] (unit rows); scale: 0-d. The gathered texts [N, D] are returned for the
+    backward when world_size > 1, else an empty tensor (the texts themselves are used).
+    """
+    b, dim = image.shape
+    texts = all_gather_rows(text, world_size) if world_size > 1 else text  # [N, D]
+    n = texts.shape[0]
+    s = float(scale)
+    stat_dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    row_stats = torch.empty(2, b, device=image.device, dtype=stat_dtype)  # max, log sum exp(logit - max)
+    col_max = torch.full((n,), float("-inf"), device=image.device, dtype=stat_dtype)
+    col_sum = torch.zeros(n, device=image.device, dtype=stat_dtype)  # sum of exp(logit - col_max)
+    step = slab_rows(b, n, dim)
+    positives = torch.empty(b, device=image.device, dtype=stat_dtype)  # scale * <image i, text i>
+    for start in range(0, b, step):
+        sim = similarity(image[start:start + step], texts)  # [m, N]
+        # the positives come from the same similarities as the softmaxes, so a pair that wins by
+        # a margin of 0 in the GEMM's rounding scores exactly log(N), whatever the dtype
+        positives[start:start + step] = s * sim.diagonal(offset=rank * b + start)
+        row_max, row_logsum, slab_col_max, slab_col_sum = slab_ops.clip_stats(sim, s, use_triton)
+        row_stats[0, start:start + step] = row_max
+        row_stats[1, start:start + step] = row_logsum
+        col_max, col_sum = slab_ops.merge_stats(torch.stack([col_max, slab_col_max]),
+                                                torch.stack([col_sum, slab_col_sum]), dim=0)
+    if world_size > 1:  # merge the column statistics of every rank's rows: an all-gather of [2, N]
+        merged = all_gather_rows(torch.stack([col_max, col_sum])[None], world_size)  # [W, 2, N]
+        col_max, col_sum = slab_ops.merge_stats(merged[:, 0], merged[:, 1], dim=0)
+    col_stats = torch.stack([col_max, torch.log(col_sum)])  # [2, N]
+    own = col_stats[:, rank * b:(rank + 1) * b]
+    # lse - positive = (max - positive) + log sum: small terms, no large lse cancelling a large positive
+    loss = ((row_stats[0] - positives + row_stats[1]).sum() + (own[0] - positives + own[1]).sum()) / (2 * b)
+    gathered = texts if world_size > 1 else text.new_empty(0)
+    return loss, row_stats, col_stats, gathered
+
+
+@clip_forward.register_fake
+def _(image, text, scale, rank, world_size, use_triton):
+    b, dim = image.shape
+    stat_dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    gathered = image.new_empty(b * world_size, dim) if world_size > 1 else image.new_empty(0)
+    return (image.new_empty((), dtype=stat_dtype), image.new_empty(2, b, dtype=stat_dtype),
+            image.new_empty(2, b * world_size, dtype=stat_dtype), gathered)
+
+
+@torch.library.custom_op("lift_fast::clip_backward", mutates_args=())
+def clip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tensor, gathered: torch.Tensor,
+                  scale: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor, rank: int, world_size: int,
+                  text_grad: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d image [b, D], d text [b, D] (empty unless text_grad), d scale (0-d) of the rank's loss.
+
+    Under torch.distributed these are the gradients of the sum of all ranks' losses, each ranks'
+    weighted by its own grad_loss: what open_clip's gather-with-grad all_gather gives.
+    """
+    b, dim = image.shape
+    texts = gathered if world_size > 1 else text  # [N, D]
+    n = texts.shape[0]
+    s = float(scale)
+    if world_size > 1:  # column j belongs to the loss of the rank that owns text j
+        owner_grads = all_gather_rows(grad_loss.reshape(1).to(row_stats.dtype), world_size)
+        col_coef = (owner_grads / (2 * b)).repeat_interleave(b)
+    else:
+        col_coef = torch.full((n,), float(grad_loss) / (2 * b), device=image.device, dtype=row_stats.dtype)
+    row_coef = float(grad_loss) / (2 * b)
+    step = slab_rows(b, n, dim)
+    slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
+    grad_image = torch.empty_like(image)
+    grad_texts = torch.zeros(n, dim, device=image.device, dtype=row_stats.dtype) if text_grad else None
+    grad_scale = torch.zeros((), device=image.device, dtype=row_stats.dtype)
+    for start in range(0, b, step):
+        rows = image[start:start + step]
+        sim = similarity(rows, texts)  # [m, N], recomputed
+        grad = slab_grad[:rows.shape[0]]
+        grad_scale += slab_ops.clip_grad(sim, grad, row_stats[:, start:start + step], col_stats, col_coef, scale=s,
+                                         row_coef=row_coef, diag_offset=rank * b + start, use_triton=use_triton)
+        torch.mm(grad, texts, out=grad_image[start:start + step])
+        if grad_texts is not None:
+            grad_texts += matmul_f32(grad.T, rows)
+    if grad_texts is None:
+        grad_text = image.new_empty(0)
+    elif world_size > 1:
+        grad_text = sum_to_owner(grad_texts, rank, world_size).to(text.dtype)
+    else:
+        grad_text = grad_texts.to(text.dtype)
+    return grad_image, grad_text, grad_scale.to(scale.dtype)
+
+
+@clip_backward.register_fake
+def _(grad_loss, image, text, gathered, scale, row_stats, col_stats, rank, world_size, text_grad, use_triton):
+    grad_text = torch.empty_like(text) if text_grad else image.new_empty(0)
+    return torch.empty_like(image), grad_text, torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    image, text, scale, rank, world_size, use_triton = inputs
+    _, row_stats, col_stats, gathered = output
+    ctx.save_for_backward(image, text, gathered, scale, row_stats, col_stats)
+    ctx.config = (rank, world_size, use_triton)
+
+
+def _backward(ctx, grad_loss, _row_stats, _col_stats, _gathered):
+    image, text, gathered, scale, row_stats, col_stats = ctx.saved_tensors
+    rank, world_size, use_triton = ctx.config
+    grad_image, grad_text, grad_scale = clip_backward(grad_loss, image, text, gathered, scale, row_stats, col_stats,
+                                                      rank, world_size, ctx.needs_input_grad[1], use_triton)
+    return (grad_image if ctx.needs_input_grad[0] else None,
+            grad_text if ctx.needs_input_grad[1] else None,
+            grad_scale if ctx.needs_input_grad[2] else None, None, None, None)
+
+
+torch.library.register_autograd("lift_fast::clip_forward", _backward, setup_context=_setup_context)
+
+
+def chunked_clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, *, rank: int = 0,
+                      world_size: int = 1) -> torch.Tensor:
+    """The chunked loss on prepared inputs (one dtype, contiguous, 0-d scale); see `clip_loss`."""
+    use_triton = loss_implementation(image.device) == "triton"
+    loss, *_ = clip_forward(image.contiguous(), text.contiguous(), scale, rank, world_size, use_triton)
+    return loss
+
+
+# ------------------------------------------------------------------------------ public API
 
 
 def clip_loss(
@@ -34,29 +180,60 @@ def clip_loss(
     """Symmetric CLIP InfoNCE loss of matched image/text pairs (row i of each is a pair).
 
     logits = logit_scale * image_features @ text_features.T (+ logit_bias);
-    loss = (cross_entropy(logits, arange(B)) + cross_entropy(logits.T, arange(B))) / 2.
+    loss = (cross_entropy(logits, arange(B)) + cross_entropy(logits.T, arange(B))) / 2,
+    computed slab by slab without the [B, B] logits (see the module docstring).
 
     Args:
         image_features: [B, D], used as given (normalise them first, as open_clip's model does).
-        text_features: [B, D]; a different floating dtype is promoted to a common one.
+        text_features: [B, D]; a different floating dtype is promoted to a common one. Frozen
+            texts (requires_grad False) cost no text-gradient FLOPs.
         logit_scale: the already-exponentiated scale, a float or 0-d (one-element) tensor.
         logit_bias: optional float or 0-d tensor added to every logit (it cancels in the softmax,
             so its gradient is zero).
 
     Returns:
-        0-d loss in float32 (float64 if an input is float64); the similarity matmul runs in the
-        features' dtype, everything after it in float32. Differentiable in the features, the scale
-        and the bias.
+        0-d loss in float32 (float64 if an input is float64). Differentiable in the features, the
+        scale and the bias.
 
     Raises:
         TypeError, ValueError: features that are not matching [B, D] floating tensors with B >= 1,
             or a scale/bias with more than one element.
         ValueError, RuntimeError: a bad or unavailable `LIFT_FAST_KERNELS` choice.
     """
-    loss_implementation()
     image_features, text_features, scale, bias = prepare_loss_inputs(
         image_features, text_features, logit_scale, logit_bias)
-    return clip_loss_torch(image_features, text_features, scale, bias)
+    loss = chunked_clip_loss(image_features, text_features, scale)
+    return loss if bias is None else loss + 0 * bias  # the bias cancels; keep it in the graph
+
+
+class _FusedProjectionClip(torch.autograd.Function):
+    """CLIP loss of normalize(hidden @ weight.T + bias) against unit texts, keeping neither the
+    projection nor the normalised features for the backward (both are recomputed from hidden)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, text, scale, use_triton):
+        projected = F.linear(hidden, weight, bias).to(scale.dtype)  # [B, D], float32 or float64
+        inv_norm = torch.rsqrt(projected.pow(2).sum(dim=1).clamp_min(1e-24))  # [B]
+        image = (projected * inv_norm[:, None]).to(hidden.dtype)
+        loss, row_stats, col_stats, _ = clip_forward(image, text, scale, 0, 1, use_triton)
+        ctx.save_for_backward(hidden, weight, bias, text, scale, inv_norm, row_stats, col_stats)
+        ctx.use_triton = use_triton
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, text, scale, inv_norm, row_stats, col_stats = ctx.saved_tensors
+        image = (F.linear(hidden, weight, bias).to(inv_norm.dtype) * inv_norm[:, None]).to(hidden.dtype)
+        grad_image, grad_text, grad_scale = clip_backward(grad_loss, image, text, text.new_empty(0), scale, row_stats,
+                                                          col_stats, 0, 1, ctx.needs_input_grad[3], ctx.use_triton)
+        # through the L2 norm: d projected = (d image - image * <image, d image>) / |projected|
+        unit, grad_unit = image.to(inv_norm.dtype), grad_image.to(inv_norm.dtype)
+        grad_projected = ((grad_unit - unit * (unit * grad_unit).sum(1, keepdim=True)) * inv_norm[:, None]).to(hidden.dtype)
+        grad_hidden = grad_projected @ weight
+        grad_weight = grad_projected.T @ hidden
+        grad_bias = grad_projected.sum(0) if bias is not None else None
+        return (grad_hidden, grad_weight, grad_bias, grad_text if ctx.needs_input_grad[3] else None,
+                grad_scale, None)
 
 
 def fused_projection_clip_loss(
@@ -71,9 +248,8 @@ def fused_projection_clip_loss(
     """Contrastive loss of the head's last linear layer output, projection and loss in one call.
 
     Computes `clip_loss` (or `siglip_loss`) of normalize(image_hidden @ weight.T + bias) against
-    normalize(text_features). In this build it is the plain-torch composition of those steps (the
-    projection in the input dtype, the norms in float32); the fused Triton kernel, which never holds
-    the [B, D] projection, comes later behind the same signature.
+    normalize(text_features). For "clip" the projection and the norm are recomputed in the backward
+    instead of being kept: the only [B, D] tensors held between forward and backward are the inputs.
 
     Args:
         image_hidden: [B, H] hidden states entering the head's last linear layer.
@@ -106,22 +282,27 @@ def fused_projection_clip_loss(
             f"({image_hidden.shape[0]}, {weight.shape[0]}) to match image_hidden "
             f"{tuple(image_hidden.shape)} and weight {tuple(weight.shape)}"
         )
-    loss_implementation()
-    image_features = project_and_normalize(image_hidden, weight, bias)  # [B, D]
     text_features = normalize_rows(text_features)  # [B, D]
-    if loss == "clip":
-        return clip_loss(image_features, text_features, logit_scale, logit_bias)
-    return siglip_loss(image_features, text_features, logit_scale, logit_bias)
+    if loss == "siglip":
+        return siglip_loss(project_and_normalize(image_hidden, weight, bias), text_features, logit_scale, logit_bias)
+    text_features = text_features.to(image_hidden.dtype)
+    stat_dtype = compute_dtype(image_hidden)
+    scale = as_scalar(logit_scale, "logit_scale", image_hidden.device, stat_dtype)
+    logit_bias = None if logit_bias is None else as_scalar(logit_bias, "logit_bias", image_hidden.device, stat_dtype)
+    use_triton = loss_implementation(image_hidden.device) == "triton"
+    value = _FusedProjectionClip.apply(image_hidden.contiguous(), weight, bias, text_features.contiguous(), scale,
+                                       use_triton)
+    return value if logit_bias is None else value + 0 * logit_bias
 
 
 class ClipLoss(nn.Module):
     """open_clip's ClipLoss (same constructor, forward and values), on the lift_fast.kernels path.
 
-    Under torch.distributed (world_size > 1) the features of all ranks are gathered, as open_clip does:
-    `gather_with_grad=True` gathers with gradients (torch.distributed.nn all_gather); otherwise the
-    gathered copies are detached (and, without `local_loss`, this rank's slot keeps its graph).
-    `local_loss=True` scores this rank's rows against the global batch; without it every rank
-    computes the full global-batch loss. Every rank must pass the same local batch size.
+    world_size 1, and `local_loss=True, gather_with_grad=True` under torch.distributed (the setting
+    large runs use), go through the chunked loss: no [b, N] logits, only the texts and an [N] vector
+    of column statistics are gathered, and the gradients equal open_clip's. The other distributed
+    settings gather both sides and build the logits as open_clip does. Every rank must pass the
+    same local batch size.
 
     Args:
         local_loss, gather_with_grad, rank, world_size: as in open_clip.
@@ -176,10 +357,14 @@ class ClipLoss(nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, image_features, text_features, logit_scale, logit_bias):
-        loss_implementation()
         image_features, text_features, scale, bias = prepare_loss_inputs(
             image_features, text_features, logit_scale, logit_bias)
         check_process_group(self.rank, self.world_size, "ClipLoss")
+        if self.local_loss and self.gather_with_grad:
+            loss = chunked_clip_loss(image_features, text_features, scale, rank=self.rank,
+                                     world_size=self.world_size)
+            return loss if bias is None else loss + 0 * bias
+        loss_implementation(image_features.device)
         gather = dict(rank=self.rank, world_size=self.world_size, with_grad=self.gather_with_grad,
                       keep_local_grad=not self.local_loss)
         all_image_features = gather_rows(image_features, **gather)  # [W * b, D]
@@ -191,4 +376,3 @@ class ClipLoss(nn.Module):
             image_columns=all_image_features, text_columns=all_text_features,
             label_offset=self.rank * image_features.shape[0],
         )
-

@@ -28,17 +28,22 @@ _logged_auto_choice = False
 # --- implementation choice -------------------------------------------------------------------------
 
 
-def loss_implementation() -> str:
-    """Return the loss implementation to use now, from `LIFT_FAST_KERNELS` (read at every call).
+def loss_implementation(device: torch.device | str = "cpu") -> str:
+    """Return the loss implementation to use now for tensors on `device`: "triton" or "torch".
 
-    Returns:
-        "torch" (the only implementation in this build; `auto` falls back to it and logs so once).
+    `LIFT_FAST_KERNELS` (read at every call): `auto` takes the Triton kernels on CUDA and the torch
+    path elsewhere (logging its choice once); `triton` insists on the kernels, which on CPU tensors
+    run under the Triton interpreter (TRITON_INTERPRET=1 set before lift_fast.kernels is imported);
+    `torch` takes the torch path everywhere.
 
     Raises:
         ValueError: the variable holds something other than auto, triton or torch.
-        RuntimeError: the variable asks for triton, whose kernels are not in this build yet.
+        RuntimeError: triton is asked for but not installed, or asked for on CPU tensors without
+            the interpreter.
     """
     global _logged_auto_choice
+    from . import slab_ops
+
     raw = os.environ.get(KERNELS_ENV_VAR, "auto")
     choice = raw.strip().lower() or "auto"
     if choice not in KERNELS_CHOICES:
@@ -46,16 +51,23 @@ def loss_implementation() -> str:
             f"{KERNELS_ENV_VAR}={raw!r} is not a known loss implementation; "
             f"use one of {', '.join(KERNELS_CHOICES)}"
         )
+    on_cuda = torch.device(device).type == "cuda"
     if choice == "triton":
-        raise RuntimeError(
-            f"{KERNELS_ENV_VAR}=triton asks for the Triton loss kernels, which are not in this build "
-            f"of lift_fast.kernels yet; set {KERNELS_ENV_VAR}=auto or torch to use the plain-torch loss"
-        )
-    if choice == "auto" and not _logged_auto_choice:
-        logger.info("%s=auto: using the plain-torch contrastive loss (no Triton kernels in this build)",
-                    KERNELS_ENV_VAR)
+        if slab_ops.triton is None:
+            raise RuntimeError(f"{KERNELS_ENV_VAR}=triton: triton is not installed (pip install triton)")
+        if not on_cuda and not slab_ops.INTERPRETED:
+            raise RuntimeError(
+                f"{KERNELS_ENV_VAR}=triton on {torch.device(device).type} tensors needs the Triton interpreter: "
+                "set TRITON_INTERPRET=1 before importing lift_fast.kernels, or use CUDA tensors")
+        return "triton"
+    if choice == "torch":
+        return "torch"
+    chosen = "triton" if on_cuda and slab_ops.triton is not None else "torch"
+    if not _logged_auto_choice:
+        logger.info("%s=auto: %s contrastive loss on %s", KERNELS_ENV_VAR,
+                    "Triton" if chosen == "triton" else "plain-torch chunked", torch.device(device).type)
         _logged_auto_choice = True
-    return "torch"
+    return chosen
 
 
 # --- input checks and conversions ------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""SigLIP pairwise sigmoid loss: functional `siglip_loss` and open_clip-compatible `SigLipLoss`.
+"""SigLIP pairwise sigmoid loss without the B x B logits: `siglip_loss` and open_clip's `SigLipLoss`.
 
-Runs the plain-torch path in `reference.py` in this build; `LIFT_FAST_KERNELS` is read and checked
-at every call.
+Row slabs as in clip_loss.py: sim = rows @ texts.T [m, N] float32 (one GEMM), one element-wise
+pass for the loss terms (forward) or their gradient (backward), then d image[rows] = G @ texts and
+d texts += G.T @ rows. No column statistics are needed: the sigmoid loss is a plain sum. Under
+torch.distributed each rank scores its images against every rank's texts (gathered without
+autograd; their gradients are summed back to their owners), as open_clip's neighbour exchange does.
 """
 
 from __future__ import annotations
@@ -9,16 +12,98 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .reference import (
-    check_process_group,
-    check_rank,
-    gather_rows,
-    loss_implementation,
-    prepare_loss_inputs,
-    siglip_loss_torch,
-)
+from . import slab_ops
+from .chunking import all_gather_rows, matmul_f32, similarity, slab_rows, sum_to_owner
+from .reference import check_process_group, check_rank, loss_implementation, prepare_loss_inputs
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+@torch.library.custom_op("lift_fast::siglip_forward", mutates_args=())
+def siglip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, rank: int,
+                   world_size: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of this rank's images against all texts (divided by b), and the gathered texts [N, D]
+    (an empty tensor when world_size is 1). image, text: [b, D]; scale, bias: 0-d."""
+    b, dim = image.shape
+    texts = all_gather_rows(text, world_size) if world_size > 1 else text  # [N, D]
+    s, t = float(scale), float(bias)
+    total = torch.zeros((), device=image.device, dtype=scale.dtype)
+    step = slab_rows(b, texts.shape[0], dim)
+    for start in range(0, b, step):
+        sim = similarity(image[start:start + step], texts)  # [m, N]
+        total += slab_ops.siglip_slab(sim, None, scale=s, bias=t, coef=0.0, diag_offset=rank * b + start,
+                                      use_triton=use_triton)[0].to(total.dtype)
+    return total / b, texts if world_size > 1 else text.new_empty(0)
+
+
+@siglip_forward.register_fake
+def _(image, text, scale, bias, rank, world_size, use_triton):
+    b, dim = image.shape
+    return scale.new_empty(()), image.new_empty(b * world_size, dim) if world_size > 1 else image.new_empty(0)
+
+
+@torch.library.custom_op("lift_fast::siglip_backward", mutates_args=())
+def siglip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tensor, gathered: torch.Tensor,
+                    scale: torch.Tensor, bias: torch.Tensor, rank: int, world_size: int, text_grad: bool,
+                    use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d image [b, D], d text [b, D] (empty unless text_grad; summed over every rank's loss), d scale, d bias."""
+    b, dim = image.shape
+    texts = gathered if world_size > 1 else text  # [N, D]
+    n = texts.shape[0]
+    s, t, coef = float(scale), float(bias), float(grad_loss) / b
+    step = slab_rows(b, n, dim)
+    slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
+    grad_image = torch.empty_like(image)
+    grad_texts = torch.zeros(n, dim, device=image.device, dtype=scale.dtype) if text_grad else None
+    sums = torch.zeros(3, device=image.device, dtype=scale.dtype)  # loss, d scale, d bias
+    for start in range(0, b, step):
+        rows = image[start:start + step]
+        grad = slab_grad[:rows.shape[0]]
+        sums += slab_ops.siglip_slab(similarity(rows, texts), grad, scale=s, bias=t, coef=coef,
+                                     diag_offset=rank * b + start, use_triton=use_triton).to(sums.dtype)
+        torch.mm(grad, texts, out=grad_image[start:start + step])
+        if grad_texts is not None:
+            grad_texts += matmul_f32(grad.T, rows)
+    if grad_texts is None:
+        grad_text = image.new_empty(0)
+    elif world_size > 1:
+        grad_text = sum_to_owner(grad_texts, rank, world_size).to(text.dtype)
+    else:
+        grad_text = grad_texts.to(text.dtype)
+    return grad_image, grad_text, sums[1].clone(), sums[2].clone()
+
+
+@siglip_backward.register_fake
+def _(grad_loss, image, text, gathered, scale, bias, rank, world_size, text_grad, use_triton):
+    grad_text = torch.empty_like(text) if text_grad else image.new_empty(0)
+    return torch.empty_like(image), grad_text, torch.empty_like(scale), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    image, text, scale, bias, rank, world_size, use_triton = inputs
+    ctx.save_for_backward(image, text, output[1], scale, bias)
+    ctx.config = (rank, world_size, use_triton)
+
+
+def _backward(ctx, grad_loss, _gathered):
+    image, text, gathered, scale, bias = ctx.saved_tensors
+    rank, world_size, use_triton = ctx.config
+    grads = siglip_backward(grad_loss, image, text, gathered, scale, bias, rank, world_size,
+                            ctx.needs_input_grad[1], use_triton)
+    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])), None, None, None)
+
+
+torch.library.register_autograd("lift_fast::siglip_forward", _backward, setup_context=_setup_context)
+
+
+def chunked_siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *,
+                        rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The chunked loss on prepared inputs (one dtype, 0-d scale and bias); see `siglip_loss`."""
+    use_triton = loss_implementation(image.device) == "triton"
+    if bias is None:
+        bias = torch.zeros((), device=scale.device, dtype=scale.dtype)
+    loss, _ = siglip_forward(image.contiguous(), text.contiguous(), scale, bias, rank, world_size, use_triton)
+    return loss
 
 
 def siglip_loss(
@@ -39,19 +124,18 @@ def siglip_loss(
         logit_bias: float or 0-d tensor (SigLIP learns it, init -10); None means no bias.
 
     Returns:
-        0-d loss in float32 (float64 if an input is float64); the similarity matmul runs in the
-        features' dtype, everything after it in float32. Differentiable in the features, the scale
-        and the bias.
+        0-d loss in float32 (float64 if an input is float64), computed slab by slab without the
+        [B, B] logits. Differentiable in the features, the scale and the bias; frozen texts cost no
+        text-gradient FLOPs.
 
     Raises:
         TypeError, ValueError: features that are not matching [B, D] floating tensors with B >= 1,
             or a scale/bias with more than one element.
         ValueError, RuntimeError: a bad or unavailable `LIFT_FAST_KERNELS` choice.
     """
-    loss_implementation()
     image_features, text_features, scale, bias = prepare_loss_inputs(
         image_features, text_features, logit_scale, logit_bias)
-    return siglip_loss_torch(image_features, text_features, scale, bias)
+    return chunked_siglip_loss(image_features, text_features, scale, bias)
 
 
 class SigLipLoss(nn.Module):
@@ -105,12 +189,9 @@ class SigLipLoss(nn.Module):
         if self.world_size == 1:
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias)
         else:
-            loss_implementation()
             image_features, text_features, scale, bias = prepare_loss_inputs(
                 image_features, text_features, logit_scale, logit_bias)
             check_process_group(self.rank, self.world_size, "SigLipLoss")
-            all_text_features = gather_rows(  # [W * b, D]
-                text_features, rank=self.rank, world_size=self.world_size, with_grad=True)
-            loss = siglip_loss_torch(image_features, all_text_features, scale, bias,
-                                     positive_offset=self.rank * image_features.shape[0])
+            loss = chunked_siglip_loss(image_features, text_features, scale, bias, rank=self.rank,
+                                       world_size=self.world_size)
         return {"contrastive_loss": loss} if output_dict else loss

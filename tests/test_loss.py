@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lift_fast.kernels import chunking
+
 from lift_fast.kernels import (
     KERNELS_ENV_VAR,
     ClipLoss,
@@ -27,9 +29,19 @@ DIMS = (16, 100)
 FP32_TOLERANCE = dict(rtol=2e-5, atol=1e-6)
 
 
-@pytest.fixture(autouse=True)
-def default_kernels(monkeypatch):
-    monkeypatch.delenv(KERNELS_ENV_VAR, raising=False)
+@pytest.fixture(autouse=True, params=["torch", "triton"])
+def kernels(request, monkeypatch):
+    """Every test runs on the torch path and on the Triton kernels (interpreted on CPU)."""
+    monkeypatch.setenv(KERNELS_ENV_VAR, request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True, params=["one slab", "many slabs"])
+def slabs(request, monkeypatch):
+    """The whole batch in one slab, or slabs of a few rows (odd sizes: 130 rows in slabs of 12)."""
+    if request.param == "many slabs":
+        monkeypatch.setattr(chunking, "MIN_SLAB_ELEMENTS", 64)
+    return request.param
 
 
 # --- float64 references ----------------------------------------------------------------------------
@@ -285,6 +297,7 @@ def test_mismatched_shapes_name_both(loss):
 @pytest.mark.parametrize("choice", ["auto", "torch", "TORCH", ""])
 def test_env_var_plain_choices_run_torch(monkeypatch, choice):
     image, text, scale, bias = make_pairs(7, 16, seed=10, dtype=torch.float32)
+    monkeypatch.setenv(KERNELS_ENV_VAR, "torch")
     expected = clip_loss(image, text, scale.float())
     monkeypatch.setenv(KERNELS_ENV_VAR, choice)
     assert torch.equal(clip_loss(image, text, scale.float()), expected)
@@ -302,8 +315,9 @@ def test_env_var_is_read_at_call_time(monkeypatch):
         lambda: SigLipLoss()(image, text, scale, bias),
         lambda: fused_projection_clip_loss(image, torch.eye(16), None, text, scale),
     ]
+    monkeypatch.setattr("lift_fast.kernels.slab_ops.INTERPRETED", False)  # as on a CPU box without the interpreter
     for call in calls:
-        with pytest.raises(RuntimeError, match="Triton loss kernels, which are not in this build"):
+        with pytest.raises(RuntimeError, match="needs the Triton interpreter"):
             call()
     monkeypatch.setenv(KERNELS_ENV_VAR, "cuda")
     for call in calls:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss
+from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, chunking
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 7
@@ -36,9 +36,21 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def default_kernels(monkeypatch):
-    monkeypatch.delenv(KERNELS_ENV_VAR, raising=False)
+# (dtype of the ranks' inputs, LIFT_FAST_KERNELS, slab budget, tolerance against float64):
+# float64 runs the torch twins exactly; float32 runs the Triton kernels (interpreted) in slabs of
+# two rows, so column statistics are merged across slabs and across ranks.
+SETTINGS = {
+    "float64-torch": (torch.float64, "torch", 2**20, dict()),
+    "float32-triton-slabs": (torch.float32, "triton", 2 * WORLD_SIZE * LOCAL_BATCH, dict(rtol=1e-4, atol=1e-6)),
+}
+
+
+@pytest.fixture(params=list(SETTINGS))
+def setting(request, monkeypatch):
+    dtype, kernels, slab_elements, tolerance = SETTINGS[request.param]
+    monkeypatch.setenv(KERNELS_ENV_VAR, kernels)
+    monkeypatch.setattr(chunking, "MIN_SLAB_ELEMENTS", slab_elements)  # forked ranks inherit it
+    return dtype, tolerance
 
 
 def _free_port() -> int:
@@ -70,7 +82,8 @@ def _worker(rank, port, inputs, results_path):
         dist.destroy_process_group()
 
 
-def test_two_ranks_match_the_global_batch(tmp_path):
+def test_two_ranks_match_the_global_batch(tmp_path, setting):
+    dtype, tolerance = setting
     generator = torch.Generator().manual_seed(0)
     batch = WORLD_SIZE * LOCAL_BATCH
     image = F.normalize(torch.randn(batch, DIM, generator=generator, dtype=torch.float64), dim=1)
@@ -81,28 +94,30 @@ def test_two_ranks_match_the_global_batch(tmp_path):
 
     results_path = tmp_path / "results"
     # fork: the children inherit the imported torch instead of importing it again (seconds each)
-    mp.start_processes(_worker, args=(_free_port(), inputs, str(results_path)), nprocs=WORLD_SIZE,
+    rank_inputs = tuple(tensor.to(dtype) for tensor in inputs)
+    mp.start_processes(_worker, args=(_free_port(), rank_inputs, str(results_path)), nprocs=WORLD_SIZE,
                        join=True, start_method="fork")
-    per_rank = [torch.load(f"{results_path}.rank{rank}") for rank in range(WORLD_SIZE)]
+    per_rank = [{name: [value.double() for value in values] for name, values in torch.load(f"{results_path}.rank{rank}").items()}
+                for rank in range(WORLD_SIZE)]
 
     for name, (module_class, _) in CASES.items():
         expected_loss, expected_image, expected_text, expected_scale, expected_bias = (
             _loss_and_grads(module_class(), *inputs))
         losses = torch.stack([results[name][0] for results in per_rank])
-        torch.testing.assert_close(losses.mean(), expected_loss, msg=name)
+        torch.testing.assert_close(losses.mean(), expected_loss, msg=name, **tolerance)
         if name == "clip_local_no_grad":
             continue  # open_clip's gradients here miss the other ranks' terms; only the value is defined
         if name == "clip_global_no_grad":
             # each rank computes the whole global loss but differentiates only its own rows
             feature_grad_factor = 1
-            torch.testing.assert_close(losses, expected_loss.expand(WORLD_SIZE), msg=name)
+            torch.testing.assert_close(losses, expected_loss.expand(WORLD_SIZE), msg=name, **tolerance)
         else:
             feature_grad_factor = WORLD_SIZE
         for rank, results in enumerate(per_rank):
             _, image_grad, text_grad, scale_grad, bias_grad = results[name]
             rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-            torch.testing.assert_close(image_grad / feature_grad_factor, expected_image[rows], msg=name)
-            torch.testing.assert_close(text_grad / feature_grad_factor, expected_text[rows], msg=name)
+            torch.testing.assert_close(image_grad / feature_grad_factor, expected_image[rows], msg=name, **tolerance)
+            torch.testing.assert_close(text_grad / feature_grad_factor, expected_text[rows], msg=name, **tolerance)
         for position, expected_grad in ((3, expected_scale), (4, expected_bias)):
             mean_grad = torch.stack([results[name][position] for results in per_rank]).mean()
-            torch.testing.assert_close(mean_grad, expected_grad, atol=1e-12, rtol=1e-9, msg=name)
+            torch.testing.assert_close(mean_grad, expected_grad, msg=name, **(tolerance or dict(atol=1e-12, rtol=1e-9)))

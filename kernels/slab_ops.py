@@ -1,0 +1,247 @@
+"""Element-wise work on one slab of similarities: Triton kernels and their plain-torch twins.
+
+The contrastive losses walk the batch in row slabs: sim = rows @ columns.T ([m, N], float32,
+from one GEMM), then
+  * CLIP forward:  per-row log-sum-exp of scale * sim and per-column partial log-sum-exp stats,
+  * CLIP backward: d loss / d sim from the row and column softmaxes, written in the GEMM dtype,
+  * SigLIP forward and backward: the sum of -logsigmoid(z * (scale * sim + bias)) and its gradient,
+plus the partial sums that make d loss / d logit_scale (and / d logit_bias). Each kernel reads
+the slab once and writes at most one slab-sized output; the GEMMs around them are cuBLAS's.
+
+The torch twins compute the same quantities with torch ops; they are the CPU path and the
+reference the kernels are tested against. Functions here take and return plain tensors. The kernels
+work in float32 (their scalar arguments are float32): float64 slabs always take the torch twins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is a Linux dependency; elsewhere only the torch twins exist
+    triton = None
+
+# Tile of the element-wise kernels. 64x64 fp32 = 16 KiB per program: the kernels are memory-bound
+# (one read of the slab, one write), so a modest tile keeps occupancy high; not tuned on a GPU yet.
+BLOCK_M = 64
+BLOCK_N = 64
+# triton.jit builds interpreted kernels when this is set at import time; only then do they take CPU tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _clip_stats_kernel(
+        sim_ptr,  # [M, N] float32 similarities of this slab's rows against all columns
+        row_max_ptr,  # [M, NB] out: max of scale * sim over each column block
+        row_sum_ptr,  # [M, NB] out: sum of exp(scale * sim - row max) over each column block
+        col_max_ptr,  # [MB, N] out: max over each row block
+        col_sum_ptr,  # [MB, N] out: sum of exp over each row block
+        scale,  # logit scale (float)
+        M, N, stride_sim, NB,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        sim = tl.load(sim_ptr + rows[:, None] * stride_sim + cols[None, :], mask=mask, other=0.0)
+        logits = tl.where(mask, sim * scale, float("-inf"))
+        # Every program holds at least one valid row and one valid column, so the maxima of valid
+        # rows and columns are finite; the -inf maxima of rows/columns outside the slab become 0
+        # (no inf - inf) and are not stored.
+        row_max = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
+        row_sum = tl.sum(tl.exp(logits - row_max[:, None]), axis=1)
+        tl.store(row_max_ptr + rows * NB + pid_n, row_max, mask=row_ok)
+        tl.store(row_sum_ptr + rows * NB + pid_n, row_sum, mask=row_ok)
+        col_max = tl.where(col_ok, tl.max(logits, axis=0), 0.0)
+        col_sum = tl.sum(tl.exp(logits - col_max[None, :]), axis=0)
+        tl.store(col_max_ptr + pid_m * N + cols, col_max, mask=col_ok)
+        tl.store(col_sum_ptr + pid_m * N + cols, col_sum, mask=col_ok)
+
+    @triton.jit
+    def _clip_grad_kernel(
+        sim_ptr,  # [M, N] float32 similarities of this slab (read)
+        grad_ptr,  # [M, N] out: d loss / d sim, in the GEMM dtype (may alias nothing else)
+        row_max_ptr,  # [M] float32 max of each row's logits
+        row_logsum_ptr,  # [M] float32 log of sum(exp(logit - row max)) of each row
+        col_max_ptr,  # [N] float32 max of each column's logits (over the global batch)
+        col_logsum_ptr,  # [N] float32 log of sum(exp(logit - column max)) of each column
+        col_coef_ptr,  # [N] float32 weight of the column-softmax term of each column
+        partial_ptr,  # [MB * NB] out: sum of d loss / d logit * sim over the tile (for d scale)
+        scale, row_coef, diag_offset,
+        M, N, stride_sim, stride_grad, NB,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        sim = tl.load(sim_ptr + rows[:, None] * stride_sim + cols[None, :], mask=mask, other=0.0)
+        row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+        row_logsum = tl.load(row_logsum_ptr + rows, mask=row_ok, other=0.0)
+        col_max = tl.load(col_max_ptr + cols, mask=col_ok, other=0.0)
+        col_logsum = tl.load(col_logsum_ptr + cols, mask=col_ok, other=0.0)
+        col_coef = tl.load(col_coef_ptr + cols, mask=col_ok, other=0.0)
+        logits = sim * scale
+        # d loss / d logit = row_coef * (softmax_row - onehot) + col_coef * (softmax_col - onehot);
+        # the one-hot is taken off each softmax before they are added, as cross-entropy does, so
+        # the near-1 positives cancel at their own magnitude.
+        positive = cols[None, :] == rows[:, None] + diag_offset
+        # (logit - max) - logsum, not logit - lse: the subtraction of the max is exact, so the
+        # softmax keeps float32's relative precision even where the log-sum-exp is large
+        row_soft = tl.exp((logits - row_max[:, None]) - row_logsum[:, None])
+        col_soft = tl.exp((logits - col_max[None, :]) - col_logsum[None, :])
+        row_soft = tl.where(positive, row_soft - 1.0, row_soft)
+        col_soft = tl.where(positive, col_soft - 1.0, col_soft)
+        grad = tl.where(mask, row_coef * row_soft + col_coef[None, :] * col_soft, 0.0)
+        tl.store(partial_ptr + pid_m * NB + pid_n, tl.sum(tl.sum(grad * sim, axis=1), axis=0))
+        tl.store(grad_ptr + rows[:, None] * stride_grad + cols[None, :],
+                 (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _siglip_kernel(
+        sim_ptr,  # [M, N] float32 similarities of this slab (read)
+        grad_ptr,  # [M, N] out: d loss / d sim in the GEMM dtype (only when WITH_GRAD)
+        partial_ptr,  # [MB * NB, 3] out: sum of loss terms, of d/d logit * sim, of d/d logit
+        scale, bias, coef, diag_offset,
+        M, N, stride_sim, stride_grad, NB,
+        WITH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        sim = tl.load(sim_ptr + rows[:, None] * stride_sim + cols[None, :], mask=mask, other=0.0)
+        sign = tl.where(cols[None, :] == rows[:, None] + diag_offset, 1.0, -1.0)
+        margin = sign * (sim * scale + bias)
+        # -logsigmoid(t) = softplus(-t) = max(-t, 0) + log(1 + exp(-|t|)), stable for any t
+        loss = tl.maximum(-margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))
+        loss = tl.where(mask, loss, 0.0)
+        base = (pid_m * NB + pid_n) * 3
+        tl.store(partial_ptr + base, tl.sum(tl.sum(loss, axis=1), axis=0))
+        if WITH_GRAD:
+            # d/d logit of coef * softplus(-margin) = -coef * sign * sigmoid(-margin), with
+            # sigmoid(-t) from exp(-|t|) so that no exp overflows
+            small = tl.exp(-tl.abs(margin))
+            sigmoid_neg = tl.where(margin >= 0, small / (1.0 + small), 1.0 / (1.0 + small))
+            grad = -coef * sign * sigmoid_neg
+            grad = tl.where(mask, grad, 0.0)
+            tl.store(partial_ptr + base + 1, tl.sum(tl.sum(grad * sim, axis=1), axis=0))
+            tl.store(partial_ptr + base + 2, tl.sum(tl.sum(grad, axis=1), axis=0))
+            tl.store(grad_ptr + rows[:, None] * stride_grad + cols[None, :],
+                     (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(sim: torch.Tensor) -> tuple[int, int]:
+    return triton.cdiv(sim.shape[0], BLOCK_M), triton.cdiv(sim.shape[1], BLOCK_N)
+
+
+def merge_stats(maxima: torch.Tensor, sums: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-block (max, sum of exp(x - max)) pairs along `dim` into one pair."""
+    top = maxima.amax(dim=dim, keepdim=True)
+    total = (sums * torch.exp(maxima - top)).sum(dim=dim, keepdim=True)
+    return top.squeeze(dim), total.squeeze(dim)
+
+
+# ------------------------------------------------------------------------------------------ CLIP
+
+
+def clip_stats(sim: torch.Tensor, scale: float, use_triton: bool) -> tuple[torch.Tensor, ...]:
+    """Softmax statistics of logits = scale * sim: per row (max [m], log of sum(exp(logit - max)) [m])
+    and per column over this slab's rows (max [N], sum(exp(logit - max)) [N], to be merged).
+
+    sim: [m, N] float32, contiguous rows. All results are in sim's dtype.
+    """
+    if not use_triton or sim.dtype != torch.float32:
+        logits = sim * scale
+        row_max, col_max = logits.amax(dim=1), logits.amax(dim=0)
+        row_logsum = torch.log(torch.exp(logits - row_max[:, None]).sum(dim=1))
+        return row_max, row_logsum, col_max, torch.exp(logits - col_max[None, :]).sum(dim=0)
+    m, n = sim.shape
+    grid_m, grid_n = _grid(sim)
+    row_max = sim.new_empty(m, grid_n)
+    row_sum = sim.new_empty(m, grid_n)
+    col_max = sim.new_empty(grid_m, n)
+    col_sum = sim.new_empty(grid_m, n)
+    _clip_stats_kernel[(grid_m, grid_n)](sim, row_max, row_sum, col_max, col_sum, float(scale),
+                                         m, n, sim.stride(0), grid_n, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    row_max, row_sum = merge_stats(row_max, row_sum, dim=1)
+    return (row_max, torch.log(row_sum), *merge_stats(col_max, col_sum, dim=0))
+
+
+def clip_grad(sim: torch.Tensor, out: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
+              col_coef: torch.Tensor, *, scale: float, row_coef: float, diag_offset: int,
+              use_triton: bool) -> torch.Tensor:
+    """Write d loss / d sim of a CLIP slab into `out` [m, N]; return sum(d loss / d logit * sim) (0-d).
+
+    d loss / d logit[i, j] = row_coef * (softmax_row[i, j] - 1[j = i + diag_offset])
+                           + col_coef[j] * (softmax_col[i, j] - 1[j = i + diag_offset]).
+    sim: [m, N] float32; row_stats [2, m] and col_stats [2, N] hold (max, log of sum(exp(logit - max)))
+    of the rows and (global) columns; col_coef [N] float32; out [m, N] in the GEMM dtype.
+    """
+    if not use_triton or sim.dtype != torch.float32:
+        logits = sim * scale
+        row_soft = torch.exp((logits - row_stats[0][:, None]) - row_stats[1][:, None])
+        col_soft = torch.exp((logits - col_stats[0][None, :]) - col_stats[1][None, :])
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        cols = rows + diag_offset
+        inside = cols < sim.shape[1]
+        row_soft[rows[inside], cols[inside]] -= 1
+        col_soft[rows[inside], cols[inside]] -= 1
+        grad = row_coef * row_soft + col_coef[None, :] * col_soft
+        out.copy_(grad * scale)
+        return (grad * sim).sum()
+    grid_m, grid_n = _grid(sim)
+    partial = sim.new_empty(grid_m * grid_n)
+    row_max, row_logsum = row_stats.contiguous()
+    _clip_grad_kernel[(grid_m, grid_n)](sim, out, row_max, row_logsum, col_stats[0], col_stats[1], col_coef,
+                                        partial, float(scale),
+                                        float(row_coef), int(diag_offset), sim.shape[0], sim.shape[1],
+                                        sim.stride(0), out.stride(0), grid_n, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    return partial.sum()
+
+
+# ---------------------------------------------------------------------------------------- SigLIP
+
+
+def siglip_slab(sim: torch.Tensor, out: torch.Tensor | None, *, scale: float, bias: float, coef: float,
+                diag_offset: int, use_triton: bool) -> torch.Tensor:
+    """SigLIP on one slab: returns [3] float32 = (sum of -logsigmoid(z * logit), sum of g * sim, sum of g)
+    with g = coef * d(-logsigmoid(z * logit))/d logit; writes g * scale into `out` unless it is None.
+
+    z is +1 where j = i + diag_offset and -1 elsewhere; logit = scale * sim + bias.
+    """
+    if not use_triton or sim.dtype != torch.float32:
+        sign = torch.full_like(sim, -1.0)
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        cols = rows + diag_offset
+        inside = cols < sim.shape[1]
+        sign[rows[inside], cols[inside]] = 1.0
+        margin = sign * (sim * scale + bias)
+        loss = torch.nn.functional.softplus(-margin).sum()
+        if out is None:
+            return torch.stack([loss, loss.new_zeros(()), loss.new_zeros(())])
+        grad = -coef * sign * torch.sigmoid(-margin)
+        out.copy_(grad * scale)
+        return torch.stack([loss, (grad * sim).sum(), grad.sum()])
+    grid_m, grid_n = _grid(sim)
+    partial = sim.new_zeros(grid_m * grid_n, 3)
+    with_grad = out is not None
+    _siglip_kernel[(grid_m, grid_n)](sim, out if with_grad else sim, partial, float(scale), float(bias), float(coef),
+                                     int(diag_offset), sim.shape[0], sim.shape[1], sim.stride(0),
+                                     (out if with_grad else sim).stride(0), grid_n, WITH_GRAD=with_grad,
+                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    return partial.sum(dim=0)
