@@ -32,6 +32,20 @@ def matmul_f32(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return (left @ right).to(out_dtype)
 
 
+def accumulate_matmul(accumulator: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """accumulator += left @ right, in place and without a product-sized temporary where possible.
+
+    accumulator is float32 (float64) while left/right may be half precision (a float32 sum of
+    bf16 products loses nothing to repeated rounding).
+    """
+    if accumulator.dtype == left.dtype:
+        accumulator.addmm_(left, right)
+    elif left.is_cuda and left.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(accumulator, left, right, accumulator.dtype, out=accumulator)  # cuBLAS: C += A B
+    else:
+        accumulator += (left @ right).to(accumulator.dtype)
+
+
 def similarity(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """rows @ columns.T as float32 (float64 for float64 inputs): [m, D] x [N, D] -> [m, N]."""
     return matmul_f32(rows, columns.T)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import slab_ops
-from .chunking import all_gather_rows, matmul_f32, similarity, slab_rows, sum_to_owner
+from .chunking import accumulate_matmul, all_gather_rows, similarity, slab_rows, sum_to_owner
 from .reference import (
     as_scalar,
     check_process_group,
@@ -124,7 +124,7 @@ def clip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tens
                                          row_coef=row_coef, diag_offset=rank * b + start, use_triton=use_triton)
         torch.mm(grad, texts, out=grad_image[start:start + step])
         if grad_texts is not None:
-            grad_texts += matmul_f32(grad.T, rows)
+            accumulate_matmul(grad_texts, grad.T, rows)
     if grad_texts is None:
         grad_text = image.new_empty(0)
     elif world_size > 1:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import slab_ops
-from .chunking import all_gather_rows, matmul_f32, similarity, slab_rows, sum_to_owner
+from .chunking import accumulate_matmul, all_gather_rows, similarity, slab_rows, sum_to_owner
 from .reference import check_process_group, check_rank, loss_implementation, prepare_loss_inputs
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -63,7 +63,7 @@ def siglip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Te
                                      diag_offset=rank * b + start, use_triton=use_triton).to(sums.dtype)
         torch.mm(grad, texts, out=grad_image[start:start + step])
         if grad_texts is not None:
-            grad_texts += matmul_f32(grad.T, rows)
+            accumulate_matmul(grad_texts, grad.T, rows)
     if grad_texts is None:
         grad_text = image.new_empty(0)
     elif world_size > 1:

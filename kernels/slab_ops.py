@@ -166,10 +166,11 @@ def clip_stats(sim: torch.Tensor, scale: float, use_triton: bool) -> tuple[torch
     sim: [m, N] float32, contiguous rows. All results are in sim's dtype.
     """
     if not use_triton or sim.dtype != torch.float32:
-        logits = sim * scale
+        logits = sim * scale  # in-place below: at most two slab-sized temporaries
         row_max, col_max = logits.amax(dim=1), logits.amax(dim=0)
-        row_logsum = torch.log(torch.exp(logits - row_max[:, None]).sum(dim=1))
-        return row_max, row_logsum, col_max, torch.exp(logits - col_max[None, :]).sum(dim=0)
+        col_sum = (logits - col_max[None, :]).exp_().sum(dim=0)
+        row_logsum = logits.sub_(row_max[:, None]).exp_().sum(dim=1).log_()
+        return row_max, row_logsum, col_max, col_sum
     m, n = sim.shape
     grid_m, grid_n = _grid(sim)
     row_max = sim.new_empty(m, grid_n)
@@ -193,17 +194,16 @@ def clip_grad(sim: torch.Tensor, out: torch.Tensor, row_stats: torch.Tensor, col
     of the rows and (global) columns; col_coef [N] float32; out [m, N] in the GEMM dtype.
     """
     if not use_triton or sim.dtype != torch.float32:
-        logits = sim * scale
-        row_soft = torch.exp((logits - row_stats[0][:, None]) - row_stats[1][:, None])
-        col_soft = torch.exp((logits - col_stats[0][None, :]) - col_stats[1][None, :])
-        rows = torch.arange(sim.shape[0], device=sim.device)
-        cols = rows + diag_offset
-        inside = cols < sim.shape[1]
-        row_soft[rows[inside], cols[inside]] -= 1
-        col_soft[rows[inside], cols[inside]] -= 1
-        grad = row_coef * row_soft + col_coef[None, :] * col_soft
-        out.copy_(grad * scale)
-        return (grad * sim).sum()
+        logits = sim * scale  # in-place below: at most two slab-sized temporaries
+        row_soft = (logits - row_stats[0][:, None]).sub_(row_stats[1][:, None]).exp_()
+        col_soft = logits.sub_(col_stats[0][None, :]).sub_(col_stats[1][None, :]).exp_()
+        positives = row_soft.diagonal(diag_offset)
+        positives -= 1
+        col_soft.diagonal(diag_offset).sub_(1)
+        grad = row_soft.mul_(row_coef).add_(col_soft.mul_(col_coef[None, :]))
+        partial = torch.dot(grad.flatten(), sim.flatten())
+        out.copy_(grad.mul_(scale))
+        return partial
     grid_m, grid_n = _grid(sim)
     partial = sim.new_empty(grid_m * grid_n)
     row_max, row_logsum = row_stats.contiguous()
@@ -225,18 +225,18 @@ def siglip_slab(sim: torch.Tensor, out: torch.Tensor | None, *, scale: float, bi
     z is +1 where j = i + diag_offset and -1 elsewhere; logit = scale * sim + bias.
     """
     if not use_triton or sim.dtype != torch.float32:
-        sign = torch.full_like(sim, -1.0)
-        rows = torch.arange(sim.shape[0], device=sim.device)
-        cols = rows + diag_offset
-        inside = cols < sim.shape[1]
-        sign[rows[inside], cols[inside]] = 1.0
-        margin = sign * (sim * scale + bias)
-        loss = torch.nn.functional.softplus(-margin).sum()
+        # margin = sign * logit with sign -1 off the positives: negate everything, flip the positives back
+        neg_margin = sim * scale + bias  # = -margin off the diagonal
+        neg_margin.diagonal(diag_offset).neg_()
+        loss = torch.nn.functional.softplus(neg_margin).sum()
         if out is None:
             return torch.stack([loss, loss.new_zeros(()), loss.new_zeros(())])
-        grad = -coef * sign * torch.sigmoid(-margin)
-        out.copy_(grad * scale)
-        return torch.stack([loss, (grad * sim).sum(), grad.sum()])
+        # d/d logit = -coef * sign * sigmoid(-margin): +coef * sigmoid(-margin) off the positives
+        grad = neg_margin.sigmoid_().mul_(coef)
+        grad.diagonal(diag_offset).neg_()
+        sums = torch.stack([loss, torch.dot(grad.flatten(), sim.flatten()), grad.sum()])
+        out.copy_(grad.mul_(scale))
+        return sums
     grid_m, grid_n = _grid(sim)
     partial = sim.new_zeros(grid_m * grid_n, 3)
     with_grad = out is not None

@@ -11,13 +11,22 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from lift_fast.config import Config, ConfigError, describe, load_config
+from lift_fast.data.shards import ShardError
+from lift_fast.data.synth import MINIMUM as SYNTH_MINIMUM
+from lift_fast.embed.store import StoreError
+from lift_fast.eval.sugarcrepe import SugarCrepeError
+from lift_fast.train import RunFolderError
 
-# Errors that mean "bad input or settings": printed as one clear line, without a traceback.
-USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError)
+# Errors that mean "bad input or settings": printed as one clear line, without a traceback. Each is
+# raised on purpose with a message naming the file, key or setting; anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (ConfigError, ShardError, StoreError, SugarCrepeError, RunFolderError, FileNotFoundError,
+               FileExistsError)
 
 
 def _settings(parser: argparse.ArgumentParser) -> None:
@@ -25,44 +34,69 @@ def _settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="dotted config overrides")
 
 
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum, else a clear error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lift-fast", description=__doc__.split("\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("synth", help="write the synthetic compositional image-caption set")
-    p.add_argument("--out", type=Path, required=True, help="output folder (gets train/ and eval/)")
-    p.add_argument("--num-train", type=int, default=20000)
-    p.add_argument("--num-eval", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=64, help="side of the rendered images in pixels")
-    p.add_argument("--samples-per-shard", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        # also after the command (`lift-fast train -q ...`); SUPPRESS keeps a -q given before it
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+        return p
 
-    p = sub.add_parser("embed", help="embed every caption of a shard folder once with the frozen text encoder")
+    p = command("synth", "write the synthetic compositional image-caption set")
+    p.add_argument("--out", type=Path, required=True, help="output folder (gets train/ and eval/)")
+    p.add_argument("--num-train", type=_at_least(SYNTH_MINIMUM["num_train"]), default=20000,
+                   help="training images (default 20000)")
+    p.add_argument("--num-eval", type=_at_least(SYNTH_MINIMUM["num_eval"]), default=1000,
+                   help="held-out images (default 1000)")
+    p.add_argument("--image-size", type=_at_least(SYNTH_MINIMUM["image_size"]), default=64,
+                   help=f"side of the rendered images in pixels, at least {SYNTH_MINIMUM['image_size']} (default 64)")
+    p.add_argument("--samples-per-shard", type=_at_least(SYNTH_MINIMUM["samples_per_shard"]), default=2000,
+                   help="images per .tar shard (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical shards")
+
+    p = command("embed", "embed every caption of a shard folder once with the frozen text encoder")
     p.add_argument("--data", type=Path, required=True, help="folder of .tar shards")
     p.add_argument("--out", type=Path, required=True, help="embedding store folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _settings(p)
 
-    p = sub.add_parser("train", help="train the image tower against a store of caption embeddings")
+    p = command("train", "train the image tower against a store of caption embeddings")
     p.add_argument("--data", type=Path, required=True, help="folder of training .tar shards")
     p.add_argument("--embeddings", type=Path, required=True, help="embedding store of those shards")
     p.add_argument("--run", type=Path, required=True, help="run folder (config, metrics, checkpoints)")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
     _settings(p)
 
-    p = sub.add_parser("eval", help="retrieval and compositional accuracy of a trained run")
+    p = command("eval", "retrieval and compositional accuracy of a trained run")
     p.add_argument("--run", type=Path, required=True, help="run folder")
     p.add_argument("--data", type=Path, required=True, help="folder of eval .tar shards (with sugarcrepe/ beside)")
     p.add_argument("--embeddings", type=Path, required=True, help="embedding store of the eval shards")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the newest)")
+    _settings(p)  # on top of the run's config.yaml; only eval.* and data loading settings may differ
 
-    p = sub.add_parser("demo", help="synth -> embed -> train -> eval on this machine, with a report")
+    p = command("demo", "synth -> embed -> train -> eval on this machine, with a report")
     p.add_argument("--out", type=Path, required=True, help="folder for data, store, run and report")
     p.add_argument("--quick", action="store_true", help="a tiny version that finishes in well under a minute")
     _settings(p)
 
-    sub.add_parser("config", help="print every config field with its default and meaning")
+    command("config", "print every config field with its default and meaning")
     return parser
 
 
@@ -86,13 +120,15 @@ def run_command(args) -> None:
         device = args.device or ("cuda" if _cuda() else "cpu")
         print(json.dumps(embed_shards(args.data, args.out, cfg.embed, device=device, progress=progress)))
     elif args.command == "train":
-        from lift_fast.train.loop import train
+        from lift_fast.train.loop import run_config, train
 
-        print(json.dumps(train(_load(args), args.data, args.embeddings, args.run, resume=args.resume, progress=progress)))
+        cfg = run_config(args.run, args.resume, args.config, args.overrides)  # the saved one when resuming
+        print(json.dumps(train(cfg, args.data, args.embeddings, args.run, resume=args.resume, progress=progress)))
     elif args.command == "eval":
         from lift_fast.eval.run import evaluate
 
-        print(json.dumps(evaluate(args.run, args.data, args.embeddings, checkpoint=args.checkpoint, progress=progress)))
+        print(json.dumps(evaluate(args.run, args.data, args.embeddings, config_path=args.config,
+                                  overrides=args.overrides, checkpoint=args.checkpoint, progress=progress)))
     elif args.command == "demo":
         from lift_fast.demo import run_demo
 
@@ -121,11 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run_command(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
     except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"lift-fast {args.command}: error: {message}", file=sys.stderr)
+        print(f"lift-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lift-fast {args.command}: interrupted; finished work is kept (rerun to continue)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(f"lift-fast {args.command}: {_interrupted(args.command, err)}", file=sys.stderr)
+        return 128 + getattr(err, "signum", signal.SIGINT)
+    except BrokenPipeError:
+        # The reader went away (`lift-fast config | head`): stop quietly, and point stdout at devnull
+        # so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
+
+
+def _interrupted(command: str, err: KeyboardInterrupt) -> str:
+    """The message for Ctrl-C or SIGTERM: what was kept and how to continue."""
+    if command != "train":
+        return "interrupted; finished work is kept (rerun to continue)"
+    checkpoint = getattr(err, "checkpoint", None)
+    kept = (f"step {err.step} is saved in {checkpoint}" if checkpoint is not None
+            else "finished checkpoints are kept")
+    return f"interrupted; {kept}; rerun the same command with --resume auto to continue"

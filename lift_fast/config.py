@@ -10,7 +10,9 @@ against the field's `choices`/`min` metadata. Unknown sections or fields, and ba
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +39,8 @@ class DataConfig:
     """Where images come from and how they are prepared."""
 
     image_size: int = _field(64, "side of the square training crop, in pixels", min=8)
-    backend: str = _field("auto", "image loader: auto prefers DALI when it works", choices=("auto", "dali", "pil"))
+    backend: str = _field("auto", "image loader: auto uses PIL in this build (DALI comes later)",
+                          choices=("auto", "dali", "pil"))
     crop_scale: tuple[float, float] = _field((0.9, 1.0), "RandomResizedCrop area range (LIFT: 0.9-1.0)")
     hflip: bool = _field(False, "random horizontal flip (off: it would flip left/right relations)")
     num_workers: int = _field(1, "loader worker processes", min=0)
@@ -92,7 +95,7 @@ class TrainConfig:
     seed: int = _field(0, "seed for weights, data order and augmentation")
     threads: int = _field(0, "CPU threads for torch (0: torch's default)", min=0)
     log_every: int = _field(20, "steps between metrics.jsonl lines", min=1)
-    checkpoint_every: int = _field(0, "steps between checkpoints (0: only at the end)", min=0)
+    checkpoint_every: int = _field(500, "steps between checkpoints (0: only at the end and on interruption)", min=0)
     keep_checkpoints: int = _field(2, "complete checkpoints kept", min=1)
 
 
@@ -142,6 +145,8 @@ def _coerce(key: str, value: Any, annotation: Any, meta: dict) -> Any:
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise ConfigError(f"{key}: expected a number, got {value!r}")
             value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         elif kind is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -220,6 +225,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
     cfg = Config()
     for key, value in parse_overrides(preset).items():
         _set(cfg, key, value)
+    return _apply(cfg, path, overrides)
+
+
+def _apply(cfg: Config, path: str | Path | None, overrides: typing.Iterable[str] | dict) -> Config:
+    """Set the fields of the file at `path`, then the dotted overrides, on cfg; returns cfg."""
     if path is not None:
         for key, value in read_config_file(path).items():
             try:
@@ -230,6 +240,50 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         overrides = parse_overrides(overrides)
     for key, value in overrides.items():
         _set(cfg, key, value)
+    return cfg
+
+
+def config_changes(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in `before`, value in `after`) for every field that differs, in field order."""
+    old, new = config_to_dict(before), config_to_dict(after)
+    return [(f"{section}.{name}", old[section][name], new[section][name])
+            for section in old for name in old[section] if old[section][name] != new[section][name]]
+
+
+def check_changes(saved: Config, asked: Config, allowed: typing.Iterable[str], *, source: str | Path,
+                  action: str) -> None:
+    """Refuse settings that differ from a run's saved config outside `allowed`.
+
+    allowed: dotted keys, or `section.*` for a whole section. source: the saved config file, named
+    in the message; action: what is being done ("resuming a run"), for the message.
+    Raises ConfigError naming each key that may not change, with its saved and asked values.
+    """
+    allowed = tuple(allowed)
+
+    def may_change(key: str) -> bool:
+        return key in allowed or f"{key.partition('.')[0]}.*" in allowed
+
+    refused = [(key, old, new) for key, old, new in config_changes(saved, asked) if not may_change(key)]
+    if refused:
+        lines = "; ".join(f"{key}: saved {old!r}, asked {new!r}" for key, old, new in refused)
+        raise ConfigError(f"{action} keeps the settings saved in {source}, but "
+                          f"{'these differ' if len(refused) > 1 else 'this differs'}: {lines}. "
+                          f"Only {', '.join(allowed)} may change when {action}; drop the other settings "
+                          "(the saved ones apply), or use a new run folder.")
+
+
+def load_run_config(saved_path: str | Path, path: str | Path | None = None,
+                    overrides: typing.Iterable[str] | dict = (), *, allowed: typing.Iterable[str] = (),
+                    action: str = "continuing a run") -> Config:
+    """A run's saved config.yaml, then the file at `path`, then dotted overrides, where only the
+    `allowed` keys (see check_changes) may differ from the saved config.
+
+    Raises ConfigError naming the file or key: a missing or bad file, a bad value, or a change
+    outside `allowed` (each key with its saved and asked value).
+    """
+    saved = load_config(saved_path)
+    cfg = _apply(copy.deepcopy(saved), path, overrides)
+    check_changes(saved, cfg, allowed, source=saved_path, action=action)
     return cfg
 
 

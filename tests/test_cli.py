@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
-from shard_tools import snapshot, write_members
+from shard_tools import read_members, snapshot, write_members
 
-from lift_fast.cli import main
+from lift_fast import cli
+from lift_fast.cli import build_parser, main
+from lift_fast.config import load_config
+from lift_fast.data.shards import list_shards
+from lift_fast.eval.sugarcrepe import load_sugarcrepe
+from lift_fast.train import loop as loop_module
+from lift_fast.train.loop import train
 
 FAST = ["data.image_size=32", "model.depth=1", "train.steps=8", "train.batch_size=16", "train.warmup_steps=2",
         "train.log_every=2", "data.num_workers=0", "data.shuffle_buffer=32"]
@@ -80,6 +87,7 @@ def test_missing_shard_folder(stores, tmp_path, capsys):
     assert code == 2
     (line,) = err.strip().splitlines()
     assert line.startswith("lift-fast train: error:") and str(missing) in line
+    assert not (tmp_path / "run").exists()  # inputs are checked before the run folder is made
 
 
 def test_missing_shard_folder_in_a_subprocess(tmp_path):
@@ -165,3 +173,173 @@ def test_demo_quick(tmp_path, capsys):
         assert name in results and metrics[name] == results[name]
     assert "first_loss" in metrics and "last_loss" in metrics and metrics["seconds/total"] > 0
     assert "lift-fast demo results" in stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_data, stores, tmp_path_factory):
+    """A 4-step run of the FAST settings on the shared synthetic set; copy it before changing it."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    train(load_config(overrides=FAST + ["train.steps=4", "train.checkpoint_every=2"]), synth_data / "train",
+          stores / "train", run, progress=False)
+    return run
+
+
+def test_readme_resume_line_uses_the_saved_settings(synth_data, stores, tiny_run, tmp_path, capsys):
+    """`lift-fast train --data D --embeddings E --run R --resume auto`, without the run's overrides."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "checkpoints" / "step_000004")  # as if stopped after step 2
+    saved = (run / "config.yaml").read_bytes()
+    code, out, err = run_cli(capsys, "train", "--data", synth_data / "train", "--embeddings", stores / "train",
+                             "--run", run, "--resume", "auto")
+    assert code == 0, err
+    assert json.loads(out)["step"] == 4
+    assert (run / "config.yaml").read_bytes() == saved
+    # allowed changes are taken; others are refused naming each key, and nothing is written
+    code, out, err = run_cli(capsys, "train", "--data", synth_data / "train", "--embeddings", stores / "train",
+                             "--run", run, "--resume", "auto", "train.steps=5", "train.log_every=1")
+    assert code == 0, err
+    assert json.loads(out)["step"] == 5 and load_config(run / "config.yaml").train.steps == 5
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "train", "--data", synth_data / "train", "--embeddings", stores / "train",
+                           "--run", run, "--resume", "auto", "train.steps=9", "model.depth=2", "data.image_size=64")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "model.depth: saved 1, asked 2" in line and "data.image_size: saved 32, asked 64" in line
+    assert str(run / "config.yaml") in line
+    assert snapshot(run) == before
+
+
+def test_eval_takes_config_and_overrides_on_top_of_the_run(synth_data, stores, tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = tmp_path / "eval.yaml"
+    config.write_text("eval:\n  batch_size: 7\n")
+    code, out, err = run_cli(capsys, "eval", "--run", run, "--data", synth_data / "eval", "--embeddings",
+                             stores / "eval", "--config", config, "eval.compositional=false", "data.num_workers=0")
+    assert code == 0, err
+    results = json.loads(out)
+    assert results["num_images"] == 32 and not any(k.startswith("compositional/") for k in results)
+    before = snapshot(run)
+    code, _, err = run_cli(capsys, "eval", "--run", run, "--data", synth_data / "eval", "--embeddings",
+                           stores / "eval", "model.depth=2")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("lift-fast eval: error:") and "model.depth: saved 1, asked 2" in line
+    assert snapshot(run) == before
+
+
+def test_eval_with_a_skipped_sample(synth_data, tiny_run, text_encoder, tmp_path, capsys):
+    """A sample the loader skips (data.on_error=skip) is counted, in retrieval and in SugarCrepe."""
+    data = tmp_path / "eval"
+    shutil.copytree(synth_data / "eval", data)
+    bad = "eval-00000003"
+    shard = list_shards(data)[0]
+    write_members(shard, [(n, b"caf\xe9" if n == f"{bad}.txt" else b) for n, b in read_members(shard)])
+    from lift_fast.config import EmbedConfig
+    from lift_fast.embed import embed_shards
+
+    embed_shards(data, tmp_path / "store", EmbedConfig(on_error="skip"), encoder=text_encoder, progress=False)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    code, out, err = run_cli(capsys, "eval", "--run", run, "--data", data, "--embeddings", tmp_path / "store",
+                             "data.on_error=skip")
+    assert code == 0, err
+    results = json.loads(out)
+    assert results["num_images"] == 31 and results["skipped_images"] == 1
+    items = [i for items in load_sugarcrepe(data / "sugarcrepe").values() for i in items if i["key"] == bad]
+    assert items and results["compositional_items_skipped"] == len(items)
+    assert json.loads((run / "eval.json").read_text()) == results
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_cross_split_eval_is_refused(synth_data, stores, tiny_run, tmp_path, capsys):
+    """`lift-fast eval --data data/eval --embeddings emb/train`: an error naming shard and key."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    code, _, err = run_cli(capsys, "eval", "--run", run, "--data", synth_data / "eval", "--embeddings",
+                           stores / "train")
+    assert code == 2
+    (line,) = error_lines(err)
+    assert str(synth_data / "eval" / "00000.tar") in line and "'eval-00000000'" in line
+    assert not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("argv", [["-q", "train"], ["train", "-q"], ["train", "--quiet"]])
+def test_quiet_before_or_after_the_command(argv):
+    args = build_parser().parse_args([*argv, "--data", "d", "--embeddings", "e", "--run", "r"])
+    assert args.quiet is True
+    assert build_parser().parse_args(["train", "--data", "d", "--embeddings", "e", "--run", "r"]).quiet is False
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--num-train", "0", "must be at least 1, got 0"), ("--num-eval", "-3", "must be at least 1, got -3"),
+    ("--samples-per-shard", "0", "must be at least 1, got 0"), ("--image-size", "8", "must be at least 16, got 8"),
+    ("--num-train", "many", "expected an integer, got 'many'"),
+])
+def test_synth_option_checks(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", "--out", str(tmp_path / "out"), option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {message}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synth_options_have_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["synth", "--help"])
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    for option in ("--num-train", "--num-eval", "--image-size", "--samples-per-shard", "--seed"):
+        help_text = options.split(option, 1)[1].split("\n  -", 1)[0]
+        assert len(help_text.split()) > 2, option  # more than the metavar
+
+
+def test_config_into_a_closed_pipe_prints_no_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "lift_fast", "config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc.stdout.close()  # the reader is gone before anything is written, as with `| head` on a long output
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert proc.returncode == 1
+
+
+def test_interrupted_train_says_how_to_continue(synth_data, stores, tmp_path, capsys, monkeypatch):
+    calls = []
+    loss = loop_module.contrastive_loss
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(loop_module, "contrastive_loss", interrupted)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", synth_data / "train", "--embeddings", stores / "train",
+                           "--run", run, *FAST)
+    assert code == 128 + signal.SIGINT
+    (line,) = err.strip().splitlines()
+    assert line.startswith("lift-fast train: interrupted;") and "--resume auto" in line
+    assert str(run / "checkpoints" / "step_000002") in line and "step 2" in line
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    """Only deliberate input errors become one line; a bug (here a bare ValueError) is not hidden."""
+    def bug(args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "run_command", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["config"])
+
+
+def test_unknown_model_name_is_a_one_line_error(synth_data, stores, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", synth_data / "train", "--embeddings", stores / "train",
+                           "--run", tmp_path / "run", *FAST, "model.name=vit_giant_patch16")
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "model.name='vit_giant_patch16'" in line
+    assert not (tmp_path / "run").exists()

@@ -6,7 +6,16 @@ import dataclasses
 
 import pytest
 
-from lift_fast.config import Config, ConfigError, load_config, parse_overrides, save_config
+from lift_fast.config import (
+    Config,
+    ConfigError,
+    check_changes,
+    config_changes,
+    load_config,
+    load_run_config,
+    parse_overrides,
+    save_config,
+)
 
 
 def test_defaults():
@@ -20,6 +29,7 @@ def test_defaults():
     assert cfg.train.loss == "clip"
     assert cfg.train.lr == 1e-3
     assert cfg.train.betas == (0.9, 0.98)
+    assert cfg.train.checkpoint_every == 500  # an interrupted default run loses at most 500 steps
     # LIFT's temperature init: 1/0.07
     assert cfg.train.logit_scale_init == pytest.approx(1 / 0.07, rel=1e-6)
 
@@ -102,11 +112,25 @@ def test_overrides_as_dict():
     ("data.image_size=4", "data.image_size"),
     ("data.crop_scale=0.5", "data.crop_scale"),  # wrong tuple length
     ("data.crop_scale=0.5,1,2", "data.crop_scale"),
+    ("train.lr=nan", "train.lr"),  # not a finite number
+    ("train.grad_clip=inf", "train.grad_clip"),
+    ("train.logit_scale_max=Infinity", "train.logit_scale_max"),
+    ("train.eps=-inf", "train.eps"),
+    ("data.crop_scale=0.5,nan", "data.crop_scale"),
 ])
 def test_bad_override_names_key(item, named):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[item])
     assert named in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["train:\n  lr: .nan\n", "train:\n  lr: .inf\n", "train:\n  lr: -.inf\n"])
+def test_non_finite_file_value_names_key(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"train\.lr.*finite") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
 
 
 def test_bad_choice_lists_choices():
@@ -213,3 +237,37 @@ def test_save_then_load_round_trip(tmp_path):
         assert getattr(again, section.name) == getattr(cfg, section.name)
     assert again.embed.prompt == "Represent: "
     assert isinstance(again.data.crop_scale, tuple)
+
+
+def test_run_config_layers_saved_file_then_overrides(tmp_path):
+    saved = tmp_path / "config.yaml"
+    save_config(load_config(overrides=["train.steps=30", "model.depth=1", "data.image_size=32"]), saved)
+    extra = tmp_path / "more.yaml"
+    extra.write_text("train:\n  steps: 40\n  log_every: 5\n", encoding="utf-8")
+    cfg = load_run_config(saved, extra, ["train.steps=50"], allowed=("train.steps", "train.log_every"))
+    assert (cfg.train.steps, cfg.train.log_every) == (50, 5)  # overrides over the file over the saved config
+    assert cfg.model.depth == 1 and cfg.data.image_size == 32  # the saved config, not the defaults
+    assert load_run_config(saved) == load_config(saved)  # nothing asked: the saved config as it is
+
+
+def test_run_config_refuses_other_changes_naming_each(tmp_path):
+    saved = tmp_path / "config.yaml"
+    save_config(load_config(overrides=["model.depth=1"]), saved)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(saved, None, ["model.depth=2", "train.lr=0.5", "train.steps=9"], allowed=("train.steps",),
+                        action="resuming a run")
+    message = str(err.value)
+    assert "model.depth: saved 1, asked 2" in message and "train.lr: saved 0.001, asked 0.5" in message
+    assert "train.steps: saved" not in message and str(saved) in message and "resuming a run" in message
+    # a whole section may be allowed with section.*
+    cfg = load_run_config(saved, None, ["eval.batch_size=3", "eval.compositional=false"], allowed=("eval.*",))
+    assert cfg.eval.batch_size == 3
+    with pytest.raises(ConfigError, match="data.image_size"):
+        check_changes(load_config(saved), load_config(saved, ["data.image_size=96"]), ("eval.*",), source=saved,
+                      action="evaluating a run")
+
+
+def test_config_changes_lists_differing_fields():
+    before, after = Config(), load_config(overrides=["train.steps=3", "data.crop_scale=0.5,1"])
+    assert config_changes(before, after) == [("data.crop_scale", [0.9, 1.0], [0.5, 1.0]), ("train.steps", 2000, 3)]
+    assert config_changes(after, after) == []

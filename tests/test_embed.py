@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lift_fast.config import EmbedConfig
+from lift_fast.config import ConfigError, EmbedConfig
 from lift_fast.data.shards import ShardError, ShardWriter
 from lift_fast.embed import embed_shards, load_encoder, load_store
 from lift_fast.embed.encoder import resolve_model
@@ -152,7 +152,9 @@ def test_identity_hashes_weights_not_folder(tiny_decoders, tmp_path):
 def test_bad_model_settings_are_named(tmp_path, tiny_decoders):
     with pytest.raises(FileNotFoundError, match="no_such_model"):
         load_encoder(EmbedConfig(model=str(tmp_path / "no_such_model")))
-    with pytest.raises(ValueError, match="max_length=65 exceeds the 64 positions"):
+    with pytest.raises(FileNotFoundError, match="embed.model='not a hub id'"):  # invalid as a hub id too
+        resolve_model("not a hub id")
+    with pytest.raises(ConfigError, match="embed.max_length=65 exceeds the 64 positions"):
         load_encoder(EmbedConfig(model=str(tiny_decoders["left"]), max_length=65))
 
 
@@ -224,7 +226,9 @@ def test_ranks_take_disjoint_shards(tmp_path, minilm):
     store_dir = tmp_path / "store"
 
     first = embed_shards(data, store_dir, EmbedConfig(), encoder=minilm, rank=0, world_size=2, progress=False)
-    assert sorted(p.name for p in store_dir.glob("*.npy")) == ["00000.npy", "00002.npy", "00004.npy"]
+    assert sorted(p.name for p in store_dir.glob("?????.npy")) == ["00000.npy", "00002.npy", "00004.npy"]
+    assert sorted(p.name for p in store_dir.glob("*.caption_hash.npy")) == [
+        "00000.caption_hash.npy", "00002.caption_hash.npy", "00004.caption_hash.npy"]
     with pytest.raises(Exception, match="unfinished"):
         load_store(store_dir)
     second = embed_shards(data, store_dir, EmbedConfig(), encoder=minilm, rank=1, world_size=2, progress=False)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from shard_tools import read_members, write_members
 
-from lift_fast.config import EmbedConfig
+from lift_fast.config import ConfigError, EmbedConfig
 from lift_fast.data import build_loader
 from lift_fast.data.loader import CLIP_MEAN, CLIP_STD
 from lift_fast.data.shards import ShardError, iter_samples, list_shards
@@ -43,6 +43,11 @@ def assert_paired(batches, rows: dict[str, np.ndarray]):
         assert batch["text_embeddings"].shape == (len(batch["keys"]), 384)
         expected = np.stack([rows[key] for key in batch["keys"]])
         np.testing.assert_array_equal(batch["text_embeddings"].numpy(), expected)
+
+
+def index_of(member_name: str) -> int:
+    """'eval-00000007.jpg' -> 7: the running number in a synthetic key."""
+    return int(member_name.split(".")[0].rpartition("-")[2])
 
 
 def copy_tree(src, dst):
@@ -82,15 +87,17 @@ def test_eval_resizes_to_image_size(synth_data, stores):
 
 
 def test_store_rows_in_another_order(synth_data, stores, tmp_path):
-    """Rows and keys of a store shard permuted together: the loader still pairs by key."""
+    """Rows, keys and caption hashes of a store shard permuted together: the loader still pairs by key."""
     store = copy_tree(stores / "eval", tmp_path / "store")
     for name in ("00000", "00001"):
         keys = (store / f"{name}.keys.txt").read_text().splitlines()
         rows = np.load(store / f"{name}.npy")
+        hashes = np.load(store / f"{name}.caption_hash.npy")
         order = np.random.default_rng(int(name) + 5).permutation(len(keys))
         assert (order != np.arange(len(keys))).any()
         (store / f"{name}.keys.txt").write_text("".join(keys[i] + "\n" for i in order))
         np.save(store / f"{name}.npy", rows[order])
+        np.save(store / f"{name}.caption_hash.npy", hashes[order])
     permuted_keys, _, _ = load_store(store)
     assert permuted_keys != tar_keys(synth_data / "eval")
     batches = eval_pass(synth_data / "eval", store)
@@ -104,10 +111,10 @@ def test_tar_with_key_gaps(synth_data, stores, text_encoder, tmp_path):
     data = tmp_path / "data"
     for shard in list_shards(synth_data / "eval"):
         members = read_members(shard)
-        kept = [(name, blob) for name, blob in members if int(name.split(".")[0]) % 3 != 1]
+        kept = [(name, blob) for name, blob in members if index_of(name) % 3 != 1]
         write_members(data / shard.name, kept)
     keys = tar_keys(data)
-    assert len(keys) == 21 and "00000001" not in keys and "00000004" not in keys
+    assert len(keys) == 21 and "eval-00000001" not in keys and "eval-00000004" not in keys
     embed_shards(data, tmp_path / "store", EmbedConfig(), progress=False, encoder=text_encoder)
     batches = eval_pass(data, tmp_path / "store", batch_size=4)
     assert [k for b in batches for k in b["keys"]] == keys
@@ -125,7 +132,7 @@ def test_store_with_more_keys_than_tar(synth_data, stores, tmp_path):
     data = tmp_path / "data"
     for shard in list_shards(synth_data / "eval"):
         members = read_members(shard)
-        write_members(data / shard.name, [(n, b) for n, b in members if int(n.split(".")[0]) % 4 != 0])
+        write_members(data / shard.name, [(n, b) for n, b in members if index_of(n) % 4 != 0])
     batches = eval_pass(data, stores / "eval")
     assert [k for b in batches for k in b["keys"]] == tar_keys(data)
     assert_paired(batches, store_rows(stores / "eval"))
@@ -138,10 +145,10 @@ def rename_store_key(store, shard: str, old: str, new: str) -> None:
     path.write_text("".join(k + "\n" for k in keys))
 
 
-@pytest.mark.parametrize("missing", ["00000003", "00000031"])  # mid-shard, and the very last sample
+@pytest.mark.parametrize("missing", ["eval-00000003", "eval-00000031"])  # mid-shard, and the very last sample
 def test_key_without_row(synth_data, stores, tmp_path, missing):
     store = copy_tree(stores / "eval", tmp_path / "store")
-    shard = "00000" if missing == "00000003" else "00001"
+    shard = "00000" if missing == "eval-00000003" else "00001"
     rename_store_key(store, shard, missing, "not_in_the_tar")
     with pytest.raises(ShardError, match="no row in the embedding store") as err:
         eval_pass(synth_data / "eval", store)
@@ -154,6 +161,53 @@ def test_key_without_row(synth_data, stores, tmp_path, missing):
     assert_paired(batches, store_rows(stores / "eval"))
 
 
+def test_eval_data_with_the_train_store_is_refused(synth_data, stores):
+    """`eval --data data/eval --embeddings emb/train`: both have 00000.tar, but no key is shared."""
+    with pytest.raises(ShardError, match="no row in the embedding store") as err:
+        eval_pass(synth_data / "eval", stores / "train")
+    assert "00000.tar" in str(err.value) and "'eval-00000000'" in str(err.value)
+
+
+def renamed_shard(src, dst, rename: dict[str, str] | None = None, captions: dict[str, bytes] | None = None):
+    """A copy of shard `src` with keys renamed and some captions (by new key) replaced."""
+    rename, captions = rename or {}, captions or {}
+    members = []
+    for name, blob in read_members(src):
+        key, _, ext = name.partition(".")
+        key = rename.get(key, key)
+        members.append((f"{key}.{ext}", captions.get(key, blob) if ext == "txt" else blob))
+    write_members(dst, members)
+
+
+def test_same_keys_other_captions_is_refused(synth_data, stores, tmp_path):
+    """Another data folder whose shard names and keys match the store's: the caption hashes tell."""
+    train_shard, eval_shard = list_shards(synth_data / "train")[0], list_shards(synth_data / "eval")[0]
+    train_keys = [s.key for s in iter_samples(train_shard)]
+    eval_samples = list(iter_samples(eval_shard))
+    data = tmp_path / "data"
+    renamed_shard(eval_shard, data / "00000.tar", rename=dict(zip([s.key for s in eval_samples], train_keys)))
+    train_captions = {s.key: s.caption() for s in iter_samples(train_shard)}
+    first_other = next(key for key, sample in zip(train_keys, eval_samples) if sample.caption() != train_captions[key])
+    with pytest.raises(ShardError, match="the embedding store was made from other captions") as err:
+        eval_pass(data, stores / "train")
+    assert str(data / "00000.tar") in str(err.value) and repr(first_other) in str(err.value)
+    assert str(stores / "train") in str(err.value)
+
+
+def test_changed_captions_are_counted_skips(synth_data, stores, tmp_path):
+    shard = list_shards(synth_data / "train")[0]
+    keys = [s.key for s in iter_samples(shard)]
+    changed = {keys[2]: b"a purple star above a green circle, said differently", keys[-1]: b"another caption"}
+    renamed_shard(shard, tmp_path / "data" / "00000.tar", captions=changed)
+    with pytest.raises(ShardError, match="other captions") as err:
+        eval_pass(tmp_path / "data", stores / "train")
+    assert repr(keys[2]) in str(err.value)
+    batches = eval_pass(tmp_path / "data", stores / "train", on_error="skip")
+    assert [k for b in batches for k in b["keys"]] == [k for k in keys if k not in changed]
+    assert sum(b["skipped"] for b in batches) == 2
+    assert_paired(batches, store_rows(stores / "train"))
+
+
 def corrupt_images(src_dir, dst_dir, bad: dict[str, bytes]):
     for shard in list_shards(src_dir):
         members = [(n, bad.get(n, b)) for n, b in read_members(shard)]
@@ -162,19 +216,19 @@ def corrupt_images(src_dir, dst_dir, bad: dict[str, bytes]):
 
 @pytest.mark.parametrize("kind", ["garbage", "truncated"])
 def test_corrupt_jpeg(synth_data, stores, tmp_path, kind):
-    original = dict(read_members(list_shards(synth_data / "eval")[0]))["00000005.jpg"]
+    original = dict(read_members(list_shards(synth_data / "eval")[0]))["eval-00000005.jpg"]
     broken = b"this is not a jpeg" if kind == "garbage" else original[: len(original) // 2]
     data = tmp_path / "data"
     # one bad image mid-set and one at the very end, so a skip right before the end is counted too
-    last = dict(read_members(list_shards(synth_data / "eval")[-1]))["00000031.jpg"]
-    corrupt_images(synth_data / "eval", data, {"00000005.jpg": broken, "00000031.jpg": last[:40]})
+    last = dict(read_members(list_shards(synth_data / "eval")[-1]))["eval-00000031.jpg"]
+    corrupt_images(synth_data / "eval", data, {"eval-00000005.jpg": broken, "eval-00000031.jpg": last[:40]})
     with pytest.raises(ShardError, match="cannot be decoded") as err:
         eval_pass(data, stores / "eval")
-    assert "'00000005'" in str(err.value) and "00000.tar" in str(err.value)
+    assert "'eval-00000005'" in str(err.value) and "00000.tar" in str(err.value)
 
     batches = eval_pass(data, stores / "eval", on_error="skip")
     keys = [k for b in batches for k in b["keys"]]
-    assert keys == [k for k in tar_keys(data) if k not in ("00000005", "00000031")]
+    assert keys == [k for k in tar_keys(data) if k not in ("eval-00000005", "eval-00000031")]
     assert sum(b["skipped"] for b in batches) == 2
     assert_paired(batches, store_rows(stores / "eval"))
 
@@ -219,9 +273,9 @@ def test_train_split_drops_partial_batches(synth_data, stores):
 
 
 def test_dali_backend_is_a_clear_error(synth_data, stores):
-    with pytest.raises(ValueError, match="dali"):
+    with pytest.raises(ConfigError, match="data.backend=dali"):
         build_loader(synth_data / "eval", stores / "eval", split="eval", batch_size=4, image_size=32, backend="dali")
-    with pytest.raises(ValueError, match="opencv"):
+    with pytest.raises(ConfigError, match="opencv"):
         build_loader(synth_data / "eval", stores / "eval", split="eval", batch_size=4, image_size=32,
                      backend="opencv")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import pytest
 from lift_fast.config import EmbedConfig
 from lift_fast.data.shards import ShardWriter
 from lift_fast.embed import StoreMismatchError, check_manifest, embed_shards, load_encoder, load_store, open_store
-from lift_fast.embed.store import StoreError
+from lift_fast.embed.store import StoreError, caption_hash
 
 JPEG = b"\xff\xd8\xff\xe0 not a real image \xff\xd9"
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black"]
@@ -56,7 +57,8 @@ def test_roundtrip_rows_follow_keys(tmp_path, minilm, dtype):
     expected = minilm.encode(list(captions.values()), batch_size=23).numpy()  # one order, one batch: independent of the run's
     np.testing.assert_allclose(embeddings.astype(np.float32), expected, atol=2e-3 if dtype == "float16" else 1e-5)
     assert summary["shards"] == 3 and summary["rows"] == 23 and summary["skipped"] == 0
-    assert manifest["version"] == 1 and manifest["dtype"] == dtype and manifest["dim"] == 384 and manifest["normalized"]
+    assert manifest["version"] == 2 and manifest["dtype"] == dtype and manifest["dim"] == 384 and manifest["normalized"]
+    assert manifest["data_dir"] == str((tmp_path / "data").resolve())
     assert manifest["encoder"]["weights_sha256"] == minilm.identity["weights_sha256"]
     assert {k: v["count"] for k, v in manifest["shards"].items()} == {"00000": 8, "00001": 8, "00002": 7}
     assert (tmp_path / "store" / "00001.keys.txt").read_text().splitlines() == list(captions)[8:16]
@@ -67,6 +69,12 @@ def test_roundtrip_rows_follow_keys(tmp_path, minilm, dtype):
     assert isinstance(rows, np.memmap) and not rows.flags.writeable
     key = list(captions)[10]
     np.testing.assert_array_equal(rows[store.row_index("00001")[key]], embeddings[10])
+    # each row's caption hash is blake2b-8 of its caption text, computed here independently
+    hashes = store.caption_hashes("00001")
+    assert hashes.dtype == np.dtype("<u8") and hashes.shape == (8,)
+    for row, caption in enumerate(list(captions.values())[8:16]):
+        digest = hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest()
+        assert int(hashes[row]) == int.from_bytes(digest, "little") == caption_hash(caption)
     assert len(store) == 23 and not list((tmp_path / "store").glob("*.tmp"))
 
 
@@ -106,7 +114,7 @@ def test_changed_data_shard_is_redone_a_copied_one_kept(tmp_path, minilm):
 
     copied = embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
 
-    assert (copied["shards_resumed"], copied["shards_embedded"]) == (2, 0)
+    assert (copied["shards_resumed"], copied["shards_embedded"], copied["shards_redone"]) == (2, 0, 0)
     assert snapshot(store_dir)["00000.npy"] == rows_before
     assert json.loads((store_dir / "00000.json").read_text())["source_mtime_ns"] == 10**18
     assert load_store(store_dir)[2]["shards"]["00000"]["source_mtime_ns"] == 10**18
@@ -115,7 +123,7 @@ def test_changed_data_shard_is_redone_a_copied_one_kept(tmp_path, minilm):
     changed = embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
     keys, embeddings, _ = load_store(store_dir)
 
-    assert (changed["shards_resumed"], changed["shards_embedded"]) == (0, 2)
+    assert (changed["shards_resumed"], changed["shards_embedded"], changed["shards_redone"]) == (0, 2, 2)
     expected = minilm.encode([f"shape {i} is tan" for i in range(6)]).numpy()
     np.testing.assert_allclose(embeddings.astype(np.float32), expected, atol=2e-3)
 
@@ -178,3 +186,69 @@ def test_missing_store_manifest_or_shard_file_is_named(tmp_path, minilm):
     (store_dir / "manifest.json").unlink()  # shard files without a manifest: unknown encoder, never added to
     with pytest.raises(StoreError, match="no manifest.json"):
         embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+
+
+def test_other_data_folder_is_refused_naming_both(tmp_path, minilm):
+    """Two folders with the same shard names: embedding the second into the first's store is refused."""
+    make_data(tmp_path / "a", n=6, per_shard=3, seed=1)
+    make_data(tmp_path / "b", n=6, per_shard=3, seed=2)
+    store_dir = tmp_path / "store"
+    embed_shards(tmp_path / "a", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    before = snapshot(store_dir)
+    with pytest.raises(StoreMismatchError) as err:
+        embed_shards(tmp_path / "b", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    assert str((tmp_path / "a").resolve()) in str(err.value) and str((tmp_path / "b").resolve()) in str(err.value)
+    assert snapshot(store_dir) == before
+    # the same folder by another spelling is the same folder
+    again = embed_shards(tmp_path / "b" / ".." / "a", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    assert again["shards_resumed"] == 2
+
+
+def test_older_store_format_asks_to_embed_again(tmp_path, minilm):
+    make_data(tmp_path / "data", n=3, per_shard=3)
+    store_dir = tmp_path / "store"
+    embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    manifest["version"] = 1
+    del manifest["data_dir"]
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+    (store_dir / "00000.caption_hash.npy").unlink()
+    for action in (lambda: load_store(store_dir),
+                   lambda: embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)):
+        with pytest.raises(StoreError, match="version 1 is older") as err:
+            action()
+        assert str(store_dir / "manifest.json") in str(err.value) and "embed the data again" in str(err.value)
+
+
+def test_missing_caption_hashes_are_named_and_redone(tmp_path, minilm):
+    make_data(tmp_path / "data", n=6, per_shard=3)
+    store_dir = tmp_path / "store"
+    embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    hashes = store_dir / "00001.caption_hash.npy"
+    kept = hashes.read_bytes()
+    hashes.unlink()
+    with pytest.raises(StoreError, match=f"{hashes} do not exist"):
+        open_store(store_dir).caption_hashes("00001")
+    summary = embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    assert (summary["shards_resumed"], summary["shards_embedded"]) == (1, 1)
+    assert hashes.read_bytes() == kept
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("dim", None, "dim"), ("dtype", None, "dtype"), ("encoder", None, "encoder"), ("shards", None, "shards"),
+    ("data_dir", None, "data_dir"), ("dim", "384", "dim"), ("shards", {"00000": {}}, "shards.00000.count"),
+])
+def test_manifest_fields_are_checked_and_named(tmp_path, minilm, field, value, named):
+    """None: the field is removed; otherwise it is set to a value of the wrong kind."""
+    make_data(tmp_path / "data", n=3, per_shard=3)
+    embed_shards(tmp_path / "data", tmp_path / "store", EmbedConfig(), encoder=minilm, progress=False)
+    path = tmp_path / "store" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if value is None:
+        del manifest[field]
+    else:
+        manifest[field] = value
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError) as err:
+        load_store(tmp_path / "store")
+    assert str(path) in str(err.value) and repr(named) in str(err.value)

@@ -51,7 +51,7 @@ def test_counts_and_shards(small_set):
     assert [p.name for p in list_shards(out / "eval")] == [f"{i:05d}.tar" for i in range(4)]
     for split, count in (("train", 24), ("eval", 40)):
         samples = samples_of(out / split)
-        assert [s.key for s in samples] == [f"{i:08d}" for i in range(count)]
+        assert [s.key for s in samples] == [f"{split}-{i:08d}" for i in range(count)]
         for sample in samples:
             assert set(sample.files) == {"jpg", "txt", "json"}
             image = Image.open(io.BytesIO(sample.image_bytes()))
@@ -210,3 +210,20 @@ def test_rerun_with_other_settings_names_them(tmp_path):
     with pytest.raises(FileExistsError, match=r"image_size: .* there, 48 asked"):
         write_synthetic(out, **{**SMALL, "num_train": 2, "num_eval": 2, "image_size": 48})
     assert snapshot(out) == before
+
+
+def test_splits_share_no_key(small_set):
+    """A store of one split can never be joined by key to the other split's shards."""
+    out, _ = small_set
+    train, evals = ({s.key for s in samples_of(out / split)} for split in ("train", "eval"))
+    assert train and evals and not train & evals
+    for item in (i for items in load_sugarcrepe(out / "eval" / "sugarcrepe").values() for i in items):
+        assert item["key"].startswith("eval-") and item["filename"] == f"{item['key']}.jpg"
+
+
+@pytest.mark.parametrize("setting, value", [("num_train", 0), ("num_eval", 0), ("samples_per_shard", 0),
+                                            ("image_size", 15)])
+def test_bad_sizes_are_refused_naming_the_setting(tmp_path, setting, value):
+    with pytest.raises(ValueError, match=f"{setting}={value}: must be at least"):
+        write_synthetic(tmp_path / "out", **{**SMALL, setting: value})
+    assert not (tmp_path / "out").exists()

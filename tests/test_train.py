@@ -6,18 +6,23 @@ import json
 import math
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lift_fast.config import TrainConfig, load_config
+from lift_fast.config import ConfigError, TrainConfig, load_config
+from lift_fast.data.shards import ShardError
 from lift_fast.embed import StoreMismatchError
+from lift_fast.embed.encoder import resolve_model
 from lift_fast.models.vit import build_model
+from lift_fast.train import RunFolderError
 from lift_fast.train import checkpoint as checkpoint_module
-from lift_fast.train.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
-from lift_fast.train.loop import train
+from lift_fast.train import loop as loop_module
+from lift_fast.train.checkpoint import complete_checkpoints, latest_checkpoint, load_weights, save_checkpoint
+from lift_fast.train.loop import MetricsLog, TrainingInterrupted, check_store, train
 from lift_fast.train.optim import build_optimizer, build_scheduler, cosine_schedule, parameter_groups
 
 TINY = ["data.image_size=32", "model.depth=1", "train.steps=30", "train.batch_size=16", "train.lr=3e-3",
@@ -48,6 +53,9 @@ def test_loss_decreases(trained_run):
     assert all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert result["step"] == 30 and result["loss"] == losses[-1]
+    assert set(result) == {"step", "loss", "seconds", "samples_per_second", "skipped", "checkpoint"}
+    # the mean over the run: 30 batches of 16 in the loop's time
+    assert result["samples_per_second"] == pytest.approx(30 * 16 / result["seconds"], rel=1e-6)
 
 
 def test_run_folder(trained_run):
@@ -126,6 +134,161 @@ def test_store_made_with_other_settings(synth_data, stores, tmp_path):
     assert str(stores / "train" / "manifest.json") in message
     assert "max_length" in message and "16" in message and "77" in message
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_resume_refuses_other_settings_and_writes_nothing(trained_run, synth_data, stores, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    with pytest.raises(ConfigError) as err:
+        train(tiny_config("model.depth=2", "train.batch_size=8", "train.steps=40"), synth_data / "train",
+              stores / "train", run, resume="auto", progress=False)
+    message = str(err.value)
+    assert "model.depth: saved 1, asked 2" in message and "train.batch_size: saved 16, asked 8" in message
+    assert "train.steps" not in message.split("Only")[0] and str(run / "config.yaml") in message
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+def test_checkpoint_of_another_model_names_file_and_tensors(trained_run):
+    run, _ = trained_run
+    model = build_model(tiny_config("model.depth=1", "model.head_hidden=32").model, 32, 384)
+    folder = run / "checkpoints" / "step_000030"
+    with pytest.raises(RunFolderError) as err:
+        load_weights(model, folder)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert str(folder / "model.safetensors") in message
+    assert "head.fc1.weight [384, 192] in the file, [32, 192] in the model" in message
+    assert "head.fc2.weight" in message
+
+
+def test_metrics_log_drops_cut_off_last_line_and_names_other_bad_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    path.write_text("\n".join(lines) + '\n{"step": 4, "lo')  # a crash while writing step 4
+    MetricsLog(path, resume_step=3).close()
+    assert path.read_text() == "\n".join(lines) + "\n"
+    path.write_text(lines[0] + "\n" + '{"step": 2, "lo\n' + lines[2] + "\n")
+    with pytest.raises(RunFolderError, match="line 2 is not a metrics record") as err:
+        MetricsLog(path, resume_step=3)
+    assert str(path) in str(err.value)
+    path.write_text(lines[0] + "\n" + '{"loss": 2.0}\n')  # complete, but no step: not a cut-off line
+    with pytest.raises(RunFolderError, match="line 2"):
+        MetricsLog(path, resume_step=3)
+
+
+@pytest.mark.parametrize("change, error, named", [
+    (["model.name=vit_huge_patch16"], ConfigError, "model.name"),
+    (["data.image_size=40"], ConfigError, "data.image_size=40"),
+    (["train.batch_size=65"], ConfigError, "train.batch_size=65"),
+    ("no_data", ShardError, "no_data"),
+])
+def test_bad_inputs_leave_no_run_folder(synth_data, stores, tmp_path, change, error, named):
+    data = tmp_path / "no_data" if change == "no_data" else synth_data / "train"
+    cfg = tiny_config(*([] if change == "no_data" else change))
+    with pytest.raises(error, match=named) as err:
+        train(cfg, data, stores / "train", tmp_path / "run", progress=False)
+    if "batch_size" in named:
+        assert "64 training samples" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def interrupt_at(monkeypatch, call: int, action) -> None:
+    """Run `action()` inside the loss of the `call`-th training step (1-based)."""
+    calls = []
+    loss = loop_module.contrastive_loss
+
+    def wrapped(*args):
+        calls.append(1)
+        if len(calls) == call:
+            action()
+        return loss(*args)
+
+    monkeypatch.setattr(loop_module, "contrastive_loss", wrapped)
+
+
+def test_ctrl_c_saves_last_finished_step_and_resume_continues(synth_data, stores, tmp_path, monkeypatch):
+    cfg = tiny_config("train.steps=6", "train.checkpoint_every=0")
+    run = tmp_path / "run"
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    interrupt_at(monkeypatch, 4, ctrl_c)  # in the middle of step 4
+    with pytest.raises(TrainingInterrupted) as err:
+        train(cfg, synth_data / "train", stores / "train", run, progress=False)
+    assert (err.value.step, err.value.checkpoint) == (3, run / "checkpoints" / "step_000003")
+    assert isinstance(err.value, KeyboardInterrupt) and err.value.signum == signal.SIGINT
+    assert [p.name for p in complete_checkpoints(run)] == ["step_000003"]
+    monkeypatch.undo()
+    result = train(cfg, synth_data / "train", stores / "train", run, resume="auto", progress=False)
+    assert result["step"] == 6
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 7))
+
+
+def test_sigterm_finishes_the_step_saves_it_and_stops(synth_data, stores, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    interrupt_at(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as err:
+        train(tiny_config("train.steps=6"), synth_data / "train", stores / "train", run, progress=False)
+    assert err.value.signum == signal.SIGTERM and err.value.step == 2
+    assert latest_checkpoint(run).name == "step_000002"
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+
+
+def test_interrupt_during_the_update_keeps_the_last_checkpoint(synth_data, stores, tmp_path, monkeypatch):
+    """Weights half way through optimizer.step are not saved: the newest checkpoint stays the answer."""
+    run = tmp_path / "run"
+    build = loop_module.build_optimizer
+    updates = []
+
+    def interrupted_in_third_update(optimizer, args, kwargs):
+        updates.append(1)
+        if len(updates) == 3:  # the weights have moved, the step is not counted yet
+            raise KeyboardInterrupt
+
+    def optimizer_with_hook(model, train_cfg):
+        optimizer = build(model, train_cfg)
+        optimizer.register_step_post_hook(interrupted_in_third_update)
+        return optimizer
+
+    monkeypatch.setattr(loop_module, "build_optimizer", optimizer_with_hook)
+    with pytest.raises(TrainingInterrupted) as err:
+        train(tiny_config("train.steps=6", "train.checkpoint_every=2"), synth_data / "train", stores / "train", run,
+              progress=False)
+    assert (err.value.step, err.value.checkpoint) == (2, run / "checkpoints" / "step_000002")
+    assert [p.name for p in complete_checkpoints(run)] == ["step_000002"]
+
+
+def with_manifest(src, dst, **encoder):
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["encoder"].update(encoder)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_store_made_with_the_encoder_by_path_fits_the_default_name(stores, tmp_path):
+    """embed.model=/path/to/minilm and the default 'all-minilm-l6-v2' are the same weights."""
+    folder = resolve_model("all-minilm-l6-v2")[0]
+    store = with_manifest(stores / "train", tmp_path / "store", model=str(folder))
+    assert check_store(store, tiny_config())["encoder"]["model"] == str(folder)
+    assert check_store(store, tiny_config(f"embed.model={folder}"))
+
+
+def test_store_of_other_encoder_names_it_without_at_none(stores, tmp_path):
+    with pytest.raises(StoreMismatchError) as err:  # a hub id not on this machine: names are compared
+        check_store(stores / "train", tiny_config("embed.model=no-such-org/no-such-model"))
+    message = str(err.value)
+    assert "model: asked 'no-such-org/no-such-model', found 'all-minilm-l6-v2'" in message
+    assert "at None" not in message and "(asked encoder 'no-such-org/no-such-model'; " in message
+    fake = tmp_path / "fake"  # a local folder: its weights are hashed, whatever its name
+    fake.mkdir()
+    (fake / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(StoreMismatchError) as err:
+        check_store(stores / "train", tiny_config(f"embed.model={fake}"))
+    assert "weights_sha256: asked" in str(err.value) and f"at {fake}" in str(err.value)
 
 
 def test_parameter_groups():

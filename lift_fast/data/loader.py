@@ -8,6 +8,9 @@ Every batch is a dict:
 
 The pairing is by key, never by position: a key with no row in the store is an error naming shard
 and key (or a counted skip), so a gap or a reordering in either side can never shift the pairing.
+And the caption read for a sample must hash to the caption hash the store recorded for its row: two
+data folders can share shard names and keys, and a store made from the other one is an error
+naming shard and key (or a counted skip), not a silent wrong pairing.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lift_fast.config import ConfigError
 from lift_fast.data.shards import Sample, ShardError, iter_samples, list_shards
-from lift_fast.embed.store import EmbeddingStore, open_store
+from lift_fast.embed.store import EmbeddingStore, caption_hash, open_store
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +137,11 @@ class ShardImageDataset(IterableDataset):
                 if row is None:
                     raise ShardError(f"{sample.shard}: sample {sample.key!r} has no row in the embedding store "
                                      f"{self.store.path} (shard {sample.shard.stem})")
+                if caption_hash(sample.caption()) != int(self.store.caption_hashes(sample.shard.stem)[row]):
+                    raise ShardError(f"{sample.shard}: the caption of sample {sample.key!r} is not the one its row in "
+                                     f"{self.store.path} (shard {sample.shard.stem}) was embedded from: the embedding "
+                                     "store was made from other captions (another data folder, or shards changed "
+                                     "since); embed this data folder into its own store")
                 image = self._decode(sample, rng)
             except ShardError as err:
                 if self.on_error != "skip":
@@ -203,12 +212,14 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
     data_dir: folder of `*.tar` shards; embeddings_dir: the store `lift-fast embed` made for them.
     split: "train" (shuffled, augmented, endless) or "eval" (in order, centre crop, one pass).
     batch_size: samples per batch on this rank. backend: "auto" or "pil" ("dali" is not built yet).
-    Raises ShardError / StoreError naming the folder, shard or key that is missing or bad.
+    Raises ShardError / StoreError naming the folder, shard or key that is missing or bad (when
+    iterating: also a sample whose caption is not the one its store row was made from), and
+    ConfigError for a backend that is not available.
     """
     if backend == "dali":
-        raise ValueError("data.backend=dali: the DALI loader is not part of this build yet; use data.backend=pil or auto")
+        raise ConfigError("data.backend=dali: the DALI loader is not part of this build yet; use data.backend=pil or auto")
     if backend not in ("auto", "pil"):
-        raise ValueError(f"data.backend={backend!r} is not one of auto, dali, pil")
+        raise ConfigError(f"data.backend={backend!r} is not one of auto, dali, pil")
     if backend == "auto":
         log.info("data.backend=auto: using the PIL loader")
     shards = list_shards(data_dir)

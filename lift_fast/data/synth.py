@@ -1,7 +1,8 @@
 """A synthetic compositional image-caption set: one or two coloured shapes and their relation.
 
-    out/train/00000.tar ...          KEY.jpg, KEY.txt ("a red circle to the left of a blue square"), KEY.json
-    out/eval/00000.tar ...           the same, from another random stream
+    out/train/00000.tar ...          KEY.jpg, KEY.txt ("a red circle to the left of a blue square"), KEY.json,
+                                     keys train-00000000, train-00000001, ...
+    out/eval/00000.tar ...           the same, from another random stream, keys eval-00000000, ...
     out/eval/sugarcrepe/<cat>.json   hard negatives in SugarCrepe's format, one file per category
                                      (a category with no items, as in a tiny set, gets none)
     out/synth.json                   the settings it was written with
@@ -10,7 +11,8 @@ The categories follow SugarCrepe: `replace_att` (one colour replaced by one not 
 `swap_att` (the two colours swapped), `replace_rel` (a false relation), `swap_obj` (the two objects
 swapped around the relation). Two-object scenes place the objects apart along one axis and close
 along the other, so exactly one relation (and its inverse) is true. Everything is drawn from
-numpy generators seeded by (seed, split), so the same seed gives byte-identical shards.
+numpy generators seeded by (seed, split), so the same seed gives byte-identical shards. Keys carry
+the split, so the two splits share no key and a store of one can never be joined to the other.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ RELATIONS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, 
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 CATEGORIES = ("replace_att", "swap_att", "replace_rel", "swap_obj")
 SETTINGS_FILE = "synth.json"
-SETTINGS_FORMAT = "lift-fast-synth/1"
+SETTINGS_FORMAT = "lift-fast-synth/2"  # 2: keys carry the split (train-00000000)
+# The smallest value of each write_synthetic setting (checked there and by `lift-fast synth`); below
+# 16 px the shapes are a few pixels wide and colours blur into each other in the JPEG.
+MINIMUM = {"num_train": 1, "num_eval": 1, "samples_per_shard": 1, "image_size": 16}
 
 
 @dataclass
@@ -166,7 +171,7 @@ def write_split(folder: Path, split: str, count: int, *, image_size: int, seed: 
     negatives: dict[str, list[dict]] = {c: [] for c in CATEGORIES}
     with ShardWriter(folder, samples_per_shard) as writer:
         for index in tqdm(range(count), desc=f"synth {split}", unit="img", disable=not progress):
-            key = f"{index:08d}"
+            key = f"{split}-{index:08d}"
             scene = sample_scene(rng)
             buffer = io.BytesIO()
             render(scene, image_size).save(buffer, format="JPEG", quality=95)
@@ -212,9 +217,15 @@ def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: in
     interrupted run leaves no half split behind; run again with the same settings and the
     complete splits are kept (`synth.json` records the settings).
     Returns {"out", "train", "eval", "reused": [splits kept], "negatives": {category: n}}.
-    Raises FileExistsError if out_dir holds other shards or a set made with other settings
-    (nothing is overwritten).
+    Raises ValueError naming the setting when a count or size is below its MINIMUM, and
+    FileExistsError if out_dir holds other shards or a set made with other settings (nothing is
+    overwritten).
     """
+    sizes = {"num_train": num_train, "num_eval": num_eval, "samples_per_shard": samples_per_shard,
+             "image_size": image_size}
+    for name, value in sizes.items():
+        if value < MINIMUM[name]:
+            raise ValueError(f"{name}={value}: must be at least {MINIMUM[name]}")
     out_dir = Path(out_dir)
     settings = {"format": SETTINGS_FORMAT, "num_train": num_train, "num_eval": num_eval, "image_size": image_size,
                 "seed": seed, "samples_per_shard": samples_per_shard}

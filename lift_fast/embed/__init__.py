@@ -1,7 +1,5 @@
 """Embed stage: the frozen text encoder, the embedding store, and the run over all shards."""
 
-from lift_fast.embed.encoder import TextEncoder, load_encoder
-from lift_fast.embed.run import embed_shards
 from lift_fast.embed.store import (
     EmbeddingStore,
     StoreError,
@@ -22,3 +20,17 @@ __all__ = [
     "load_store",
     "open_store",
 ]
+
+
+def __getattr__(name: str):
+    # The encoder and the embed run import torch and transformers on first use only, so that the
+    # store (and its errors, which the command line catches) can be imported without them.
+    if name in ("TextEncoder", "load_encoder"):
+        from lift_fast.embed import encoder
+
+        return getattr(encoder, name)
+    if name == "embed_shards":
+        from lift_fast.embed.run import embed_shards
+
+        return embed_shards
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

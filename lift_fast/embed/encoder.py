@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lift_fast.config import EmbedConfig
+from lift_fast.config import ConfigError, EmbedConfig
 
 BUNDLED_MINILM = "all-minilm-l6-v2"
 # Weight files whose bytes define the encoder; configs and tokenizer files are not hashed.
@@ -46,7 +46,10 @@ def resolve_model(model: str) -> tuple[Path, str | None]:
         raise FileNotFoundError(f"embed.model={model!r}: {path} is not a model folder")
     from huggingface_hub import try_to_load_from_cache
 
-    config_file = try_to_load_from_cache(model, "config.json")
+    try:
+        config_file = try_to_load_from_cache(model, "config.json")
+    except ValueError:  # not even a valid hub id (huggingface_hub's HFValidationError)
+        config_file = None
     if not isinstance(config_file, str):
         offline = " (HF_HUB_OFFLINE is set: nothing can be downloaded)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise FileNotFoundError(
@@ -219,7 +222,7 @@ def load_encoder(cfg: EmbedConfig, device: str = "cpu", dtype: torch.dtype | Non
 
     cfg.model is 'all-minilm-l6-v2' (the bundled package), a local folder, or a hub id already in the
     local cache. dtype: the compute dtype (default float32 on CPU, float16 on CUDA, as in LIFT).
-    Raises FileNotFoundError when the model cannot be found and ValueError when cfg.max_length
+    Raises FileNotFoundError when the model cannot be found and ConfigError when cfg.max_length
     exceeds the model's position limit.
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -230,7 +233,7 @@ def load_encoder(cfg: EmbedConfig, device: str = "cpu", dtype: torch.dtype | Non
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and cfg.max_length > limit:  # checked before loading what may be GBs of weights
-        raise ValueError(f"embed.max_length={cfg.max_length} exceeds the {limit} positions of model {cfg.model!r} ({path})")
+        raise ConfigError(f"embed.max_length={cfg.max_length} exceeds the {limit} positions of model {cfg.model!r} ({path})")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:  # decoder LLMs often ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -100,10 +100,12 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     cfg: the encoder and its settings (model, pooling, prompt, max_length, normalize, dtype,
     batch_size, on_error). encoder: an already loaded encoder for cfg (else one is loaded on `device`).
     Returns a summary: shards (this rank's), shards_embedded, shards_resumed (finished earlier),
-    captions (samples read), rows (written), embedded (distinct captions run through the encoder),
-    duplicates, skipped, truncated, seconds, captions_per_second, load_seconds.
+    shards_redone (finished earlier, embedded again because their tar changed; also counted in
+    shards_embedded), captions (samples read), rows (written), embedded (distinct captions run
+    through the encoder), duplicates, skipped, truncated, seconds, captions_per_second, load_seconds.
     Raises ShardError for unreadable shards or (on_error="error") bad captions, naming shard and key;
-    StoreMismatchError, before touching anything, when `out_dir` holds a store made differently.
+    StoreMismatchError, before touching anything, when `out_dir` holds a store made differently or
+    from another data folder (the manifest records the folder).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
@@ -114,26 +116,26 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     if encoder is None:
         encoder = load_encoder(cfg, device=device)
     else:
-        differ = [f for f in ("model", "pooling", "prompt", "max_length", "normalize")
-                  if getattr(encoder.cfg, f) != getattr(cfg, f)]
+        differ = [f for f in store.EMBED_SETTINGS if getattr(encoder.cfg, f) != getattr(cfg, f)]
         if differ:
             raise ValueError(f"the encoder passed was loaded with other settings than cfg: {', '.join(differ)}")
     load_seconds = time.perf_counter() - start
-    identity = encoder.identity
-    if (out_dir / store.MANIFEST).is_file():  # refuse a mismatched store before creating anything in it
-        store.check_manifest(store.read_manifest(out_dir), {**identity, "dtype": cfg.dtype}, out_dir / store.MANIFEST)
-    manifest = store.open_for_writing(out_dir, identity, cfg.dtype, [s.stem for s in shards])
+    # Refuses a store of another encoder, setting or data folder before anything is created in it.
+    manifest = store.open_for_writing(out_dir, encoder.identity, cfg.dtype, [s.stem for s in shards], data_dir)
 
-    summary = dict(shards=len(mine), shards_embedded=0, shards_resumed=0, captions=0, rows=0, embedded=0,
-                   duplicates=0, skipped=0, truncated=0)
-    todo: list[tuple[Path, dict | None]] = []  # (shard, its finished store entry when its tar's mtime changed)
+    summary = dict(shards=len(mine), shards_embedded=0, shards_resumed=0, shards_redone=0, captions=0, rows=0,
+                   embedded=0, duplicates=0, skipped=0, truncated=0)
+    # (shard, its finished store entry or None, whether that entry may be kept when the captions are unchanged)
+    todo: list[tuple[Path, dict | None, bool]] = []
     for shard in mine:
         info = store.finished_shard(out_dir, shard.stem)
         stat = shard.stat()
-        if info is None or info.get("source_bytes") != stat.st_size:
-            todo.append((shard, None))
+        if info is None:
+            todo.append((shard, None, False))
+        elif info.get("source_bytes") != stat.st_size:
+            todo.append((shard, info, False))  # rewritten: redone
         elif info.get("source_mtime_ns") != stat.st_mtime_ns:
-            todo.append((shard, info))  # copied or rewritten: its captions decide
+            todo.append((shard, info, True))  # copied or rewritten: its captions decide
         else:
             _resume(out_dir, shard, info, manifest, summary)
     if summary["shards_resumed"]:
@@ -145,20 +147,24 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     # Read the next shard's captions in a thread while the encoder works on the current one.
     with ThreadPoolExecutor(max_workers=1) as reader, bar:
         pending = reader.submit(read_captions, todo[0][0], cfg.on_error) if todo else None
-        for i, (shard, previous) in enumerate(todo):
+        for i, (shard, previous, keep_if_same) in enumerate(todo):
             shard_captions = pending.result()
             pending = reader.submit(read_captions, todo[i + 1][0], cfg.on_error) if i + 1 < len(todo) else None
             stat = shard.stat()
-            if previous is not None and previous.get("captions_sha256") == shard_captions.sha256:
+            if keep_if_same and previous.get("captions_sha256") == shard_captions.sha256:
                 _resume(out_dir, shard, {**previous, "source_mtime_ns": stat.st_mtime_ns}, manifest, summary)
                 continue
+            if previous is not None:
+                log.info("embed: %s changed since it was embedded; embedding it again", shard)
+                summary["shards_redone"] += 1
             bar.set_postfix_str(f"shard {shard.name} ({i + 1}/{len(todo)})", refresh=False)
             rows, duplicates, truncated = embed_captions(encoder, shard_captions.captions, cfg.batch_size, bar.update)
             bar.update(duplicates)
             info = {"source": shard.name, "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
                     "captions_sha256": shard_captions.sha256, "skipped": len(shard_captions.skipped),
                     "truncated": truncated, "duplicates": duplicates, "skipped_samples": shard_captions.skipped}
-            store.write_shard(out_dir, shard.stem, shard_captions.keys, rows.numpy().astype(cfg.dtype), info)
+            store.write_shard(out_dir, shard.stem, shard_captions.keys, rows.numpy().astype(cfg.dtype), info,
+                              shard_captions.captions)
             store.record_shard(out_dir, shard.stem, {**info, "count": len(shard_captions.keys)})
             summary["shards_embedded"] += 1
             summary["captions"] += len(shard_captions.keys) + len(shard_captions.skipped)

@@ -4,6 +4,7 @@
       manifest.json      format version, encoder identity, dtype, dim, normalized, data shards, per-shard counts
       00000.keys.txt     one sample key per line, in shard order
       00000.json         count, skipped (with keys and reasons), truncated, duplicates, source tar stamp
+      00000.caption_hash.npy  [count] uint64: blake2b-8 digest of the exact caption text of each row
       00000.npy          [count, dim] rows in the order of 00000.keys.txt (float16 by default)
 
 Every file is written under a temporary name and renamed into place; a shard's `.npy` is written
@@ -13,12 +14,17 @@ the manifest's per-shard counts under a file lock.
     keys, embeddings, manifest = load_store("store/")       # everything, concatenated in shard order
     store = open_store("store/")                             # per-shard memmaps, for loaders
     rows = store.embeddings("00000")[store.row_index("00000")["000123"]]
+
+The caption hashes let a loader check that the caption it reads for a key is the one that key's
+row was made from: two data folders can share shard names and keys (`00000.tar`, key `00000000`),
+and a by-key join alone would then pair images with another folder's captions without a word.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -27,12 +33,26 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "lift-fast-embeddings"
-FORMAT_VERSION = 1
+# 2: per-row caption hashes (NAME.caption_hash.npy) and the data folder in the manifest.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+# The embed settings (EmbedConfig fields) that decide what a row means: the one list embed, train
+# and eval take from their config to compare with a store's manifest (with the weights hash, see below).
+EMBED_SETTINGS = ("model", "pooling", "prompt", "max_length", "normalize")
 # Fields that decide whether two stores' rows are interchangeable. `model` counts only when the
 # weights hash is not known (the hash identifies the encoder better than the name it was given by);
 # `path` and `revision` depend on the machine and are recorded for people, not compared.
-MATCH_FIELDS = ("weights_sha256", "model", "pooling", "prompt", "max_length", "normalize", "dim", "dtype")
+MATCH_FIELDS = ("weights_sha256", *EMBED_SETTINGS, "dim", "dtype")
+# Top-level manifest fields readers rely on, with their JSON types.
+REQUIRED_FIELDS = {"encoder": dict, "dtype": str, "dim": int, "normalized": bool, "data_dir": str,
+                   "data_shards": list, "shards": dict}
+_JSON_NAMES = {dict: "object", str: "string", int: "integer", bool: "boolean", list: "array"}
+HASH_DTYPE = np.dtype("<u8")
+
+
+def caption_hash(caption: str) -> int:
+    """A 64-bit digest (blake2b, 8 bytes, little-endian) of the exact caption text; stored per row."""
+    return int.from_bytes(hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 class StoreError(ValueError):
@@ -76,8 +96,9 @@ def _read_json(path: Path, what: str) -> dict:
 # ---------------------------------------------------------------------------------------- manifest
 
 
-def new_manifest(identity: dict, dtype: str) -> dict:
-    """A manifest for an empty store written by the encoder with this identity, rows stored as `dtype`."""
+def new_manifest(identity: dict, dtype: str, data_dir: str | Path) -> dict:
+    """A manifest for an empty store of the shards in `data_dir` (recorded as an absolute path),
+    written by the encoder with this identity, rows stored as `dtype`."""
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -85,13 +106,18 @@ def new_manifest(identity: dict, dtype: str) -> dict:
         "dtype": dtype,
         "dim": identity["dim"],
         "normalized": identity["normalize"],
+        "data_dir": str(Path(data_dir).resolve()),
         "data_shards": [],
         "shards": {},
     }
 
 
 def read_manifest(store_dir: str | Path) -> dict:
-    """The manifest of a store folder; raises StoreError naming the folder or file when absent or bad."""
+    """The manifest of a store folder.
+
+    Raises StoreError naming the folder or file when it is absent, not JSON, of another format or
+    an older version (which must be embedded again), or lacks a required field (named).
+    """
     store_dir = Path(store_dir)
     if not store_dir.is_dir():
         raise StoreError(f"embedding store {store_dir} does not exist (run `lift-fast embed` to make it)")
@@ -100,9 +126,24 @@ def read_manifest(store_dir: str | Path) -> dict:
         raise StoreError(f"embedding store {store_dir} has no {MANIFEST} ({path} is missing); "
                          "it is not a finished `lift-fast embed` output")
     manifest = _read_json(path, "store manifest")
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise StoreError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r} "
+    version = manifest.get("version")
+    if manifest.get("format") == FORMAT and isinstance(version, int) and version < FORMAT_VERSION:
+        raise StoreError(f"{path}: embedding store format version {version} is older than this lift-fast's "
+                         f"{FORMAT_VERSION} (it lacks the per-row caption hashes that guard the image-caption "
+                         f"pairing); embed the data again into a new folder: lift-fast embed --data DIR --out NEW_DIR")
+    if manifest.get("format") != FORMAT or version != FORMAT_VERSION:
+        raise StoreError(f"{path}: format {manifest.get('format')!r} version {version!r} "
                          f"is not {FORMAT!r} version {FORMAT_VERSION}")
+    for name, kind in REQUIRED_FIELDS.items():
+        if name not in manifest:
+            raise StoreError(f"{path}: required field {name!r} is missing")
+        if not isinstance(manifest[name], kind) or (kind is int and isinstance(manifest[name], bool)):
+            raise StoreError(f"{path}: field {name!r} must be a JSON {_JSON_NAMES[kind]}, "
+                             f"got {manifest[name]!r}")
+    for shard, info in manifest["shards"].items():
+        count = info.get("count") if isinstance(info, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise StoreError(f"{path}: field 'shards.{shard}.count' must be a count of rows, got {count!r}")
     return manifest
 
 
@@ -131,13 +172,18 @@ def check_manifest(manifest: dict, expected: dict, path: str | Path) -> None:
     if differ:
         lines = "\n".join(f"  {f}: asked {asked!r}, found {found!r}" for f, asked, found in differ)
         encoder = manifest.get("encoder", {})
-        context = (f"\n  (asked encoder {expected.get('model')!r} at {expected.get('path')}; "
-                   f"the store was made by {encoder.get('model')!r} at {encoder.get('path')})"
+        context = (f"\n  (asked encoder {_where(expected)}; the store was made by {_where(encoder)})"
                    if any(f in ("weights_sha256", "model") for f, _, _ in differ) else "")
         raise StoreMismatchError(
             f"embedding store manifest {path} does not match what was asked ({len(differ)} "
             f"{'fields differ' if len(differ) > 1 else 'field differs'}):\n{lines}{context}\n"
             "Use another store folder, or the settings the store was made with.")
+
+
+def _where(identity: dict) -> str:
+    """'name' or 'name' at PATH, when the path is known."""
+    path = identity.get("path")
+    return f"{identity.get('model')!r}" + (f" at {path}" if path else "")
 
 
 @contextlib.contextmanager
@@ -151,29 +197,46 @@ def manifest_lock(store_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def open_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_shards: list[str]) -> dict:
+def open_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_shards: list[str],
+                     data_dir: str | Path) -> dict:
     """Create the store (folder and manifest) or check that an existing one matches; return its manifest.
 
-    identity: the encoder's identity; dtype: storage dtype; data_shards: names of all shards of the data.
+    identity: the encoder's identity; dtype: storage dtype; data_shards: names of all shards of the
+    data; data_dir: the shard folder they are in (the manifest records its absolute path).
     Raises StoreMismatchError (nothing is touched) when the store was made with another encoder or
-    setting, and StoreError when the folder holds shard files but no manifest.
+    setting, or from another data folder, and StoreError when the folder holds shard files but no
+    manifest, or is a store of an older format.
     """
     store_dir = Path(store_dir)
+    data_dir = Path(data_dir).resolve()
+    if (store_dir / MANIFEST).exists():  # refuse before creating anything (the lock file included)
+        _check_existing(store_dir, identity, dtype, data_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
-    expected = {**identity, "dtype": dtype}
     with manifest_lock(store_dir):
         path = store_dir / MANIFEST
         if path.exists():
-            manifest = read_manifest(store_dir)
-            check_manifest(manifest, expected, path)
+            manifest = _check_existing(store_dir, identity, dtype, data_dir)
         else:
             strays = sorted(p.name for p in store_dir.glob("*.npy"))
             if strays:
                 raise StoreError(f"{store_dir} holds embedding files ({', '.join(strays[:3])}, ...) but no {MANIFEST}; "
                                  "its encoder is unknown, so lift-fast will not add to it: use an empty folder")
-            manifest = new_manifest(identity, dtype)
+            manifest = new_manifest(identity, dtype, data_dir)
         manifest["data_shards"] = sorted(set(manifest["data_shards"]) | set(data_shards))
         write_json(path, manifest)
+    return manifest
+
+
+def _check_existing(store_dir: Path, identity: dict, dtype: str, data_dir: Path) -> dict:
+    """The manifest of an existing store after checking it was made by this encoder from `data_dir`."""
+    path = store_dir / MANIFEST
+    manifest = read_manifest(store_dir)
+    check_manifest(manifest, {**identity, "dtype": dtype}, path)
+    if manifest["data_dir"] != str(data_dir):
+        raise StoreMismatchError(
+            f"embedding store {store_dir} was made from the shards in {manifest['data_dir']}, not from {data_dir} "
+            f"(recorded in {path}); its finished shards would be kept or overwritten by another folder's "
+            "shards of the same names. Use another --out folder for this data.")
     return manifest
 
 
@@ -190,21 +253,31 @@ def record_shard(store_dir: str | Path, name: str, info: dict) -> None:
 # ---------------------------------------------------------------------------------------- shard files
 
 
-def shard_files(store_dir: Path, name: str) -> tuple[Path, Path, Path]:
-    """(rows .npy, keys .keys.txt, counts .json) of one shard."""
-    return store_dir / f"{name}.npy", store_dir / f"{name}.keys.txt", store_dir / f"{name}.json"
+def shard_files(store_dir: Path, name: str) -> tuple[Path, Path, Path, Path]:
+    """(rows .npy, keys .keys.txt, counts .json, caption hashes .caption_hash.npy) of one shard."""
+    return (store_dir / f"{name}.npy", store_dir / f"{name}.keys.txt", store_dir / f"{name}.json",
+            store_dir / f"{name}.caption_hash.npy")
 
 
-def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: np.ndarray, info: dict) -> None:
-    """Write one shard's keys, counts and rows [len(keys), D], each atomically, the rows last."""
+def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: np.ndarray, info: dict,
+                captions: list[str]) -> None:
+    """Write one shard's keys, counts, caption hashes and rows [len(keys), D], each atomically, the rows last.
+
+    captions: the exact text each row was embedded from (its hash is stored, see `caption_hash`).
+    Raises ValueError when the lengths disagree and StoreError naming the key when a key holds a line break.
+    """
     store_dir = Path(store_dir)
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(keys):
-        raise ValueError(f"shard {name}: {len(keys)} keys but embeddings of shape {tuple(embeddings.shape)}")
-    if any("\n" in key or "\r" in key for key in keys):
-        raise ValueError(f"shard {name}: a key holds a line break; keys.txt stores one key per line")
-    npy, keys_txt, counts = shard_files(store_dir, name)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(keys) or len(captions) != len(keys):
+        raise ValueError(f"shard {name}: {len(keys)} keys and {len(captions)} captions but embeddings of shape "
+                         f"{tuple(embeddings.shape)}")
+    bad = next((key for key in keys if "\n" in key or "\r" in key), None)
+    if bad is not None:
+        raise StoreError(f"shard {name}: key {bad!r} holds a line break; keys.txt stores one key per line")
+    hashes = np.array([caption_hash(c) for c in captions], dtype=HASH_DTYPE)
+    npy, keys_txt, counts, hashes_npy = shard_files(store_dir, name)
     npy.unlink(missing_ok=True)  # from here on the shard counts as unfinished until its rows are in place
     _atomic_write(keys_txt, lambda f: f.write("".join(f"{k}\n" for k in keys).encode("utf-8")))
+    _atomic_write(hashes_npy, lambda f: np.save(f, hashes, allow_pickle=False))
     write_json(counts, {**info, "count": len(keys)})
     _atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(embeddings), allow_pickle=False))
 
@@ -219,15 +292,17 @@ def read_keys(path: Path) -> list[str]:
 
 def finished_shard(store_dir: str | Path, name: str) -> dict | None:
     """The counts of a shard whose files are complete and agree, else None (the shard must be redone)."""
-    npy, keys_txt, counts = shard_files(Path(store_dir), name)
-    if not (npy.is_file() and keys_txt.is_file() and counts.is_file()):
+    npy, keys_txt, counts, hashes_npy = shard_files(Path(store_dir), name)
+    if not (npy.is_file() and keys_txt.is_file() and counts.is_file() and hashes_npy.is_file()):
         return None
     try:
         info = json.loads(counts.read_text(encoding="utf-8"))
         rows = np.load(npy, mmap_mode="r", allow_pickle=False)
+        hashes = np.load(hashes_npy, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError):
         return None
-    if rows.ndim != 2 or rows.shape[0] != info.get("count") or len(read_keys(keys_txt)) != info.get("count"):
+    count = info.get("count") if isinstance(info, dict) else None
+    if rows.ndim != 2 or rows.shape[0] != count or hashes.shape != (count,) or len(read_keys(keys_txt)) != count:
         return None
     return info
 
@@ -251,6 +326,7 @@ class EmbeddingStore:
         self.shard_names: list[str] = list(self.manifest["shards"])
         self._keys: dict[str, list[str]] = {}
         self._rows: dict[str, np.ndarray] = {}
+        self._hashes: dict[str, np.ndarray] = {}
 
     def keys(self, name: str) -> list[str]:
         """The sample keys of shard `name`, in row order."""
@@ -280,6 +356,28 @@ class EmbeddingStore:
                                  f"({count}, {self.dim}) {self.dtype}")
             self._rows[name] = rows
         return self._rows[name]
+
+    def caption_hashes(self, name: str) -> np.ndarray:
+        """The `caption_hash` of each row of shard `name`: a [count] uint64 array, in row order.
+
+        Raises StoreError naming the file when it is missing, unreadable or of the wrong length.
+        """
+        if name not in self._hashes:
+            self._check_name(name)
+            path = shard_files(self.path, name)[3]
+            if not path.is_file():
+                raise StoreError(f"store shard caption hashes {path} do not exist (listed in {self.path / MANIFEST}); "
+                                 "embed the data again into a new folder")
+            try:
+                hashes = np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as err:
+                raise StoreError(f"store shard caption hashes {path} cannot be read: {err}") from None
+            count = self.manifest["shards"][name]["count"]
+            if hashes.shape != (count,) or hashes.dtype != HASH_DTYPE:
+                raise StoreError(f"store shard caption hashes {path}: {hashes.shape} {hashes.dtype}, the manifest "
+                                 f"says ({count},) {HASH_DTYPE}")
+            self._hashes[name] = hashes
+        return self._hashes[name]
 
     def row_index(self, name: str) -> dict[str, int]:
         """Key -> row of shard `name`."""

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lift_fast.config import ConfigError
+
 # width, depth, heads (timm / the ViT paper)
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 ALIASES = {"vit_b16": "vit_base_patch16", "vit_b32": "vit_base_patch32", "vit_l14": "vit_large_patch14",
@@ -32,10 +34,13 @@ class ViTSpec:
 
 
 def vit_spec(name: str, *, patch_size: int = 0, depth: int = 0) -> ViTSpec:
-    """Parse 'vit_{tiny,small,base,large}_patch{P}' (or an alias such as 'vit_b16'); 0 keeps the preset."""
+    """Parse 'vit_{tiny,small,base,large}_patch{P}' (or an alias such as 'vit_b16'); 0 keeps the preset.
+
+    Raises ConfigError naming model.name when the name is not one of these.
+    """
     match = re.fullmatch(r"vit_(tiny|small|base|large)_patch(\d+)", ALIASES.get(name, name))
     if match is None:
-        raise ValueError(f"model.name={name!r} is not a known ViT; use vit_{{tiny,small,base,large}}_patch{{8,14,16,32}} "
+        raise ConfigError(f"model.name={name!r} is not a known ViT; use vit_{{tiny,small,base,large}}_patch{{8,14,16,32}} "
                          f"or one of {', '.join(ALIASES)}")
     width, preset_depth, heads = SIZES[match.group(1)]
     return ViTSpec(width, depth or preset_depth, heads, patch_size or int(match.group(2)))
@@ -171,8 +176,18 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def build_model(model_cfg, image_size: int, text_dim: int, logit_scale_init: float = 1 / 0.07) -> LiftImageEncoder:
-    """Build the image tower from a ModelConfig; raises ValueError on an unknown name or bad sizes."""
+    """Build the image tower from a ModelConfig for square images of side `image_size` (data.image_size).
+
+    Raises ConfigError naming the setting for an unknown model.name, an image size that is not a
+    multiple of the patch size, or a sincos position embedding on a width not divisible by 4.
+    """
     spec = vit_spec(model_cfg.name, patch_size=model_cfg.patch_size, depth=model_cfg.depth)
+    if image_size % spec.patch_size:
+        raise ConfigError(f"data.image_size={image_size} is not a multiple of the patch size {spec.patch_size} "
+                          f"(model.name={model_cfg.name!r}, model.patch_size={model_cfg.patch_size})")
+    if model_cfg.pos_embed == "sincos" and spec.width % 4:
+        raise ConfigError(f"model.pos_embed=sincos needs a ViT width divisible by 4; model.name={model_cfg.name!r} "
+                          f"has width {spec.width}")
     backend = "sdpa" if model_cfg.attention == "auto" else model_cfg.attention
     tower = VisionTransformer(spec, image_size, pooling=model_cfg.pooling, pos_embed=model_cfg.pos_embed, attention=backend)
     return LiftImageEncoder(tower, text_dim, model_cfg.head_hidden, logit_scale_init)

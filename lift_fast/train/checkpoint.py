@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lift_fast.train import RunFolderError
+
 PATTERN = re.compile(r"step_(\d+)")
 
 
@@ -70,23 +72,47 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
-    """Load `model.safetensors` from a checkpoint folder; raises ValueError on missing/unexpected keys."""
+    """Load `model.safetensors` from a checkpoint folder into `model`.
+
+    Raises FileNotFoundError when the file is missing, and RunFolderError (a ValueError) naming the
+    file and the tensors when it does not fit the model: missing or unexpected names, or shapes
+    that differ (the checkpoint was made with another model or image size).
+    """
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist")
     weights = load_file(str(path))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model built from the run's config: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    expected = model.state_dict()
+    # Checked here rather than left to load_state_dict, whose RuntimeError names neither file nor setting.
+    reshaped = [f"{name} {list(tensor.shape)} in the file, {list(expected[name].shape)} in the model"
+                for name, tensor in weights.items() if name in expected and tensor.shape != expected[name].shape]
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    problems = []
+    if reshaped:
+        problems.append(f"shapes differ: {'; '.join(reshaped[:5])}{' ...' if len(reshaped) > 5 else ''}")
+    if missing:
+        problems.append(f"missing {missing[:5]}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:5]}")
+    if problems:
+        raise RunFolderError(f"{path} does not fit the model built from the run's config ({', '.join(problems)}); "
+                             "the checkpoint was made with other model or data settings")
+    model.load_state_dict(weights)
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states; returns the saved state (step, extra)."""
+    """Restore weights, optimizer, scheduler and RNG states; returns the saved state (step, extra).
+
+    Raises FileNotFoundError for a missing file and RunFolderError naming the file that does not fit.
+    """
     folder = Path(folder)
     load_weights(model, folder)
     state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:
+        raise RunFolderError(f"{folder / 'state.pt'}: the optimizer state does not fit this model ({err})") from None
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
