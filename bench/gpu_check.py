@@ -59,7 +59,8 @@ def run_checks(checks: list[Check], ctx: Context, budget_s: float,
 
     Returns one dict per check: name, status ("ok", "failed" or "skipped"), est_seconds, seconds
     (wall time, None when skipped), rows (list of Row as dicts), error (None unless failed or
-    skipped) and, for failures, the traceback.
+    skipped) and, for failures, the traceback. The rows of each check that ran ok are also put in
+    `ctx.results`, so later checks can read them (`ctx.earlier_value`).
     """
     start = time.monotonic()
     ctx.deadline = start + budget_s
@@ -85,6 +86,7 @@ def run_checks(checks: list[Check], ctx: Context, budget_s: float,
                 if not isinstance(row, Row):
                     raise TypeError(f"check {check.name!r} returned {type(row).__name__}, not Row")
             result["rows"] = [row.__dict__ for row in rows]
+            ctx.results[check.name] = rows  # later checks read their ceilings from here
         except Exception as error:  # one broken check must not cost the others their turn
             result["status"] = "failed"
             result["error"] = f"{type(error).__name__}: {error}".splitlines()[0][:300]

@@ -98,7 +98,7 @@ def clip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tens
                   text_grad: bool, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d image [b, D], d text [b, D] (empty unless text_grad), d scale (0-d) of the rank's loss.
 
-    Under torch.distributed these are the gradients of the sum of all ranks' losses, each ranks'
+    Under torch.distributed these are the gradients of the sum of all ranks' losses, each rank's
     weighted by its own grad_loss: what open_clip's gather-with-grad all_gather gives.
     """
     b, dim = image.shape

@@ -23,7 +23,7 @@ import importlib
 import math
 import pkgutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -46,6 +46,7 @@ class Context:
     device: torch.device
     quick: bool  # smoke mode: tiny shapes, seconds in all, any device
     deadline: float = math.inf  # time.monotonic() at which the whole budget is spent
+    results: dict[str, list[Row]] = field(default_factory=dict)  # rows of the checks done ok so far
 
     def size(self, full: int, quick: int) -> int:
         """`full` normally, `quick` in smoke mode."""
@@ -57,6 +58,13 @@ class Context:
 
     def seconds_left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def earlier_value(self, check: str, unit: str) -> float | None:
+        """The value of the first row in `unit` of `check`, if it ran ok earlier in this run, else None.
+
+        This is how a check reads a ceiling (e.g. `ctx.earlier_value("matmul_bf16", "TFLOP/s")`).
+        """
+        return next((row.value for row in self.results.get(check, ()) if row.unit == unit), None)
 
 
 @dataclass(frozen=True)
