@@ -190,7 +190,9 @@ def measure_size(ctx: Context, batch: int, dim: int, matmul: tuple[float, str], 
         try:
             measured = measure(ctx, loss_fn, image, side_text, scale)
         except (torch.cuda.OutOfMemoryError if lift_fast else Exception) as error:
-            rows.append(failed_row(name, error))
+            measured, failure = None, failed_row(name, error)
+        if measured is None:  # released here, once the traceback no longer holds the failed call's tensors
+            rows.append(failure)
             release(ctx)
             continue
         note = ""
