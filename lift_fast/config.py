@@ -73,7 +73,13 @@ class ModelConfig:
     pooling: str = _field("mean", "image feature: mean of patch tokens (LIFT) or class token", choices=("mean", "cls"))
     pos_embed: str = _field("learned", "position embedding", choices=("learned", "sincos"))
     head_hidden: int = _field(0, "hidden width of the LIFT head (0: the text dim)", min=0)
-    attention: str = _field("auto", "attention backend", choices=("auto", "sdpa", "math"))
+    attention: str = _field("auto", "attention kernel: auto (flash-attn on CUDA in fp16/bf16 where installed, "
+                            "else sdpa), flash (flash-attn, or an error), sdpa, math (plain reference)",
+                            choices=("auto", "flash", "sdpa", "math"))
+    patch_dropout: float = _field(0.0, "FLIP patch dropout: fraction of patch tokens dropped at random in "
+                                  "training, in [0, 1) (0: off)", min=0.0)
+    grad_checkpointing: bool = _field(False, "recompute each ViT block in backward (less activation memory, "
+                                      "about a third more compute)")
 
 
 @dataclass
@@ -81,7 +87,7 @@ class TrainConfig:
     """Optimisation, schedule, checkpoints and logging."""
 
     steps: int = _field(2000, "optimizer steps", min=1)
-    batch_size: int = _field(128, "global batch size", min=1)
+    batch_size: int = _field(128, "global batch size (split evenly over the ranks of a torchrun job)", min=1)
     lr: float = _field(1e-3, "peak learning rate", min=0.0)
     min_lr: float = _field(0.0, "learning rate at the end of the cosine", min=0.0)
     warmup_steps: int = _field(100, "linear warm-up steps", min=0)
@@ -97,6 +103,12 @@ class TrainConfig:
     log_every: int = _field(20, "steps between metrics.jsonl lines", min=1)
     checkpoint_every: int = _field(500, "steps between checkpoints (0: only at the end and on interruption)", min=0)
     keep_checkpoints: int = _field(2, "complete checkpoints kept", min=1)
+    precision: str = _field("auto", "auto: bf16 autocast on CUDA, fp32 on CPU; bf16 or fp32 to choose",
+                            choices=("auto", "bf16", "fp32"))
+    compile: str = _field("auto", "torch.compile the model; auto: on for CUDA, off on CPU (quote on/off in YAML)",
+                          choices=("auto", "on", "off"))
+    tensorboard: bool = _field(True, "also write the metrics as TensorBoard curves under run/tensorboard/")
+    max_nonfinite: int = _field(10, "NaN/inf losses in a row (each step skipped) before training stops", min=1)
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """The image tower: a ViT (timm's parameter names), mean pooling of patch tokens, and the LIFT head.
 
-    images [B, 3, H, W] -> patches [B, N, width] -> blocks -> pool [B, width] -> head [B, text_dim]
+    images [B, 3, H, W] -> patches [B, N, width] (+ position) -> patch dropout (training) -> blocks
+        -> norm -> pool [B, width] -> head [B, text_dim]
 
 Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `pos_embed`, `blocks.i.attn.qkv`,
-`blocks.i.mlp.fc1`, `norm`, ...), so tower weights map onto timm's checkpoints one to one.
+`blocks.i.mlp.fc1`, `norm`, ...); models/timm_names.py maps tower weights to and from timm checkpoints.
+Attention kernels (model.attention) live in models/attention.py, the FLOP formula in models/flops.py.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lift_fast.config import ConfigError
+from lift_fast.models.attention import Attention, flash_import_error
 
 # width, depth, heads (timm / the ViT paper)
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -56,27 +60,6 @@ def sincos_pos_embed(grid: int, width: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, backend: str = "sdpa"):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"ViT width {width} is not divisible by its {heads} heads")
-        self.heads, self.backend = heads, backend
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, width = x.shape  # x: [B, N, W]
-        qkv = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, heads, N, W/heads]
-        if self.backend == "math":
-            weights = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
-            out = weights.softmax(dim=-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
-
-
 class Mlp(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
@@ -101,6 +84,33 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def kept_patches(num_patches: int, patch_dropout: float) -> int:
+    """Patch tokens that patch dropout keeps out of `num_patches` (timm's and FLIP's rounding, at least 1)."""
+    return max(1, int(num_patches * (1.0 - patch_dropout)))
+
+
+class PatchDropout(nn.Module):
+    """FLIP patch dropout: in training, each image keeps a random subset of its patch tokens.
+
+    [B, N, W] -> [B, kept_patches(N, prob), W]; the identity in eval mode or at prob 0. Runs after the
+    position embedding is added, so kept tokens carry their positions.
+    """
+
+    def __init__(self, prob: float):
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"patch dropout must be in [0, 1), got {prob}")
+        self.prob = prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        batch, tokens, width = x.shape
+        keep = kept_patches(tokens, self.prob)
+        indices = torch.rand(batch, tokens, device=x.device).argsort(dim=1)[:, :keep]  # [B, keep]
+        return x.gather(1, indices.unsqueeze(-1).expand(batch, keep, width))
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, width: int):
         super().__init__()
@@ -111,30 +121,39 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT returning one pooled feature per image: the mean of patch tokens (LIFT) or the class token."""
+    """ViT returning one pooled feature per image: the mean of patch tokens (LIFT) or the class token.
+
+    attention: model.attention (auto|flash|sdpa|math); patch_dropout: FLIP's fraction of patch tokens
+    dropped in training; grad_checkpointing: recompute each block in backward instead of storing it.
+    """
 
     def __init__(self, spec: ViTSpec, image_size: int, *, pooling: str = "mean", pos_embed: str = "learned",
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", patch_dropout: float = 0.0, grad_checkpointing: bool = False):
         super().__init__()
         if image_size % spec.patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {spec.patch_size}")
         grid = image_size // spec.patch_size
         self.spec, self.pooling, self.width = spec, pooling, spec.width
+        self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(spec.patch_size, spec.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width)) if pooling == "cls" else None
         if pos_embed == "sincos":
             self.register_buffer("pos_embed", sincos_pos_embed(grid, spec.width)[None], persistent=False)
         else:
             self.pos_embed = nn.Parameter(torch.randn(1, grid * grid, spec.width) * 0.02)
+        self.patch_dropout = PatchDropout(patch_dropout)
         self.blocks = nn.Sequential(*[Block(spec.width, spec.heads, spec.mlp_ratio, attention) for _ in range(spec.depth)])
         self.norm = nn.LayerNorm(spec.width, eps=1e-6)
         self.apply(_init_weights)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images) + self.pos_embed  # [B, N, W]
+        x = self.patch_dropout(self.patch_embed(images) + self.pos_embed)  # [B, N, W]; N kept in training
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+N, W]
-        x = self.norm(self.blocks(x))
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        x = self.norm(x)
         return x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # [B, W]
 
 
@@ -179,7 +198,9 @@ def build_model(model_cfg, image_size: int, text_dim: int, logit_scale_init: flo
     """Build the image tower from a ModelConfig for square images of side `image_size` (data.image_size).
 
     Raises ConfigError naming the setting for an unknown model.name, an image size that is not a
-    multiple of the patch size, or a sincos position embedding on a width not divisible by 4.
+    multiple of the patch size, a sincos position embedding on a width not divisible by 4, a
+    model.patch_dropout outside [0, 1), or model.attention=flash where flash-attn does not import.
+    (Whether flash can run on the tensors it gets, CUDA in half precision, is checked in forward.)
     """
     spec = vit_spec(model_cfg.name, patch_size=model_cfg.patch_size, depth=model_cfg.depth)
     if image_size % spec.patch_size:
@@ -188,6 +209,13 @@ def build_model(model_cfg, image_size: int, text_dim: int, logit_scale_init: flo
     if model_cfg.pos_embed == "sincos" and spec.width % 4:
         raise ConfigError(f"model.pos_embed=sincos needs a ViT width divisible by 4; model.name={model_cfg.name!r} "
                           f"has width {spec.width}")
-    backend = "sdpa" if model_cfg.attention == "auto" else model_cfg.attention
-    tower = VisionTransformer(spec, image_size, pooling=model_cfg.pooling, pos_embed=model_cfg.pos_embed, attention=backend)
+    if not 0.0 <= model_cfg.patch_dropout < 1.0:
+        raise ConfigError(f"model.patch_dropout={model_cfg.patch_dropout} must be in [0, 1): the fraction of "
+                          "patch tokens dropped in training (FLIP uses 0.5; 0 turns it off)")
+    if model_cfg.attention == "flash" and (reason := flash_import_error()) is not None:
+        raise ConfigError(f"model.attention=flash cannot run: {reason}. Install the GPU extra "
+                          "(pip install 'lift-fast[gpu]'), or use model.attention=auto (sdpa where flash cannot run)")
+    tower = VisionTransformer(spec, image_size, pooling=model_cfg.pooling, pos_embed=model_cfg.pos_embed,
+                              attention=model_cfg.attention, patch_dropout=model_cfg.patch_dropout,
+                              grad_checkpointing=model_cfg.grad_checkpointing)
     return LiftImageEncoder(tower, text_dim, model_cfg.head_hidden, logit_scale_init)
