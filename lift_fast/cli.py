@@ -20,13 +20,13 @@ from lift_fast.data.shards import ShardError
 from lift_fast.data.synth import MINIMUM as SYNTH_MINIMUM
 from lift_fast.embed.store import StoreError
 from lift_fast.eval.sugarcrepe import SugarCrepeError
-from lift_fast.train import RunFolderError
+from lift_fast.train import DistributedSetupError, NonFiniteLossError, RunFolderError
 
 # Errors that mean "bad input or settings": printed as one clear line, without a traceback. Each is
 # raised on purpose with a message naming the file, key or setting; anything else is a bug and
 # keeps its traceback.
-USER_ERRORS = (ConfigError, ShardError, StoreError, SugarCrepeError, RunFolderError, FileNotFoundError,
-               FileExistsError)
+USER_ERRORS = (ConfigError, ShardError, StoreError, SugarCrepeError, RunFolderError, NonFiniteLossError,
+               DistributedSetupError, FileNotFoundError, FileExistsError)
 
 
 def _settings(parser: argparse.ArgumentParser) -> None:

@@ -1,12 +1,15 @@
-"""The training loop, its run folder, resume, store checks, optimiser groups, schedule and checkpoints."""
+"""The training loop, its run folder, resume, store checks, optimiser groups, schedule and checkpoints;
+non-finite steps, TensorBoard, and the precision/compile switches on CPU."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +21,11 @@ from lift_fast.data.shards import ShardError
 from lift_fast.embed import StoreMismatchError
 from lift_fast.embed.encoder import resolve_model
 from lift_fast.models.vit import build_model
-from lift_fast.train import RunFolderError
+from lift_fast.train import NonFiniteLossError, RunFolderError
 from lift_fast.train import checkpoint as checkpoint_module
+from lift_fast.train import device as device_module
 from lift_fast.train import loop as loop_module
+from lift_fast.train import metrics as metrics_module
 from lift_fast.train.checkpoint import complete_checkpoints, latest_checkpoint, load_weights, save_checkpoint
 from lift_fast.train.loop import MetricsLog, TrainingInterrupted, check_store, train
 from lift_fast.train.optim import build_optimizer, build_scheduler, cosine_schedule, parameter_groups
@@ -53,9 +58,12 @@ def test_loss_decreases(trained_run):
     assert all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert result["step"] == 30 and result["loss"] == losses[-1]
-    assert set(result) == {"step", "loss", "seconds", "samples_per_second", "skipped", "checkpoint"}
-    # the mean over the run: 30 batches of 16 in the loop's time
-    assert result["samples_per_second"] == pytest.approx(30 * 16 / result["seconds"], rel=1e-6)
+    assert set(result) == {"step", "loss", "seconds", "samples_per_second", "compile_seconds", "nonfinite_steps",
+                           "skipped", "checkpoint"}
+    # the mean over the run after the first step (timed apart): 29 batches of 16 in the rest of the loop's time
+    assert 0 < result["compile_seconds"] < result["seconds"] and result["nonfinite_steps"] == 0
+    assert result["samples_per_second"] == pytest.approx(29 * 16 / (result["seconds"] - result["compile_seconds"]),
+                                                         rel=1e-6)
 
 
 def test_run_folder(trained_run):
@@ -399,3 +407,179 @@ def test_loss_curve_matches_golden(trained_run):
     assert golden["config"] == TINY, "the tiny config changed: rerun with LIFT_FAST_UPDATE_GOLDEN=1"
     # Other CPUs round differently in BLAS; 0.02 absorbs that over 30 steps, not a real change.
     assert losses == pytest.approx(golden["loss"], abs=0.02)
+
+
+def test_first_step_is_timed_apart(trained_run):
+    run, result = trained_run
+    records = read_metrics(run)
+    assert records[0]["compile_seconds"] == pytest.approx(result["compile_seconds"])
+    assert not any("compile_seconds" in record for record in records[1:])
+    assert all(record["nonfinite_steps"] == 0 and record["grad_norm"] > 0 for record in records)
+
+
+def test_sigusr1_saves_like_sigterm(synth_data, stores, tmp_path, monkeypatch):
+    """SLURM's --signal=USR1@SECONDS warning: finish the step, save it, stop."""
+    run = tmp_path / "run"
+    interrupt_at(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(TrainingInterrupted) as err:
+        train(tiny_config("train.steps=6"), synth_data / "train", stores / "train", run, progress=False)
+    assert (err.value.signum, err.value.step) == (signal.SIGUSR1, 3)
+    assert latest_checkpoint(run).name == "step_000003"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == handlers
+
+
+def test_loader_workers_ignore_the_stop_signals(synth_data, stores, tmp_path, monkeypatch):
+    """SLURM and torchrun signal every process of a job, loader workers included. A worker must not
+    die of it (the main process would then fail on the next batch instead of saving): the main
+    process alone acts on the signal, and it stops the workers itself."""
+    def sigterm_the_workers():
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid()):
+                os.kill(int(entry.name), signal.SIGTERM)  # a child of this process: the loader's worker
+
+    interrupt_at(monkeypatch, 2, sigterm_the_workers)
+    # 12 steps: more batches than the worker has prefetched when it gets the signal
+    result = train(tiny_config("train.steps=12", "data.num_workers=1"), synth_data / "train", stores / "train",
+                   tmp_path / "run", progress=False)
+    assert result["step"] == 12
+
+
+def nan_loss_at(monkeypatch, steps, snapshots: dict | None = None) -> None:
+    """Make the loss of the given (1-based) training steps NaN, still in the graph. snapshots: filled
+    with {step: copies of the head's first weight} as it is when each step's loss is computed."""
+    loss = loop_module.contrastive_loss
+    calls = []
+    build = loop_module.build_optimizer
+
+    def optimizer_kept(model, train_cfg):
+        calls.append(model)
+        return build(model, train_cfg)
+
+    def wrapped(*args):
+        calls.append(None)
+        step = len(calls) - 1
+        if snapshots is not None:
+            snapshots[step] = calls[0].head.fc1.weight.detach().clone()
+        value = loss(*args)
+        return value * float("nan") if step in steps else value
+
+    monkeypatch.setattr(loop_module, "build_optimizer", optimizer_kept)
+    monkeypatch.setattr(loop_module, "contrastive_loss", wrapped)
+
+
+def test_nonfinite_loss_skips_the_update_and_is_counted(synth_data, stores, tmp_path, monkeypatch):
+    run, weights = tmp_path / "run", {}
+    nan_loss_at(monkeypatch, {2, 3, 5}, weights)
+    result = train(tiny_config("train.steps=6", "train.checkpoint_every=0"), synth_data / "train", stores / "train",
+                   run, progress=False)
+    records = read_metrics(run)
+    assert [record["loss"] is None for record in records] == [False, True, True, False, True, False]
+    assert [record["nonfinite_steps"] for record in records] == [0, 1, 2, 2, 3, 3]
+    assert result["nonfinite_steps"] == 3 and math.isfinite(result["loss"])
+    # steps 2 and 3 left the weights as step 1 made them; steps 1 and 4 moved them
+    assert torch.equal(weights[2], weights[3]) and torch.equal(weights[3], weights[4])
+    assert not torch.equal(weights[1], weights[2]) and not torch.equal(weights[4], weights[5])
+    assert torch.equal(weights[5], weights[6])
+    # the schedule counts skipped steps: the lr is the schedule's at every step
+    for record in records:
+        assert record["lr"] == pytest.approx(cosine_schedule(record["step"], steps=6, warmup_steps=3, lr=3e-3))
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[1])["loss"] is None  # strict JSON: null
+
+
+def test_nonfinite_steps_in_a_row_stop_training(synth_data, stores, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    nan_loss_at(monkeypatch, set(range(3, 100)))
+    cfg = tiny_config("train.steps=20", "train.max_nonfinite=4", "train.checkpoint_every=2")
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, synth_data / "train", stores / "train", run, progress=False)
+    message = str(err.value)
+    assert err.value.step == 6 and message.startswith("step 6: loss nan")
+    assert "train.max_nonfinite=4" in message and "last updated at step 2" in message
+    assert str(run / "checkpoints" / "step_000004") in message
+    assert [record["step"] for record in read_metrics(run)] == [1, 2, 3, 4, 5]
+
+
+def test_tensorboard_has_the_metrics(synth_data, stores, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(tiny_config("train.steps=3", "train.checkpoint_every=0"), synth_data / "train", stores / "train", run,
+          progress=False)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    records = read_metrics(run)
+    for name in ("loss", "lr", "logit_scale", "samples_per_second", "grad_norm", "nonfinite_steps"):
+        curve = events.Scalars(f"train/{name}")
+        assert [point.step for point in curve] == [1, 2, 3]
+        assert [point.value for point in curve] == pytest.approx([record[name] for record in records], rel=1e-6)
+    assert [point.step for point in events.Scalars("train/compile_seconds")] == [1]
+
+
+def test_tensorboard_off_or_missing(synth_data, stores, tmp_path, monkeypatch, caplog):
+    cfg = tiny_config("train.steps=1", "train.checkpoint_every=0")
+    train(tiny_config("train.steps=1", "train.tensorboard=false"), synth_data / "train", stores / "train",
+          tmp_path / "off", progress=False)
+    assert not (tmp_path / "off" / "tensorboard").exists()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    monkeypatch.setattr(metrics_module, "_told_tensorboard_missing", False)
+    with caplog.at_level(logging.WARNING, logger=metrics_module.__name__):
+        for name in ("missing", "missing_again"):
+            train(cfg, synth_data / "train", stores / "train", tmp_path / name, progress=False)
+            assert (tmp_path / name / "metrics.jsonl").is_file() and not (tmp_path / name / "tensorboard").exists()
+    assert len([r for r in caplog.records if "tensorboard package is not installed" in r.getMessage()]) == 1
+
+
+def features_dtype(monkeypatch) -> list:
+    """Record the dtypes of the image features and text embeddings each step's loss gets."""
+    loss, seen = loop_module.contrastive_loss, []
+
+    def wrapped(loss_fn, image_features, text_embeddings, *rest):
+        seen.append((image_features.dtype, text_embeddings.dtype))
+        return loss(loss_fn, image_features, text_embeddings, *rest)
+
+    monkeypatch.setattr(loop_module, "contrastive_loss", wrapped)
+    return seen
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("auto", torch.float32),
+                                              ("fp32", torch.float32)])
+def test_precision_on_cpu(synth_data, stores, tmp_path, monkeypatch, precision, dtype):
+    seen = features_dtype(monkeypatch)
+    result = train(tiny_config("train.steps=3", "train.checkpoint_every=0", f"train.precision={precision}"),
+                   synth_data / "train", stores / "train", tmp_path / "run", progress=False)
+    assert seen == [(dtype, dtype)] * 3
+    losses = [record["loss"] for record in read_metrics(tmp_path / "run")]
+    assert all(math.isfinite(loss) for loss in losses) and result["nonfinite_steps"] == 0
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step_000003" / "model.safetensors"))
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())  # autocast keeps fp32 master weights
+
+
+@pytest.mark.parametrize("choice, compiled", [("auto", False), ("off", False), ("on", True)])
+def test_compile_switch_on_cpu(synth_data, stores, tmp_path, monkeypatch, choice, compiled):
+    """auto and off run eagerly on CPU; on hands the model to torch.compile (stubbed here: compiling
+    takes minutes on a small CPU) and times the first step apart."""
+    compiled_modules = []
+
+    def fake_compile(module, *args, **kwargs):
+        compiled_modules.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    result = train(tiny_config("train.steps=2", "train.checkpoint_every=0", f"train.compile={choice}"),
+                   synth_data / "train", stores / "train", tmp_path / "run", progress=False)
+    assert len(compiled_modules) == int(compiled)
+    if compiled:
+        assert isinstance(compiled_modules[0], torch.nn.Module) and hasattr(compiled_modules[0], "logit_scale")
+    assert 0 < result["compile_seconds"] < result["seconds"]
+    assert read_metrics(tmp_path / "run")[0]["compile_seconds"] == pytest.approx(result["compile_seconds"])
+
+
+def test_compile_on_without_a_compiler_is_refused(synth_data, stores, tmp_path, monkeypatch):
+    monkeypatch.setattr(device_module.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="train.compile=on: .*C\\+\\+ compiler"):
+        train(tiny_config("train.compile=on"), synth_data / "train", stores / "train", tmp_path / "run",
+              progress=False)
+    assert not (tmp_path / "run").exists()

@@ -35,6 +35,11 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(PATTERN.fullmatch(p.name).group(1)))
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """The folder checkpoint `step` of a run is (or will be) saved in."""
+    return checkpoint_dir(run_dir) / f"step_{step:06d}"
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder, or None."""
     found = complete_checkpoints(run_dir)
@@ -54,7 +59,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
     """Write checkpoint `step` atomically and delete all but the newest `keep` complete ones."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
+    final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -1,16 +1,20 @@
 """`lift-fast train`: the ViT + LIFT head trained with InfoNCE against fixed caption embeddings.
 
-Builders live with what they build (model in models/, data in data/, optimiser in train/optim.py);
-this module wires them and runs the loop. Outputs in the run folder: config.yaml, metrics.jsonl,
-checkpoints/step_NNNNNN/. The run folder is written only once every input has been checked (store,
-shards, model settings, the checkpoint to resume from), so a refused start leaves nothing behind.
-Ctrl-C or SIGTERM saves the last finished step before the run stops.
+Builders live with what they build (model in models/, data in data/, optimiser in train/optim.py,
+process group in train/distributed.py, device switches in train/device.py, logs in
+train/metrics.py); this module wires them and runs the loop. Outputs in the run folder:
+config.yaml, metrics.jsonl, tensorboard/, checkpoints/step_NNNNNN/. The run folder is written only
+once every input has been checked (store, shards, model settings, the checkpoint to resume from),
+so a refused start leaves nothing behind. Ctrl-C, SIGTERM or SIGUSR1 saves the last finished step
+before the run stops.
+
+Under torchrun every rank runs `train`; rank 0 alone writes the run folder, the others wait for
+it at each checkpoint. docs/training.md has the launch commands and what is logged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -20,20 +24,26 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from lift_fast.config import Config, ConfigError, check_changes, load_config, load_run_config, save_config
 from lift_fast.data.loader import build_loader
 from lift_fast.embed.encoder import resolve_model, weights_sha256
 from lift_fast.embed.store import EMBED_SETTINGS, check_manifest, read_manifest
-from lift_fast.kernels import clip_loss, siglip_loss
+from lift_fast.kernels import ClipLoss, SigLipLoss
 from lift_fast.models.vit import build_model
+from lift_fast.train import NonFiniteLossError, distributed
 from lift_fast.train.checkpoint import (
     RunFolderError,
+    checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from lift_fast.train.device import autocast, resolve_compile, resolve_precision
+from lift_fast.train.distributed import Distributed
+from lift_fast.train.metrics import MetricsLog, RunLog
 from lift_fast.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -41,11 +51,18 @@ log = logging.getLogger(__name__)
 # Settings a resumed run may change; any other would not fit the checkpoint or would silently make
 # the run a different one than its config.yaml says.
 RESUME_SETTINGS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                   "train.threads", "data.num_workers")
+                   "train.threads", "data.num_workers", "train.precision", "train.compile", "train.tensorboard",
+                   "train.max_nonfinite")
+
+# Signals that stop training after the current step, saving it: SIGTERM (preemption, scancel, the
+# end of a SLURM time limit) and SIGUSR1 (SLURM's --signal=USR1@SECONDS warning ahead of it).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+__all__ = ["MetricsLog", "TrainingInterrupted", "check_store", "run_config", "train"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C (SIGINT) or SIGTERM.
+    """Training stopped by Ctrl-C (SIGINT), SIGTERM or SIGUSR1.
 
     signum: the signal; step: the newest saved step, the one `--resume auto` continues from;
     checkpoint: its folder (None when the run has none yet).
@@ -95,96 +112,140 @@ def run_config(run_dir: str | Path, resume: str | None, config_path: str | Path 
     return load_run_config(saved, config_path, overrides, allowed=RESUME_SETTINGS, action="resuming a run")
 
 
-def contrastive_loss(cfg: Config, image_features, text_embeddings, logit_scale, logit_bias):
+def build_loss(cfg: Config, ctx: Distributed) -> nn.Module:
+    """The contrastive loss of train.loss. Under torch.distributed each rank's value is its part of
+    the global-batch loss (local rows against all ranks' texts), so the mean over ranks is the
+    global-batch loss and DDP's gradient average is its gradient."""
     if cfg.train.loss == "siglip":
-        return siglip_loss(image_features, text_embeddings, logit_scale, logit_bias)
-    return clip_loss(image_features, text_embeddings, logit_scale)
+        return SigLipLoss(rank=ctx.rank, world_size=ctx.world_size)
+    return ClipLoss(local_loss=True, gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size)
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, appended and flushed.
+def contrastive_loss(loss_fn: nn.Module, image_features, text_embeddings, logit_scale, logit_bias):
+    """One step's loss: image_features [b, D], text_embeddings [b, D], logit_scale (exponentiated)."""
+    return loss_fn(image_features, text_embeddings, logit_scale, logit_bias)
 
-    On resume, lines past the checkpoint are dropped so the file reads as one uninterrupted run; a
-    cut-off last line (a crash mid-write) is dropped too. Any other unreadable line is a
-    RunFolderError naming the file and line.
-    """
 
-    def __init__(self, path: Path, resume_step: int):
-        if path.exists():
-            kept = self._records_up_to(path, resume_step) if resume_step > 0 else []
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self.file = path.open("a", encoding="utf-8")
-
-    @staticmethod
-    def _records_up_to(path: Path, resume_step: int) -> list[str]:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise RunFolderError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-        lines = text.splitlines()
-        kept = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                step = json.loads(line)["step"]
-                if not isinstance(step, int):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
-                if number == len(lines) and not text.endswith("\n"):
-                    log.warning("%s: dropping its cut-off last line (written when the run stopped)", path)
-                    continue
-                raise RunFolderError(f"{path}: line {number} is not a metrics record (a JSON object with an "
-                                     f"integer step): {line[:80]!r}") from None
-            if step <= resume_step:
-                kept.append(line)
-        return kept
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
+def local_batch_size(cfg: Config, world_size: int) -> int:
+    """train.batch_size (global) split over the ranks; ConfigError naming it when it does not split evenly."""
+    batch_size = cfg.train.batch_size
+    if batch_size % world_size:
+        lower, higher = batch_size // world_size * world_size, (batch_size // world_size + 1) * world_size
+        choices = f"{lower} or {higher}" if lower else f"{higher}"
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch and does not split evenly over the "
+                          f"{world_size} ranks of this job (WORLD_SIZE={world_size}); use a multiple of "
+                          f"{world_size}, e.g. train.batch_size={choices}")
+    return batch_size // world_size
 
 
 @contextlib.contextmanager
-def _sigterm_requests() -> Iterator[list[int]]:
-    """While open, SIGTERM appends to the yielded list instead of killing the process (main thread only)."""
+def _stop_requests() -> Iterator[list[int]]:
+    """While open, SIGTERM and SIGUSR1 append to the yielded list instead of killing the process
+    (main thread only: elsewhere Python cannot install handlers, and the list stays empty)."""
     requests: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requests
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: requests.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: requests.append(signum)) for signum in STOP_SIGNALS}
     try:
         yield requests
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn of the loader's workers: SIGTERM and SIGUSR1 are for the main process."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class Throughput:
+    """Samples per second over a run's steps, with the first step of each `train` call (torch.compile
+    traces and compiles in it; caches and allocators warm up) timed apart as compile_seconds."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.data_wait = 0.0  # seconds waiting for batches in the current window
+        self.first_seconds: float | None = None
+        self.first_samples, self.first_wait = 0, 0.0
+        self.window_start, self.window_samples, self.steady_samples = self.started, 0, 0
+
+    def step_done(self, samples: int) -> None:
+        """Count a finished step of `samples` samples (global: all ranks)."""
+        now = time.perf_counter()
+        if self.first_seconds is None:
+            self.first_seconds, self.first_samples, self.first_wait = now - self.started, samples, self.data_wait
+            self.window_start, self.data_wait = now, 0.0
+            return
+        self.window_samples += samples
+        self.steady_samples += samples
+
+    def window(self) -> dict:
+        """samples_per_second and data_wait_fraction since the last call, then a new window. A
+        window holding only the first step reports that step (the only one there is)."""
+        now = time.perf_counter()
+        if self.window_samples:
+            elapsed = now - self.window_start
+            numbers = {"samples_per_second": self.window_samples / elapsed,
+                       "data_wait_fraction": self.data_wait / elapsed}
+        else:
+            numbers = {"samples_per_second": self.first_samples / self.first_seconds,
+                       "data_wait_fraction": self.first_wait / self.first_seconds}
+        self.window_start, self.window_samples, self.data_wait = time.perf_counter(), 0, 0.0
+        return numbers
+
+    def summary(self) -> dict:
+        """seconds (the whole loop), compile_seconds (the first step) and samples_per_second (the
+        steps after the first; the first's rate when it was the only one)."""
+        seconds = time.perf_counter() - self.started
+        first = self.first_seconds or 0.0
+        if self.steady_samples:
+            rate = self.steady_samples / (seconds - first)
+        else:
+            rate = self.first_samples / first if first else 0.0
+        return {"seconds": seconds, "samples_per_second": rate, "compile_seconds": first}
 
 
 def train(cfg: Config, data_dir: str | Path, embeddings_dir: str | Path, run_dir: str | Path, *,
           resume: str | None = None, progress: bool = True) -> dict:
-    """Train the image tower.
+    """Train the image tower, in this process or, under torchrun, as one rank of a DDP job.
 
     resume: None (start fresh; refuses a run folder that already has checkpoints), "auto" (continue
     from the newest complete checkpoint, or start fresh) or a checkpoint folder. When resuming, cfg
     may differ from the run's saved config.yaml only in RESUME_SETTINGS (see `run_config`).
-    Returns {"step": last step, "loss": its loss, "seconds": time in the loop, "samples_per_second":
-    the mean over this call's steps, "skipped": samples skipped (data.on_error=skip), "checkpoint":
+    Under torchrun (RANK, WORLD_SIZE, ... set) each rank takes train.batch_size / WORLD_SIZE
+    samples a step and the loss is that of the global batch; rank 0 writes the run folder.
+    Returns {"step": last step, "loss": its loss (mean over ranks), "seconds": time in the loop,
+    "samples_per_second": global samples per second over this call's steps after the first,
+    "compile_seconds": the first step's time, "nonfinite_steps": steps skipped for a NaN/inf
+    loss over the run, "skipped": samples skipped (data.on_error=skip, all ranks), "checkpoint":
     the final checkpoint folder}.
     Raises ConfigError/StoreError/ShardError naming the bad setting, file or key, and RunFolderError
-    for a checkpoint that does not fit; all before the run folder is written. On Ctrl-C or SIGTERM it
-    saves the last finished step and raises TrainingInterrupted.
+    for a checkpoint that does not fit; all before the run folder is written. Raises
+    NonFiniteLossError after train.max_nonfinite non-finite steps in a row. On Ctrl-C, SIGTERM or
+    SIGUSR1 it saves the last finished step and raises TrainingInterrupted.
     """
     run_dir = Path(run_dir)
+    batch_size = local_batch_size(cfg, distributed.launch_world_size())
     start_ckpt = _resume_point(run_dir, resume)
     if start_ckpt is not None and (saved := _saved_config(run_dir, start_ckpt)) is not None:
         check_changes(load_config(saved), cfg, RESUME_SETTINGS, source=saved, action="resuming a run")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     manifest = check_store(embeddings_dir, cfg)
+    ctx = distributed.setup()
+    try:
+        return _train(cfg, ctx, data_dir, embeddings_dir, run_dir, manifest, start_ckpt, batch_size, progress)
+    finally:
+        distributed.teardown(ctx)
 
+
+def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Path, manifest: dict,
+           start_ckpt: Path | None, batch_size: int, progress: bool) -> dict:
+    device = ctx.device
+    precision = resolve_precision(cfg.train.precision, device)
+    compiled = resolve_compile(cfg.train.compile, device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.data.image_size, int(manifest["dim"]), cfg.train.logit_scale_init).to(device)
     logit_bias = torch.nn.Parameter(torch.tensor(-10.0, device=device)) if cfg.train.loss == "siglip" else None
@@ -192,93 +253,147 @@ def train(cfg: Config, data_dir: str | Path, embeddings_dir: str | Path, run_dir
         model.register_parameter("logit_bias", logit_bias)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    step = 0
+    step, nonfinite = 0, 0
     if start_ckpt is not None:
-        step = load_checkpoint(start_ckpt, model, optimizer, scheduler)["step"]
+        state = load_checkpoint(start_ckpt, model, optimizer, scheduler)
+        step, nonfinite = state["step"], state["extra"].get("nonfinite_steps", 0)
         log.info("resumed from %s at step %d", start_ckpt, step)
-    loader = build_loader(data_dir, embeddings_dir, split="train", batch_size=cfg.train.batch_size,
+    forward = distributed.wrap_model(model, ctx)
+    if compiled:
+        forward = torch.compile(forward)
+    loss_fn = build_loss(cfg, ctx)
+    loader = build_loader(data_dir, embeddings_dir, split="train", batch_size=batch_size,
                           image_size=cfg.data.image_size, backend=cfg.data.backend, seed=cfg.train.seed + step,
-                          num_workers=cfg.data.num_workers, crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+                          rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
+                          crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
                           shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error)
     _check_batch_size(cfg, loader.dataset.shards, manifest, embeddings_dir)
     # Everything is checked and the checkpoint has loaded: only now is the run folder written.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    run_log = None
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        run_log = RunLog(run_dir, step, tensorboard=cfg.train.tensorboard)
+    distributed.barrier(ctx)
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", step)
-    batches = iter(loader)  # starts the worker processes, which must keep the default SIGTERM action
-    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    started, window_start, window_samples, data_wait, skipped, loss_value = time.perf_counter(), time.perf_counter(), 0, 0.0, 0, float("nan")
-    saved_step, run_samples, updating = step, 0, False
+    # SLURM and torchrun signal every process of the job, loader workers included; a worker killed by
+    # SIGTERM would make the loader raise in the main process while it saves. Workers ignore the stop
+    # signals instead: the main process stops them when it is done (or they see it gone and exit).
+    loader.worker_init_fn = _ignore_stop_signals
+    batches = iter(loader)  # starts the worker processes
+    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step",
+               disable=not progress or not ctx.is_main, dynamic_ncols=True)
+    speed, skipped, loss_value, in_a_row = Throughput(), 0, float("nan"), 0
+    saved_step, updating, first_record = step, False, True
     model.train()
     try:
-        with _sigterm_requests() as sigterm:
+        with _stop_requests() as stop_signals:
             while step < cfg.train.steps:
-                if sigterm:  # checked once per step, between steps, where the state is consistent
-                    raise TrainingInterrupted(signal.SIGTERM)
                 wait_start = time.perf_counter()
                 batch = next(batches)
-                data_wait += time.perf_counter() - wait_start
-                images = batch["images"].to(device, non_blocking=True)
-                text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)
+                speed.data_wait += time.perf_counter() - wait_start
+                images = batch["images"].to(device, non_blocking=True)  # [b, 3, H, W]
+                text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)  # [b, D]
                 if not manifest["normalized"]:
                     text_embeddings = torch.nn.functional.normalize(text_embeddings, dim=-1)
-                skipped += batch["skipped"]
 
-                loss = contrastive_loss(cfg, model(images), text_embeddings, model.logit_scale.exp(), logit_bias)
+                with autocast(device, precision):
+                    image_features = forward(images)  # [b, D]
+                # The loss runs outside autocast, in the features' dtype (bf16 GEMMs, float32 statistics).
+                loss = contrastive_loss(loss_fn, image_features, text_embeddings.to(image_features.dtype),
+                                        model.logit_scale.exp(), logit_bias)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                updating = True  # an interrupt from here to the step count may leave half-updated weights
-                optimizer.step()
+                loss_value, stop, batch_skipped = distributed.agree(ctx, loss, bool(stop_signals), batch["skipped"])
+                skipped += batch_skipped
+                grad_norm = None
+                if cfg.train.grad_clip > 0 and math.isfinite(loss_value):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
+                if math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)):
+                    updating = True  # an interrupt from here to the step count may leave half-updated weights
+                    optimizer.step()
+                    with torch.no_grad():
+                        model.logit_scale.clamp_(0, math.log(cfg.train.logit_scale_max))
+                    in_a_row = 0
+                else:  # no update; the step still counts, so the schedule and the data move on
+                    optimizer.zero_grad(set_to_none=True)
+                    nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                    _check_nonfinite(cfg, ctx, run_dir, step + 1, loss_value, grad_norm, in_a_row)
                 scheduler.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(cfg.train.logit_scale_max))
                 step += 1
                 updating = False
-                window_samples += images.shape[0]
-                run_samples += images.shape[0]
-                loss_value = loss.item()
+                speed.step_done(images.shape[0] * ctx.world_size)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
 
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    elapsed = time.perf_counter() - window_start
-                    metrics.write({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                                   "logit_scale": model.logit_scale.exp().item(),
-                                   "samples_per_second": window_samples / elapsed,
-                                   "data_wait_fraction": data_wait / elapsed, "skipped": skipped,
-                                   "elapsed_s": time.perf_counter() - started})
-                    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
+                if run_log is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+                    record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                              "logit_scale": model.logit_scale.exp().item(), **speed.window(), "skipped": skipped,
+                              "nonfinite_steps": nonfinite, "elapsed_s": time.perf_counter() - speed.started}
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    if first_record:
+                        record["compile_seconds"] = speed.first_seconds
+                        first_record = False
+                    run_log.write(record)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-                    save_checkpoint(run_dir, step, model, optimizer, scheduler, keep=cfg.train.keep_checkpoints)
+                    if ctx.is_main:
+                        save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                                        extra={"nonfinite_steps": nonfinite}, keep=cfg.train.keep_checkpoints)
+                    distributed.barrier(ctx)
                     saved_step = step
+                if stop and step < cfg.train.steps:  # every rank saw the same flag, at this same step
+                    raise TrainingInterrupted(stop_signals[0] if stop_signals else signal.SIGTERM)
     except KeyboardInterrupt as err:
+        raise _save_on_interrupt(err, ctx, run_dir, step if not updating else saved_step, saved_step,
+                                 (model, optimizer, scheduler), {"nonfinite_steps": nonfinite},
+                                 cfg.train.keep_checkpoints) from None
+    finally:
         bar.close()
-        metrics.close()
-        raise _save_on_interrupt(err, run_dir, step if not updating else saved_step, saved_step,
-                                 (model, optimizer, scheduler), cfg.train.keep_checkpoints) from None
-    bar.close()
-    metrics.close()
-    final = save_checkpoint(run_dir, step, model, optimizer, scheduler, keep=cfg.train.keep_checkpoints)
-    seconds = time.perf_counter() - started
-    return {"step": step, "loss": loss_value, "seconds": seconds,
-            "samples_per_second": run_samples / seconds if run_samples else 0.0, "skipped": skipped,
-            "checkpoint": str(final)}
+        if run_log is not None:
+            run_log.close()
+    if ctx.is_main:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, extra={"nonfinite_steps": nonfinite},
+                        keep=cfg.train.keep_checkpoints)
+    distributed.barrier(ctx)
+    return {"step": step, "loss": loss_value, **speed.summary(), "nonfinite_steps": nonfinite, "skipped": skipped,
+            "checkpoint": str(checkpoint_path(run_dir, step))}
 
 
-def _save_on_interrupt(err: KeyboardInterrupt, run_dir: Path, finished: int, saved_step: int, state: tuple,
-                       keep: int) -> TrainingInterrupted:
-    """Save step `finished` unless it is already the newest checkpoint; the exception to raise.
+def _check_nonfinite(cfg: Config, ctx: Distributed, run_dir: Path, step: int, loss_value: float,
+                     grad_norm: float | None, in_a_row: int) -> None:
+    """Warn about a skipped step; raise NonFiniteLossError when it is the train.max_nonfinite-th in a row."""
+    what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
+    if ctx.is_main:
+        log.warning("step %d: %s is not finite; the update is skipped (%d in a row, train.max_nonfinite=%d)",
+                    step, what, in_a_row, cfg.train.max_nonfinite)
+    if in_a_row >= cfg.train.max_nonfinite:
+        newest = latest_checkpoint(run_dir)
+        raise NonFiniteLossError(
+            f"step {step}: {what}, the {in_a_row}th non-finite step in a row, which reaches train.max_nonfinite="
+            f"{cfg.train.max_nonfinite}; training stopped. The weights were last updated at step {step - in_a_row}"
+            f"{f'; the newest checkpoint is {newest}' if newest else ''}. Lower train.lr or raise train.warmup_steps, "
+            f"check the data, or raise train.max_nonfinite to ride out longer runs of bad steps.", step)
+
+
+def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, finished: int, saved_step: int,
+                       state: tuple, extra: dict, keep: int) -> TrainingInterrupted:
+    """Save step `finished` (rank 0) unless it is already the newest checkpoint; the exception to raise.
 
     finished: the last step whose update completed (saved_step when the interrupt came in the
-    middle of an update, whose weights cannot be trusted).
+    middle of an update, whose weights cannot be trusted). A TrainingInterrupted raised by the loop
+    stopped every rank at the same step, so the others wait for rank 0's checkpoint; a Ctrl-C
+    reaches the ranks anywhere, so nobody waits (rank 0 saves what it has).
     """
     signum = getattr(err, "signum", signal.SIGINT)
+    agreed = isinstance(err, TrainingInterrupted)
     if finished > saved_step:
-        checkpoint = save_checkpoint(run_dir, finished, *state, keep=keep)
-        log.warning("interrupted: saved step %d in %s", finished, checkpoint)
+        checkpoint = checkpoint_path(run_dir, finished)
+        if ctx.is_main:
+            checkpoint = save_checkpoint(run_dir, finished, *state, extra=extra, keep=keep)
+            log.warning("interrupted: saved step %d in %s", finished, checkpoint)
+        if agreed:
+            distributed.barrier(ctx)
         return TrainingInterrupted(signum, finished, checkpoint)
     checkpoint = latest_checkpoint(run_dir)
     return TrainingInterrupted(signum, saved_step if checkpoint is not None else 0, checkpoint)

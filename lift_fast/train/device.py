@@ -1,0 +1,82 @@
+"""The device switches of `lift-fast train`: bf16 autocast (train.precision) and torch.compile
+(train.compile).
+
+`auto` takes the fast path on CUDA (bf16 autocast, compiled model) and the plain one on CPU (fp32,
+eager), and logs which it took. An explicit choice is honoured where it can run, and is a
+ConfigError saying why where it cannot. bf16 on CPU runs under torch.autocast("cpu"), which is
+slow on most CPUs but lets a CPU check the bf16 path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+
+import torch
+
+from lift_fast.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.precision on `device`: torch.bfloat16, or None (plain fp32).
+
+    Raises ConfigError for bf16 on a GPU without bfloat16 support, naming the setting.
+    """
+    cuda = device.type == "cuda"
+    bf16_ok = not cuda or torch.cuda.is_bf16_supported()
+    if choice == "fp32":
+        return None
+    if choice == "bf16":
+        if not bf16_ok:
+            raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                              "use train.precision=fp32 or auto")
+        return torch.bfloat16
+    if choice != "auto":
+        raise ConfigError(f"train.precision={choice!r} is not one of auto, bf16, fp32")
+    if cuda and bf16_ok:
+        log.info("train.precision=auto: bf16 autocast on %s", device)
+        return torch.bfloat16
+    log.info("train.precision=auto: fp32 on %s%s", device, " (no bfloat16 support)" if cuda else "")
+    return None
+
+
+def _cpp_compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def resolve_compile(choice: str, device: torch.device) -> bool:
+    """Whether to torch.compile the model for train.compile on `device`.
+
+    Raises ConfigError for train.compile=on where the compiler cannot run: no Triton on CUDA, no
+    C++ compiler on CPU (inductor generates and builds code with them).
+    """
+    cuda = device.type == "cuda"
+    if choice == "off":
+        return False
+    if choice == "on":
+        if cuda and importlib.util.find_spec("triton") is None:
+            raise ConfigError("train.compile=on: torch.compile on CUDA needs Triton, which is not installed; "
+                              "pip install triton, or use train.compile=off")
+        if not cuda and _cpp_compiler() is None:
+            raise ConfigError("train.compile=on: torch.compile on CPU needs a C++ compiler (g++, clang++ or $CXX), "
+                              "and none is on PATH; install one or use train.compile=off")
+        return True
+    if choice != "auto":
+        raise ConfigError(f"train.compile={choice!r} is not one of auto, on, off")
+    log.info("train.compile=auto: %s on %s", "compiled" if cuda else "eager", device)
+    return cuda
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast on `device` in `dtype`, or a no-op context for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

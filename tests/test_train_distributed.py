@@ -1,0 +1,128 @@
+"""train() as two DDP ranks (gloo, forked processes, the torchrun environment variables set) against
+one process on the same global batches.
+
+The loader gives each rank its own shards when there are at least as many shards as readers, so
+in general a 2-rank step sees other samples than a 1-process step (equally valid, not equal). It
+gives the same global batches when every reader walks all shards, keeping samples r, r+W, ... of
+the one stream: a data folder of one shard, a shuffle buffer of 1 (the stream's order) and crops
+that do not depend on the random draw (crop_scale 1,1 on images of the training size). That is
+the deterministic mode these tests use, and `test_ranks_split_the_single_process_batches` checks
+it on the loader itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from lift_fast.config import ConfigError, load_config
+from lift_fast.data import build_loader
+from lift_fast.train.loop import train
+
+WORLD_SIZE = 2
+# One shard of 16 samples, global batch 8: steps alternate between its two halves.
+DETERMINISTIC = ["data.shuffle_buffer=1", "data.crop_scale=1,1", "data.num_workers=0"]
+CONFIG = ["data.image_size=32", "model.depth=1", "train.steps=6", "train.batch_size=8", "train.lr=3e-3",
+          "train.warmup_steps=2", "train.log_every=1", "train.checkpoint_every=3", "train.tensorboard=false",
+          *DETERMINISTIC]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_shard(synth_data, tmp_path_factory):
+    """A data folder holding one shard of the training set (the store has its rows)."""
+    folder = tmp_path_factory.mktemp("one_shard")
+    (folder / "00000.tar").symlink_to(synth_data / "train" / "00000.tar")
+    return folder
+
+
+def _rank_main(rank: int, port: int, overrides: list[str], data, store, run) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = train(load_config(overrides=overrides), data, store, run, progress=False)
+    (run.parent / f"result.rank{rank}.json").write_text(json.dumps(result))
+
+
+def _two_ranks(overrides, data, store, run):
+    # fork: the children inherit the imported torch instead of importing it again (seconds each)
+    mp.start_processes(_rank_main, args=(_free_port(), overrides, data, store, run), nprocs=WORLD_SIZE, join=True,
+                       start_method="fork")
+    return [json.loads((run.parent / f"result.rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+
+def _metric(run, name: str) -> list[float]:
+    return [json.loads(line)[name] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ranks_split_the_single_process_batches(one_shard, stores):
+    """In the deterministic mode the union of the ranks' batches is the single-process batch, image for image."""
+    common = dict(split="train", image_size=32, seed=3, num_workers=0, crop_scale=(1.0, 1.0), shuffle_buffer=1)
+    single = iter(build_loader(one_shard, stores / "train", batch_size=8, **common))
+    ranks = [iter(build_loader(one_shard, stores / "train", batch_size=4, rank=rank, world_size=WORLD_SIZE, **common))
+             for rank in range(WORLD_SIZE)]
+    seen = set()
+    for _ in range(5):
+        expected = next(single)
+        parts = [next(loader) for loader in ranks]
+        images = {key: image for part in parts for key, image in zip(part["keys"], part["images"])}
+        assert sorted(images) == sorted(expected["keys"])
+        for key, image in zip(expected["keys"], expected["images"]):
+            torch.testing.assert_close(images[key], image, rtol=0, atol=0)
+        seen.update(expected["keys"])
+    assert len(seen) == 16  # both halves of the shard came by
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_two_ranks_match_one_process(one_shard, stores, tmp_path, loss):
+    overrides = CONFIG + [f"train.loss={loss}"]
+    single = train(load_config(overrides=overrides), one_shard, stores / "train", tmp_path / "single" / "run",
+                   progress=False)
+    run = tmp_path / "ddp" / "run"
+    results = _two_ranks(overrides, one_shard, stores / "train", run)
+
+    # the logged loss is the mean over ranks of their local parts: the global-batch loss
+    expected = _metric(tmp_path / "single" / "run", "loss")
+    assert len(expected) == 6
+    assert _metric(run, "loss") == pytest.approx(expected, rel=1e-5)
+    # the gradient after DDP's average is the global-batch gradient, scale included (Adam would
+    # hide a wrong scale in the weights)
+    assert _metric(run, "grad_norm") == pytest.approx(_metric(tmp_path / "single" / "run", "grad_norm"), rel=1e-4)
+    for result in results:
+        assert result["step"] == 6 and result["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        assert result["checkpoint"] == str(run / "checkpoints" / "step_000006")
+    final = load_file(str(run / "checkpoints" / "step_000006" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "single" / "run" / "checkpoints" / "step_000006" / "model.safetensors"))
+    assert final.keys() == reference.keys()
+    # Adam moves a weight by up to about lr a step, and divides each gradient by its own size, so the
+    # float32 rounding of a gradient summed in another order shows in the weights at about 1e-6
+    # here; a rank on other data, or a missing term, moves them by about lr (3e-3).
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-3 * 3e-3 * 6, msg=name)
+    # rank 0 alone wrote the run folder: one line per step, one config, the kept checkpoints
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[0]["samples_per_second"] > 0 and "compile_seconds" in records[0]
+    assert load_config(run / "config.yaml") == load_config(overrides=overrides)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+
+
+def test_batch_that_does_not_split_over_the_ranks(stores, synth_data, tmp_path, monkeypatch):
+    for name, value in dict(RANK="0", WORLD_SIZE="4", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"train.batch_size=18 .* 4 ranks .* train.batch_size=16 or 20"):
+        train(load_config(overrides=CONFIG + ["train.batch_size=18"]), synth_data / "train", stores / "train",
+              tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
