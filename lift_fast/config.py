@@ -108,6 +108,7 @@ class TrainConfig:
     compile: str = _field("auto", "torch.compile the model; auto: on for CUDA, off on CPU (quote on/off in YAML)",
                           choices=("auto", "on", "off"))
     tensorboard: bool = _field(True, "also write the metrics as TensorBoard curves under run/tensorboard/")
+    peak_tflops: float = _field(0.0, "peak TFLOP/s for MFU (0: the data-sheet bf16 figure of a known GPU, none on CPU)", min=0.0)
     max_nonfinite: int = _field(10, "NaN/inf losses in a row (each step skipped) before training stops", min=1)
 
 

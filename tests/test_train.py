@@ -583,3 +583,17 @@ def test_compile_on_without_a_compiler_is_refused(synth_data, stores, tmp_path, 
         train(tiny_config("train.compile=on"), synth_data / "train", stores / "train", tmp_path / "run",
               progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_metrics_report_achieved_tflops_and_mfu_when_the_peak_is_given(synth_data, stores, tmp_path):
+    from lift_fast.models.flops import train_flops_per_sample
+    from lift_fast.models.vit import vit_spec
+
+    cfg = tiny_config("train.steps=4", "train.checkpoint_every=0", "train.peak_tflops=2.0")
+    train(cfg, synth_data / "train", stores / "train", tmp_path / "run", progress=False)
+    last = read_metrics(tmp_path / "run")[-1]
+    per_sample = train_flops_per_sample(vit_spec(cfg.model.name, depth=cfg.model.depth), cfg.data.image_size, 384,
+                                        cfg.train.batch_size)
+    assert last["tflops"] == pytest.approx(last["samples_per_second"] * per_sample / 1e12)
+    assert last["mfu"] == pytest.approx(last["tflops"] / 2.0)
+    assert "peak_memory_gib" not in last  # CUDA only

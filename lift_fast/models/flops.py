@@ -45,3 +45,12 @@ def vit_flops_per_image(spec: ViTSpec, image_size: int, text_dim: int, head_hidd
     flops["forward"] = flops["tower"] + flops["head"]
     flops["train"] = 3 * flops["forward"]
     return flops
+
+
+def train_flops_per_sample(spec: ViTSpec, image_size: int, text_dim: int, global_batch: int, *,
+                           head_hidden: int = 0, patch_dropout: float = 0.0, pooling: str = "mean") -> int:
+    """FLOPs of one training step per sample: the tower and head (3 x forward, as `vit_flops_per_image`'s
+    "train") plus the contrastive loss against frozen texts (6 * global_batch * text_dim: the similarity
+    GEMM forward, its recomputation and the image-gradient GEMM backward)."""
+    tower = vit_flops_per_image(spec, image_size, text_dim, head_hidden, patch_dropout, pooling)["train"]
+    return tower + 6 * global_batch * text_dim

@@ -80,3 +80,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+# Dense (no sparsity) peak TFLOP/s of bf16 tensor-core math, from the vendors' data sheets; the
+# denominator of MFU. Matched as a substring of torch.cuda.get_device_name().
+DENSE_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "B200": 2250.0, "A100": 312.0, "A800": 312.0,
+                     "L40S": 362.1, "A10": 125.0, "RTX 4090": 165.2}
+
+
+def peak_tflops(device: torch.device, precision: torch.dtype | None, override: float = 0.0) -> float | None:
+    """The peak TFLOP/s MFU is measured against: train.peak_tflops when set, else the data-sheet bf16
+    figure of a known GPU when training in bf16; None (no MFU reported) otherwise, e.g. on a CPU."""
+    if override:
+        return override
+    if device.type != "cuda" or precision != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in DENSE_BF16_TFLOPS.items() if key in name), None)

@@ -32,6 +32,7 @@ from lift_fast.data.loader import build_loader
 from lift_fast.embed.encoder import resolve_model, weights_sha256
 from lift_fast.embed.store import EMBED_SETTINGS, check_manifest, read_manifest
 from lift_fast.kernels import ClipLoss, SigLipLoss
+from lift_fast.models.flops import train_flops_per_sample
 from lift_fast.models.vit import build_model
 from lift_fast.train import NonFiniteLossError, distributed
 from lift_fast.train.checkpoint import (
@@ -41,7 +42,7 @@ from lift_fast.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lift_fast.train.device import autocast, resolve_compile, resolve_precision
+from lift_fast.train.device import autocast, peak_tflops, resolve_compile, resolve_precision
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.metrics import MetricsLog, RunLog
 from lift_fast.train.optim import build_optimizer, build_scheduler
@@ -258,6 +259,10 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
         state = load_checkpoint(start_ckpt, model, optimizer, scheduler)
         step, nonfinite = state["step"], state["extra"].get("nonfinite_steps", 0)
         log.info("resumed from %s at step %d", start_ckpt, step)
+    flops_per_sample = train_flops_per_sample(model.visual.spec, cfg.data.image_size, int(manifest["dim"]),
+                                              batch_size * ctx.world_size, head_hidden=cfg.model.head_hidden,
+                                              patch_dropout=cfg.model.patch_dropout, pooling=cfg.model.pooling)
+    peak = peak_tflops(device, precision, cfg.train.peak_tflops)
     forward = distributed.wrap_model(model, ctx)
     if compiled:
         forward = torch.compile(forward)
@@ -332,6 +337,8 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
                               "nonfinite_steps": nonfinite, "elapsed_s": time.perf_counter() - speed.started}
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
+                    record.update(_utilisation(record["samples_per_second"], flops_per_sample, peak, device,
+                                               ctx.world_size))
                     if first_record:
                         record["compile_seconds"] = speed.first_seconds
                         first_record = False
@@ -397,6 +404,18 @@ def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, 
         return TrainingInterrupted(signum, finished, checkpoint)
     checkpoint = latest_checkpoint(run_dir)
     return TrainingInterrupted(signum, saved_step if checkpoint is not None else 0, checkpoint)
+
+
+def _utilisation(samples_per_second: float, flops_per_sample: int, peak: float | None, device: torch.device,
+                 world_size: int) -> dict:
+    """tflops (achieved, all ranks), mfu (when the per-device peak is known) and peak_memory_gib (CUDA)."""
+    achieved = samples_per_second * flops_per_sample / 1e12
+    numbers = {"tflops": achieved}
+    if peak:
+        numbers["mfu"] = achieved / (peak * world_size)
+    if device.type == "cuda":
+        numbers["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return numbers
 
 
 def _check_batch_size(cfg: Config, shards: list[Path], manifest: dict, embeddings_dir: str | Path) -> None:
