@@ -15,7 +15,6 @@ means the candidate does better when lower is better). See bench/README.md.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 

@@ -22,6 +22,8 @@ if __name__ == "lift_fast.kernels":
 
 __all__ = [
     "KERNELS_CHOICES",
+    "chunking",
+    "slab_ops",
     "KERNELS_ENV_VAR",
     "ClipLoss",
     "SigLipLoss",

@@ -1,6 +1,5 @@
-"""Plain-torch contrastive losses: the CPU path, the fallback, and what the Triton kernels must match.
-
-Also holds what every loss in this package shares: the `LIFT_FAST_KERNELS` choice, input checks,
+"""The materialised (open_clip-style) CLIP loss, used by ClipLoss's distributed settings other than
+local_loss + gather_with_grad, and what every loss in this package shares: the `LIFT_FAST_KERNELS` choice, input checks,
 conversion of `logit_scale`/`logit_bias`, and gathering features across a torch.distributed job.
 
 Numerics: the similarity matmul runs in the features' dtype (bf16 stays bf16, so it runs on tensor
@@ -217,30 +216,6 @@ def clip_loss_torch(
         logits_per_text = contrastive_logits(text_rows, image_columns, logit_scale, logit_bias)
     labels = torch.arange(image_rows.shape[0], device=image_rows.device) + label_offset
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-
-
-def siglip_loss_torch(
-    image_rows: torch.Tensor,
-    text_columns: torch.Tensor,
-    logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor | None,
-    *,
-    positive_offset: int = 0,
-) -> torch.Tensor:
-    """Pairwise sigmoid loss: -sum(logsigmoid(label * logit)) / b, label +1 on positives, -1 elsewhere.
-
-    Args:
-        image_rows: [b, D] (local) image features; text_columns: [B, D] text features, same dtype.
-        logit_scale, logit_bias: 0-d tensors in the compute dtype (logit_bias may be None).
-        positive_offset: image row i's positive is text column i + positive_offset.
-
-    Returns:
-        0-d loss in logit_scale's dtype.
-    """
-    logits = contrastive_logits(image_rows, text_columns, logit_scale, logit_bias)  # [b, B]
-    signs = torch.full_like(logits, -1.0)
-    signs.diagonal(positive_offset).fill_(1.0)
-    return -F.logsigmoid(signs * logits).sum() / image_rows.shape[0]
 
 
 def project_and_normalize(

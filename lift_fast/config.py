@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from lift_fast.atomic import write_text
+
 
 class ConfigError(ValueError):
     """A config key that does not exist or a value that does not fit its field."""
@@ -311,10 +313,7 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def describe(section: type) -> list[tuple[str, Any, str]]:

@@ -42,14 +42,13 @@ def demo_config(config_path: str | Path | None, overrides: list[str], quick: boo
     return load_config(config_path, overrides, preset=DEMO_SETTINGS + (QUICK_SETTINGS if quick else []))
 
 
-def plot_loss(metrics_path: Path, out_path: Path) -> None:
-    """loss and logit scale against step, from metrics.jsonl, as a PNG."""
+def plot_loss(records: list[dict], out_path: Path) -> None:
+    """loss and logit scale against step, from the metrics.jsonl records, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     steps = [r["step"] for r in records]
     fig, loss_ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     loss_ax.plot(steps, [r["loss"] for r in records], color="tab:blue", label="loss")
@@ -113,8 +112,10 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, overrides: 
     results = evaluate(run, data / "eval", stores / "eval", cfg=cfg, progress=progress)
     timings["eval"] = time.perf_counter() - started
 
-    plot_loss(run / "metrics.jsonl", out / "loss_curve.png")
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+    plot_loss(records, out / "loss_curve.png")
+    losses = [record["loss"] for record in records]
     metrics = {**results, "first_loss": losses[0], "last_loss": losses[-1],
                **{f"seconds/{stage}": value for stage, value in timings.items()},
                "seconds/total": sum(timings.values())}

@@ -5,7 +5,6 @@ timm's, and timm state-dict names (timm is not installed: its names and counts a
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest

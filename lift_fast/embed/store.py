@@ -26,11 +26,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from lift_fast.atomic import atomic_write, write_json
 
 FORMAT = "lift-fast-embeddings"
 # 2: per-row caption hashes (NAME.caption_hash.npy) and the data folder in the manifest.
@@ -61,24 +62,6 @@ class StoreError(ValueError):
 
 class StoreMismatchError(StoreError):
     """A store made with another encoder or setting than the one asked for."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file beside `path`, fsync it, then rename it to `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write a JSON object atomically."""
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()))
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -276,10 +259,10 @@ def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: n
     hashes = np.array([caption_hash(c) for c in captions], dtype=HASH_DTYPE)
     npy, keys_txt, counts, hashes_npy = shard_files(store_dir, name)
     npy.unlink(missing_ok=True)  # from here on the shard counts as unfinished until its rows are in place
-    _atomic_write(keys_txt, lambda f: f.write("".join(f"{k}\n" for k in keys).encode("utf-8")))
-    _atomic_write(hashes_npy, lambda f: np.save(f, hashes, allow_pickle=False))
+    atomic_write(keys_txt, lambda f: f.write("".join(f"{k}\n" for k in keys).encode("utf-8")))
+    atomic_write(hashes_npy, lambda f: np.save(f, hashes, allow_pickle=False))
     write_json(counts, {**info, "count": len(keys)})
-    _atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(embeddings), allow_pickle=False))
+    atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(embeddings), allow_pickle=False))
 
 
 def read_keys(path: Path) -> list[str]:

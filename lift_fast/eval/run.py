@@ -8,15 +8,14 @@ Writes `eval.json` in the run folder: a flat {metric: number} object.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from lift_fast.atomic import write_json
 from lift_fast.config import Config, check_changes, load_config, load_run_config
 from lift_fast.data.loader import build_loader
 from lift_fast.data.shards import iter_samples, list_shards
@@ -115,18 +114,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path, embeddings_dir: str | Pa
     negatives_dir = Path(data_dir) / "sugarcrepe"
     if cfg.eval.compositional and negatives_dir.is_dir():
         results.update(compositional(negatives_dir, keys, every_key, features, cfg, manifest, embeddings_dir, progress))
-    _write_json(run_dir / "eval.json", results)
+    write_json(run_dir / "eval.json", results, indent=2)  # atomic: a crash never leaves half an eval.json
     return results
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half an eval.json."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def compositional(negatives_dir: Path, keys: list[str], every_key: set[str], features: torch.Tensor, cfg: Config,

@@ -36,7 +36,6 @@ from lift_fast.models.flops import train_flops_per_sample
 from lift_fast.models.vit import build_model
 from lift_fast.train import NonFiniteLossError, distributed
 from lift_fast.train.checkpoint import (
-    RunFolderError,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
