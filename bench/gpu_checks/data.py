@@ -1,0 +1,118 @@
+"""The input pipeline on the GPU: DaliDecoder with `mixed` decoding, images/s at 224 px, batch 256.
+
+The images are the benchmark's photo-like 500x375 JPEGs (quality 90, ~47 KB; bench/photos.py), 256
+distinct ones cycled through, with RandomResizedCrop boxes (scale 0.9..1) and flips drawn from a
+seed, as the training loader does. The decoder runs resample="dali": decoders.image on the GPU
+(nvJPEG, the hardware JPEG engines where the GPU has them), fn.resize (cubic, antialiased) with the
+box as its region of interest, crop_mirror_normalize to CHW float32. Timed: BATCHES batches after
+WARMUP, from the first job in to the last batch synchronised; the main thread only feeds jobs
+(bytes already in memory: no tar reading). Goal: at least 5,000 images/s.
+
+A second row compares the first batch with the PIL path (convert, resize(BICUBIC, box), flip,
+to_tensor) on the same boxes: the GPU's JPEG decoder rounds its IDCT and chroma upsampling
+differently from libjpeg-turbo, so this is a sanity bound (mean under 3 uint8 levels), not the
+CPU tests' 1-level match.
+
+`--device cpu --quick` runs the same graph with CPU operators (device_id=None) on a few small images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+
+import numpy as np
+import torch
+
+from . import Context, Row, gpu_check
+
+IMAGE_SIZE, BATCH, DISTINCT = 224, 256, 256
+WARMUP, BATCHES = 3, 20
+QUICK = {"image_size": 32, "batch": 4, "distinct": 8, "width": 64, "height": 48}
+GOAL_IMAGES_PER_S = 5000
+LEVEL = 1 / 255 / 0.26130258  # one uint8 level in normalised units (smallest CLIP std)
+MEAN_LEVELS_BOUND = 3.0
+
+
+def crop_boxes(rng: np.random.Generator, count: int, width: int, height: int) -> np.ndarray:
+    """[count, 4] RandomResizedCrop windows (left, top, width, height), scale 0.9..1, aspect 3/4..4/3."""
+    boxes = []
+    while len(boxes) < count:
+        area = width * height * rng.uniform(0.9, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        box_w, box_h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if box_w <= width and box_h <= height:
+            boxes.append((int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1)), box_w, box_h))
+    return np.array(boxes)
+
+
+def pil_batch(encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
+    """The PIL loader's result for these samples: [b, 3, size, size] float32 on the CPU."""
+    from PIL import Image
+
+    from lift_fast.data.loader import to_tensor
+
+    out = []
+    for data, (left, top, width, height), flip in zip(encoded, boxes.tolist(), flips):
+        image = Image.open(io.BytesIO(data.tobytes())).convert("RGB")
+        image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
+        out.append(to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image))
+    return torch.stack(out)
+
+
+@gpu_check("data_dali_mixed_224", est_seconds=40)
+def data_dali_mixed_224(ctx: Context) -> list[Row]:
+    """Images/s of DaliDecoder(mixed) at 224 px, batch 256, and its agreement with the PIL path."""
+    from photos import photo_jpeg
+
+    from lift_fast.data.dali import DaliDecoder, DecodeJob, dali_available
+
+    device_id = (ctx.device.index or 0) if ctx.device.type == "cuda" else None
+    usable, why = dali_available(device_id)
+    name = "DaliDecoder mixed" if device_id is not None else "DaliDecoder cpu operators (smoke)"
+    if not usable:
+        return [Row(name, math.nan, "images/s", f"not run: {why}")]
+    size = QUICK["image_size"] if ctx.quick else IMAGE_SIZE
+    batch = QUICK["batch"] if ctx.quick else BATCH
+    distinct = QUICK["distinct"] if ctx.quick else DISTINCT
+    width, height = (QUICK["width"], QUICK["height"]) if ctx.quick else (500, 375)
+    batches, warmup = (3, 1) if ctx.quick else (BATCHES, WARMUP)
+
+    encoded = [np.frombuffer(photo_jpeg(seed, width, height), dtype=np.uint8) for seed in range(distinct)]
+    rng = np.random.default_rng(0)
+
+    def jobs(count: int):
+        for step in range(count):
+            picks = [(step * batch + i) % distinct for i in range(batch)]
+            yield DecodeJob([encoded[i] for i in picks], crop_boxes(rng, batch, width, height),
+                            rng.random(batch) < 0.5, [f"{i:05d}" for i in picks])
+
+    decoder = DaliDecoder(size, batch, device_id=device_id, num_threads=8 if device_id is not None else 2,
+                          prefetch=2, resample="dali")
+    first_job = next(jobs(1))
+    (first,) = decoder.run([first_job])
+    difference = (first.float().cpu() - pil_batch(first_job.encoded, first_job.boxes, first_job.flips, size)).abs()
+    max_levels, mean_levels = float(difference.max() / LEVEL), float(difference.mean() / LEVEL)
+    if not mean_levels <= MEAN_LEVELS_BOUND:
+        raise AssertionError(f"DaliDecoder differs from the PIL path by {mean_levels:.2f} uint8 levels on average "
+                             f"(max {max_levels:.1f}); bound {MEAN_LEVELS_BOUND}: wrong channels, boxes or flips?")
+
+    run = decoder.run(jobs(warmup + batches))
+    for _ in range(warmup):
+        next(run)
+    ctx.synchronize()
+    began = time.perf_counter()
+    count = sum(len(images) for images in run)
+    ctx.synchronize()
+    seconds = time.perf_counter() - began
+    rate = count / seconds
+    met = "met" if rate >= GOAL_IMAGES_PER_S else "NOT MET"
+    where = f"{width}x{height} q90 JPEG -> {size}px, batch {batch}"
+    return [
+        Row(f"{name} {where}", rate, "images/s",
+            f"{batches} batches after {warmup} warm-up, {decoder.num_threads} DALI threads, prefetch 2"
+            + (f"; goal >= {GOAL_IMAGES_PER_S:,}: {met}" if not ctx.quick else "")),
+        Row(f"{name} vs PIL path, first batch", mean_levels, "uint8 levels (mean)",
+            f"max {max_levels:.2f} levels; bound on the mean {MEAN_LEVELS_BOUND}"),
+    ]
