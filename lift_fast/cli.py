@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per .tar shard (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical shards")
 
-    p = command("embed", "embed every caption of a shard folder once with the frozen text encoder")
+    p = command("embed", "embed every caption of a shard folder once with the frozen text encoder "
+                "(under torchrun, each rank takes every WORLD_SIZE-th shard)")
     p.add_argument("--data", type=Path, required=True, help="folder of .tar shards")
     p.add_argument("--out", type=Path, required=True, help="embedding store folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -117,8 +118,12 @@ def run_command(args) -> None:
         from lift_fast.embed import embed_shards
 
         cfg = _load(args)
+        rank, world_size, local_rank = _torchrun_rank()
         device = args.device or ("cuda" if _cuda() else "cpu")
-        print(json.dumps(embed_shards(args.data, args.out, cfg.embed, device=device, progress=progress)))
+        if device == "cuda" and local_rank is not None:
+            device = f"cuda:{local_rank}"  # one GPU per rank of a torchrun job
+        print(json.dumps(embed_shards(args.data, args.out, cfg.embed, device=device, progress=progress,
+                                      rank=rank, world_size=world_size)))
     elif args.command == "train":
         from lift_fast.train.loop import run_config, train
 
@@ -139,6 +144,25 @@ def run_command(args) -> None:
             for field, default, doc in describe(section.type if isinstance(section.type, type) else
                                                 type(getattr(Config(), name))):
                 print(f"  {name}.{field} = {default!r}  # {doc}")
+
+
+def _torchrun_rank() -> tuple[int, int, int | None]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK or None) as torchrun sets them; (0, 1, None) outside torchrun.
+
+    `embed` needs no process group: ranks take disjoint shards and share the manifest under a file lock.
+    Raises ConfigError naming the variable when one is not a whole number or RANK is not below WORLD_SIZE.
+    """
+    values = {}
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", None)):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = None if text is None else int(text)
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={text!r} is not a whole number (torchrun sets it)") from None
+    if not 0 <= values["RANK"] < values["WORLD_SIZE"]:
+        raise ConfigError(f"environment variables RANK={values['RANK']} and WORLD_SIZE={values['WORLD_SIZE']}: "
+                          "RANK must be in 0..WORLD_SIZE-1")
+    return values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
 
 
 def _cuda() -> bool:

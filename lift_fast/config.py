@@ -55,14 +55,36 @@ class EmbedConfig:
     """The frozen text encoder and how captions are turned into vectors."""
 
     model: str = _field("all-minilm-l6-v2", "encoder: a local path, a hub id, or 'all-minilm-l6-v2' (bundled)")
-    pooling: str = _field("mean", "token pooling", choices=("mean", "cls", "last"))
+    pooling: str = _field("mean", "token pooling; 'model' calls the model's own encode() (NV-Embed, needs "
+                          "trust_remote_code)", choices=("mean", "cls", "last", "model"))
     prompt: str = _field("", "prefix prepended to every caption (an instruction, for LLM embedders)")
     max_length: int = _field(77, "tokens kept per caption; longer ones are truncated and counted", min=1)
     normalize: bool = _field(True, "store L2-normalised rows")
-    dtype: str = _field("float16", "storage dtype of the rows", choices=("float16", "float32"))
-    batch_size: int = _field(128, "captions per forward pass", min=1)
+    dim: int = _field(0, "Matryoshka truncation: keep the first dim features, then renormalise (0: the "
+                      "model's full width)", min=0)
+    append_eos: str = _field("auto", "append the tokenizer's EOS token when it does not end sequences with it; "
+                             "auto: on for last-token pooling (Qwen3-Embedding), off otherwise (quote on/off in YAML)",
+                             choices=("auto", "on", "off"))
+    dtype: str = _field("float16", "storage dtype of the rows (int8: per-row float32 scales)",
+                        choices=("float16", "float32", "int8"))
+    batch_size: int = _field(128, "captions per forward pass, at most", min=1)
+    max_tokens: int = _field(0, "padded tokens per forward pass, at most (0: auto, 1024 on a CPU, no limit "
+                             "beyond batch_size on a GPU)", min=0)
+    length_step: int = _field(0, "padded lengths are rounded up to multiples of this, so a compiled model sees "
+                              "few shapes (0: auto, 16 or more when compiled, exact lengths otherwise)", min=0)
+    precision: str = _field("auto", "compute dtype; auto: bf16 on CUDA, fp32 on CPU",
+                            choices=("auto", "bf16", "fp16", "fp32"))
+    quantize: str = _field("none", "torchao weight quantization: int8 (dynamic int8 activations, int8 weights), "
+                           "fp8 (CUDA, compute capability >= 8.9); checked against min_fidelity",
+                           choices=("none", "int8", "fp8"))
+    min_fidelity: float = _field(0.99, "a quantized encoder runs only when the mean and minimum cosine of its rows "
+                                 "to the unquantized model's, on a sample of captions, are at least this", min=0.0)
+    fidelity_sample: int = _field(256, "captions (from the first data shard) for the fidelity check", min=1)
+    compile: str = _field("auto", "torch.compile the model; auto: on for CUDA, off on CPU (quote on/off in YAML)",
+                          choices=("auto", "on", "off"))
     on_error: str = _field("error", "empty/undecodable/missing caption: error or counted skip", choices=("error", "skip"))
-    trust_remote_code: bool = _field(False, "allow code from the model folder (only for models that need it)")
+    trust_remote_code: bool = _field(False, "allow code from the model folder (only for models that need it, "
+                                     "e.g. NV-Embed-v2)")
 
 
 @dataclass

@@ -18,8 +18,11 @@ from lift_fast.embed import embed_shards, load_encoder, load_store
 from lift_fast.embed.encoder import resolve_model
 
 JPEG = b"\xff\xd8\xff\xe0 not a real image \xff\xd9"
-WORDS = ("red green blue small large square circle triangle left right above below of the a dog cat "
-         "photo sitting next to under on wooden table bright sunny street").split()
+WORDS = [
+    "red", "green", "blue", "small", "large", "square", "circle", "triangle", "left", "right",
+    "above", "below", "of", "the", "a", "dog", "cat", "photo", "sitting", "next", "to", "under",
+    "on", "wooden", "table", "bright", "sunny", "street",
+]
 
 
 def random_captions(rng: np.random.Generator, n: int, max_words: int = 30) -> list[str]:
@@ -199,18 +202,18 @@ def test_duplicate_captions_embedded_once(tmp_path, minilm):
     captions = ["a red circle", "a blue square", "a red circle", "a red circle", "a green cat", "a blue square"]
     write_shards(data, [(f"k{i}", {"txt": c}) for i, c in enumerate(captions)], per_shard=100)
     encoded = []
-    original = minilm.encode
+    original = minilm.encode_tokenized
 
-    def counting_encode(texts, *args, **kwargs):
-        encoded.extend(texts)
-        return original(texts, *args, **kwargs)
+    def counting_encode(tokenized, *args, **kwargs):
+        encoded.extend(tokenized.texts)
+        return original(tokenized, *args, **kwargs)
 
-    minilm.encode = counting_encode
+    minilm.encode_tokenized = counting_encode
     try:
         summary = embed_shards(data, tmp_path / "store", EmbedConfig(), encoder=minilm, progress=False)
     finally:
-        del minilm.encode
-    keys, embeddings, _ = load_store(tmp_path / "store")
+        del minilm.encode_tokenized
+    _keys, embeddings, _ = load_store(tmp_path / "store")
 
     assert sorted(encoded) == sorted(set(captions))
     assert summary["duplicates"] == 3 and summary["embedded"] == 3 and summary["rows"] == 6

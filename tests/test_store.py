@@ -14,7 +14,14 @@ import pytest
 
 from lift_fast.config import EmbedConfig
 from lift_fast.data.shards import ShardWriter
-from lift_fast.embed import StoreMismatchError, check_manifest, embed_shards, load_encoder, load_store, open_store
+from lift_fast.embed import (
+    StoreMismatchError,
+    check_manifest,
+    embed_shards,
+    load_encoder,
+    load_store,
+    open_store,
+)
 from lift_fast.embed.store import StoreError, caption_hash
 
 JPEG = b"\xff\xd8\xff\xe0 not a real image \xff\xd9"
@@ -57,7 +64,7 @@ def test_roundtrip_rows_follow_keys(tmp_path, minilm, dtype):
     expected = minilm.encode(list(captions.values()), batch_size=23).numpy()  # one order, one batch: independent of the run's
     np.testing.assert_allclose(embeddings.astype(np.float32), expected, atol=2e-3 if dtype == "float16" else 1e-5)
     assert summary["shards"] == 3 and summary["rows"] == 23 and summary["skipped"] == 0
-    assert manifest["version"] == 2 and manifest["dtype"] == dtype and manifest["dim"] == 384 and manifest["normalized"]
+    assert manifest["version"] == 3 and manifest["dtype"] == dtype and manifest["dim"] == 384 and manifest["normalized"]
     assert manifest["data_dir"] == str((tmp_path / "data").resolve())
     assert manifest["encoder"]["weights_sha256"] == minilm.identity["weights_sha256"]
     assert {k: v["count"] for k, v in manifest["shards"].items()} == {"00000": 8, "00001": 8, "00002": 7}
@@ -121,7 +128,7 @@ def test_changed_data_shard_is_redone_a_copied_one_kept(tmp_path, minilm):
 
     write("tan")  # the same tar sizes, other captions
     changed = embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
-    keys, embeddings, _ = load_store(store_dir)
+    _keys, embeddings, _ = load_store(store_dir)
 
     assert (changed["shards_resumed"], changed["shards_embedded"], changed["shards_redone"]) == (0, 2, 2)
     expected = minilm.encode([f"shape {i} is tan" for i in range(6)]).numpy()

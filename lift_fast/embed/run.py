@@ -3,8 +3,15 @@
     summary = embed_shards("data/", "store/", cfg.embed, device="cuda", rank=rank, world_size=world_size)
 
 Rank r of a job takes the shards i with i % world_size == r. A shard whose store files are complete
-is not embedded again, so an interrupted run continues where it stopped. Within a shard each
-distinct caption goes through the encoder once and its row is copied to every sample that has it.
+is not embedded again, so an interrupted run continues where it stopped (and, as every shard is
+embedded the same way whenever it is embedded, ends with the same bytes as an uninterrupted run).
+Within a shard each distinct caption goes through the encoder once and its row is copied to every
+sample that has it. A reader thread reads, deduplicates and tokenizes the next shard while the
+encoder works on the current one.
+
+Before the first shard, a quantized encoder (embed.quantize) is checked against the unquantized
+model on the first captions of the data's first shard (the same sample on every rank and every
+rerun); then the model is compiled where embed.compile asks for it.
 """
 
 from __future__ import annotations
@@ -20,10 +27,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lift_fast.config import EmbedConfig
+from lift_fast.config import ConfigError, EmbedConfig
 from lift_fast.data.shards import ShardError, iter_samples, list_shards
 from lift_fast.embed import store
-from lift_fast.embed.encoder import TextEncoder, load_encoder
+from lift_fast.embed.encoder import (
+    TextEncoder,
+    Tokenized,
+    load_encoder,
+    resolve_precision,
+)
+from lift_fast.embed.quantize import check_supported, quantize_encoder
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +81,61 @@ def read_captions(shard: Path, on_error: str) -> ShardCaptions:
     return out
 
 
-def embed_captions(encoder: TextEncoder, captions: list[str], batch_size: int, on_batch=None):
-    """Embed each distinct caption once.
+@dataclass
+class PreparedShard:
+    """One shard read, its captions deduplicated and tokenized: what the encoder needs, made in the reader thread."""
 
-    Returns rows [N, D] float32 in the order of `captions`, the number of duplicates (N minus the
-    distinct captions) and the number of rows whose caption was truncated.
-    """
-    if not captions:
-        return torch.zeros((0, encoder.dim)), 0, 0
+    shard: Path
+    captions: ShardCaptions
+    tokenized: Tokenized  # the distinct captions, in order of first appearance
+    inverse: torch.Tensor  # [rows] index of each good sample's caption in tokenized
+
+
+def prepare_shard(shard: Path, encoder: TextEncoder, on_error: str) -> PreparedShard:
+    """Read a shard's captions, keep each distinct caption once and tokenize those (see read_captions for errors)."""
+    shard_captions = read_captions(shard, on_error)
     distinct: dict[str, int] = {}
-    inverse = torch.tensor([distinct.setdefault(c, len(distinct)) for c in captions], dtype=torch.long)
-    unique_rows, truncated = encoder.encode(list(distinct), batch_size, return_truncated=True, on_batch=on_batch)
-    return unique_rows[inverse], len(captions) - len(distinct), int(truncated[inverse].sum())
+    inverse = torch.tensor([distinct.setdefault(c, len(distinct)) for c in shard_captions.captions], dtype=torch.long)
+    return PreparedShard(shard, shard_captions, encoder.tokenize(list(distinct)), inverse)
+
+
+def fidelity_sample(shards: list[Path], size: int) -> tuple[list[str], str]:
+    """The first `size` distinct good captions of the data, from its first shard on, and where they came from."""
+    sample: dict[str, None] = {}
+    used = []
+    for shard in shards:
+        for caption in read_captions(shard, "skip").captions:
+            sample.setdefault(caption, None)
+            if len(sample) == size:
+                break
+        used.append(shard.name)
+        if len(sample) == size:
+            break
+    return list(sample), ", ".join(used)
+
+
+def prepare_encoder(encoder: TextEncoder, cfg: EmbedConfig, shards: list[Path], out_dir: Path) -> dict | None:
+    """Quantize (after its fidelity check, recorded in the manifest) and compile the encoder as cfg asks.
+
+    Returns the fidelity report of a quantized encoder, else None. Raises ConfigError (FidelityError)
+    when the quantized encoder is refused.
+    """
+    report = None
+    if cfg.quantize != "none" and getattr(encoder, "quantize", "none") != cfg.quantize:
+        sample, where = fidelity_sample(shards, cfg.fidelity_sample)
+        report = quantize_encoder(encoder, cfg.quantize, sample, min_fidelity=cfg.min_fidelity, where=where)
+        encoder.quantize = cfg.quantize
+        store.record_fields(out_dir, fidelity=report)
+        log.info("embed: %s encoder, cosine to the unquantized model mean %.5f min %.5f on %d captions",
+                 cfg.quantize, report["cosine_mean"], report["cosine_min"], report["captions"])
+    if resolve_compile(cfg.compile, encoder.device) and not encoder.compiled:
+        encoder.compile()
+    return report
+
+
+def resolve_compile(compile: str, device: torch.device) -> bool:
+    """embed.compile with auto resolved: on for CUDA, off elsewhere."""
+    return compile == "on" or (compile == "auto" and torch.device(device).type == "cuda")
 
 
 def _resume(out_dir: Path, shard: Path, info: dict, manifest: dict, summary: dict) -> None:
@@ -92,41 +148,10 @@ def _resume(out_dir: Path, shard: Path, info: dict, manifest: dict, summary: dic
         store.record_shard(out_dir, shard.stem, info)
 
 
-def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *, device: str = "cpu",
-                 rank: int = 0, world_size: int = 1, progress: bool = True,
-                 encoder: TextEncoder | None = None) -> dict:
-    """Embed the captions of this rank's shards of `data_dir` into the store at `out_dir`.
-
-    cfg: the encoder and its settings (model, pooling, prompt, max_length, normalize, dtype,
-    batch_size, on_error). encoder: an already loaded encoder for cfg (else one is loaded on `device`).
-    Returns a summary: shards (this rank's), shards_embedded, shards_resumed (finished earlier),
-    shards_redone (finished earlier, embedded again because their tar changed; also counted in
-    shards_embedded), captions (samples read), rows (written), embedded (distinct captions run
-    through the encoder), duplicates, skipped, truncated, seconds, captions_per_second, load_seconds.
-    Raises ShardError for unreadable shards or (on_error="error") bad captions, naming shard and key;
-    StoreMismatchError, before touching anything, when `out_dir` holds a store made differently or
-    from another data folder (the manifest records the folder).
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
-    shards = list_shards(data_dir)
-    mine = shards[rank::world_size]
-    out_dir = Path(out_dir)
-    start = time.perf_counter()
-    if encoder is None:
-        encoder = load_encoder(cfg, device=device)
-    else:
-        differ = [f for f in store.EMBED_SETTINGS if getattr(encoder.cfg, f) != getattr(cfg, f)]
-        if differ:
-            raise ValueError(f"the encoder passed was loaded with other settings than cfg: {', '.join(differ)}")
-    load_seconds = time.perf_counter() - start
-    # Refuses a store of another encoder, setting or data folder before anything is created in it.
-    manifest = store.open_for_writing(out_dir, encoder.identity, cfg.dtype, [s.stem for s in shards], data_dir)
-
-    summary = dict(shards=len(mine), shards_embedded=0, shards_resumed=0, shards_redone=0, captions=0, rows=0,
-                   embedded=0, duplicates=0, skipped=0, truncated=0)
-    # (shard, its finished store entry or None, whether that entry may be kept when the captions are unchanged)
-    todo: list[tuple[Path, dict | None, bool]] = []
+def _todo(mine: list[Path], out_dir: Path, manifest: dict, summary: dict) -> list[tuple[Path, dict | None, bool]]:
+    """(shard, its finished store entry or None, whether that entry may be kept when the captions are
+    unchanged) for each shard to read; finished, unchanged shards are resumed here."""
+    todo = []
     for shard in mine:
         info = store.finished_shard(out_dir, shard.stem)
         stat = shard.stat()
@@ -138,18 +163,81 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
             todo.append((shard, info, True))  # copied or rewritten: its captions decide
         else:
             _resume(out_dir, shard, info, manifest, summary)
+    return todo
+
+
+class Progress:
+    """A tqdm bar of captions with captions/s (tqdm's rate) and tokens/s in its postfix."""
+
+    def __init__(self, enabled: bool, description: str):
+        self.bar = tqdm(unit="caption", unit_scale=True, disable=not enabled, dynamic_ncols=True, desc=description)
+        self.started = time.perf_counter()
+        self.tokens = 0
+        self.label = ""
+
+    def batch(self, captions: int, tokens: int) -> None:
+        self.tokens += tokens
+        seconds = time.perf_counter() - self.started
+        self.bar.set_postfix_str(f"{self.label}{self.tokens / max(seconds, 1e-9):,.0f} tok/s", refresh=False)
+        self.bar.update(captions)
+
+
+def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *, device: str = "cpu",
+                 rank: int = 0, world_size: int = 1, progress: bool = True,
+                 encoder: TextEncoder | None = None) -> dict:
+    """Embed the captions of this rank's shards of `data_dir` into the store at `out_dir`.
+
+    cfg: the encoder and its settings (see EmbedConfig). encoder: an already loaded encoder for cfg
+    (else one is loaded on `device`); it is quantized and compiled here as cfg asks.
+    Returns a summary: shards (this rank's), shards_embedded, shards_resumed (finished earlier),
+    shards_redone (finished earlier, embedded again because their tar changed; also counted in
+    shards_embedded), captions (samples read), rows (written), embedded (distinct captions run
+    through the encoder), duplicates, skipped, truncated, tokens (of the embedded captions),
+    padded_tokens (run through the model), seconds, captions_per_second, tokens_per_second,
+    load_seconds, warmup_seconds (first passes of each input shape: compilation), precision,
+    quantize, fidelity (the quantized encoder's report, or None), compiled.
+    Raises ShardError for unreadable shards or (on_error="error") bad captions, naming shard and key;
+    StoreMismatchError, before touching anything, when `out_dir` holds a store made differently or
+    from another data folder (the manifest records the folder); ConfigError for a quantization this
+    device cannot run or whose fidelity is below cfg.min_fidelity.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+    shards = list_shards(data_dir)
+    mine = shards[rank::world_size]
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    check_supported(cfg.quantize, device if encoder is None else encoder.device)  # before loading GBs of weights
+    if encoder is None:
+        encoder = load_encoder(cfg, device=device)
+    else:
+        differ = [f for f in (*store.EMBED_SETTINGS, "append_eos") if getattr(encoder.cfg, f) != getattr(cfg, f)]
+        if cfg.precision != "auto" and resolve_precision(cfg.precision, encoder.device) != encoder.precision:
+            differ.append("precision")
+        if differ:
+            raise ConfigError(f"the encoder passed was loaded with other settings than cfg: {', '.join(differ)}")
+    load_seconds = time.perf_counter() - start
+    # Refuses a store of another encoder, setting or data folder before anything is created in it.
+    identity = {**encoder.identity, "quantize": cfg.quantize}
+    manifest = store.open_for_writing(out_dir, identity, cfg.dtype, [s.stem for s in shards], data_dir)
+
+    summary = {"shards": len(mine), "shards_embedded": 0, "shards_resumed": 0, "shards_redone": 0, "captions": 0,
+               "rows": 0, "embedded": 0, "duplicates": 0, "skipped": 0, "truncated": 0, "tokens": 0}
+    todo = _todo(mine, out_dir, manifest, summary)
     if summary["shards_resumed"]:
         log.info("embed: %d of %d shards already finished in %s", summary["shards_resumed"], len(mine), out_dir)
+    fidelity = prepare_encoder(encoder, cfg, shards, out_dir) if todo else None
+    padded_before, warmup_before = encoder.padded_tokens, encoder.warmup_seconds
 
     start = time.perf_counter()
-    bar = tqdm(unit="caption", unit_scale=True, disable=not progress, dynamic_ncols=True,
-               desc="embed" if world_size == 1 else f"embed rank {rank}")
-    # Read the next shard's captions in a thread while the encoder works on the current one.
-    with ThreadPoolExecutor(max_workers=1) as reader, bar:
-        pending = reader.submit(read_captions, todo[0][0], cfg.on_error) if todo else None
+    bar = Progress(progress, "embed" if world_size == 1 else f"embed rank {rank}")
+    # Read and tokenize the next shard in a thread while the encoder works on the current one.
+    with ThreadPoolExecutor(max_workers=1) as reader, bar.bar:
+        pending = reader.submit(prepare_shard, todo[0][0], encoder, cfg.on_error) if todo else None
         for i, (shard, previous, keep_if_same) in enumerate(todo):
-            shard_captions = pending.result()
-            pending = reader.submit(read_captions, todo[i + 1][0], cfg.on_error) if i + 1 < len(todo) else None
+            prepared = pending.result()
+            pending = reader.submit(prepare_shard, todo[i + 1][0], encoder, cfg.on_error) if i + 1 < len(todo) else None
+            shard_captions = prepared.captions
             stat = shard.stat()
             if keep_if_same and previous.get("captions_sha256") == shard_captions.sha256:
                 _resume(out_dir, shard, {**previous, "source_mtime_ns": stat.st_mtime_ns}, manifest, summary)
@@ -157,14 +245,18 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
             if previous is not None:
                 log.info("embed: %s changed since it was embedded; embedding it again", shard)
                 summary["shards_redone"] += 1
-            bar.set_postfix_str(f"shard {shard.name} ({i + 1}/{len(todo)})", refresh=False)
-            rows, duplicates, truncated = embed_captions(encoder, shard_captions.captions, cfg.batch_size, bar.update)
-            bar.update(duplicates)
+            bar.label = f"shard {shard.name} ({i + 1}/{len(todo)}) "
+            distinct_rows = encoder.encode_tokenized(prepared.tokenized, cfg.batch_size,
+                                                     max_tokens=cfg.max_tokens or encoder.max_tokens, on_batch=bar.batch)
+            rows = distinct_rows[prepared.inverse] if len(prepared.inverse) else distinct_rows[:0]
+            duplicates = len(prepared.inverse) - len(prepared.tokenized.ids)
+            truncated = int(prepared.tokenized.truncated[prepared.inverse].sum()) if len(prepared.inverse) else 0
+            bar.bar.update(duplicates)
             info = {"source": shard.name, "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
                     "captions_sha256": shard_captions.sha256, "skipped": len(shard_captions.skipped),
                     "truncated": truncated, "duplicates": duplicates, "skipped_samples": shard_captions.skipped}
-            store.write_shard(out_dir, shard.stem, shard_captions.keys, rows.numpy().astype(cfg.dtype), info,
-                              shard_captions.captions)
+            stored, scales = store.store_rows(rows.numpy(), cfg.dtype)
+            store.write_shard(out_dir, shard.stem, shard_captions.keys, stored, info, shard_captions.captions, scales)
             store.record_shard(out_dir, shard.stem, {**info, "count": len(shard_captions.keys)})
             summary["shards_embedded"] += 1
             summary["captions"] += len(shard_captions.keys) + len(shard_captions.skipped)
@@ -173,7 +265,12 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
             summary["duplicates"] += duplicates
             summary["skipped"] += len(shard_captions.skipped)
             summary["truncated"] += truncated
+            summary["tokens"] += prepared.tokenized.tokens
     seconds = time.perf_counter() - start
-    summary.update(seconds=seconds, captions_per_second=summary["captions"] / seconds if seconds > 0 else 0.0,
-                   load_seconds=load_seconds)
+    summary.update(padded_tokens=encoder.padded_tokens - padded_before, seconds=seconds,
+                   captions_per_second=summary["captions"] / seconds if seconds > 0 else 0.0,
+                   tokens_per_second=summary["tokens"] / seconds if seconds > 0 else 0.0,
+                   load_seconds=load_seconds, warmup_seconds=encoder.warmup_seconds - warmup_before,
+                   precision=encoder.precision, quantize=getattr(encoder, "quantize", "none"), fidelity=fidelity,
+                   compiled=encoder.compiled)
     return summary

@@ -5,6 +5,7 @@
       00000.keys.txt     one sample key per line, in shard order
       00000.json         count, skipped (with keys and reasons), truncated, duplicates, source tar stamp
       00000.caption_hash.npy  [count] uint64: blake2b-8 digest of the exact caption text of each row
+      00000.scales.npy   [count] float32 per-row scales, int8 stores only (row = int8 row * scale)
       00000.npy          [count, dim] rows in the order of 00000.keys.txt (float16 by default)
 
 Every file is written under a temporary name and renamed into place; a shard's `.npy` is written
@@ -13,7 +14,7 @@ the manifest's per-shard counts under a file lock.
 
     keys, embeddings, manifest = load_store("store/")       # everything, concatenated in shard order
     store = open_store("store/")                             # per-shard memmaps, for loaders
-    rows = store.embeddings("00000")[store.row_index("00000")["000123"]]
+    rows = store.embeddings("00000")[store.row_index("00000")["000123"]]   # float32 when the store is int8
 
 The caption hashes let a loader check that the caption it reads for a key is the one that key's
 row was made from: two data folders can share shard names and keys (`00000.tar`, key `00000000`),
@@ -28,6 +29,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,15 +37,26 @@ from lift_fast.atomic import atomic_write, write_json
 
 FORMAT = "lift-fast-embeddings"
 # 2: per-row caption hashes (NAME.caption_hash.npy) and the data folder in the manifest.
-FORMAT_VERSION = 2
+# 3: int8 rows with per-row scales (NAME.scales.npy); encoder fields model_dim, append_eos, precision,
+#    quantize. Version 2 stores are still read (they hold float rows; the new fields take LEGACY_DEFAULTS).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 # The embed settings (EmbedConfig fields) that decide what a row means: the one list embed, train
 # and eval take from their config to compare with a store's manifest (with the weights hash, see below).
-EMBED_SETTINGS = ("model", "pooling", "prompt", "max_length", "normalize")
+# `dim` is embed.dim, Matryoshka truncation, where 0 asks for the model's full width (see check_manifest).
+EMBED_SETTINGS = ("model", "pooling", "prompt", "max_length", "normalize", "dim")
 # Fields that decide whether two stores' rows are interchangeable. `model` counts only when the
 # weights hash is not known (the hash identifies the encoder better than the name it was given by);
 # `path` and `revision` depend on the machine and are recorded for people, not compared.
-MATCH_FIELDS = ("weights_sha256", *EMBED_SETTINGS, "dim", "dtype")
+MATCH_FIELDS = ("weights_sha256", *EMBED_SETTINGS, "append_eos", "dtype")
+# How the rows were computed: compared only when `embed` adds shards to an existing store, so that one
+# store never mixes, say, fp8 and bf16 rows; readers (train, eval) accept any, as the rows agree to
+# within the fidelity the embed run checked.
+WRITE_FIELDS = ("precision", "quantize")
+# What a field absent from an older manifest stands for.
+LEGACY_DEFAULTS = {"append_eos": False, "precision": "fp32", "quantize": "none"}
+STORE_DTYPES = ("float16", "float32", "int8")
 # Top-level manifest fields readers rely on, with their JSON types.
 REQUIRED_FIELDS = {"encoder": dict, "dtype": str, "dim": int, "normalized": bool, "data_dir": str,
                    "data_shards": list, "shards": dict}
@@ -81,7 +94,10 @@ def _read_json(path: Path, what: str) -> dict:
 
 def new_manifest(identity: dict, dtype: str, data_dir: str | Path) -> dict:
     """A manifest for an empty store of the shards in `data_dir` (recorded as an absolute path),
-    written by the encoder with this identity, rows stored as `dtype`."""
+    written by the encoder with this identity (a TextEncoder.identity plus `quantize`), rows stored
+    as `dtype` (one of STORE_DTYPES)."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"embed.dtype={dtype!r} is not one of {', '.join(STORE_DTYPES)}")
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -110,19 +126,21 @@ def read_manifest(store_dir: str | Path) -> dict:
                          "it is not a finished `lift-fast embed` output")
     manifest = _read_json(path, "store manifest")
     version = manifest.get("version")
-    if manifest.get("format") == FORMAT and isinstance(version, int) and version < FORMAT_VERSION:
+    if manifest.get("format") == FORMAT and isinstance(version, int) and version < min(READABLE_VERSIONS):
         raise StoreError(f"{path}: embedding store format version {version} is older than this lift-fast's "
                          f"{FORMAT_VERSION} (it lacks the per-row caption hashes that guard the image-caption "
                          f"pairing); embed the data again into a new folder: lift-fast embed --data DIR --out NEW_DIR")
-    if manifest.get("format") != FORMAT or version != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or version not in READABLE_VERSIONS:
         raise StoreError(f"{path}: format {manifest.get('format')!r} version {version!r} "
-                         f"is not {FORMAT!r} version {FORMAT_VERSION}")
+                         f"is not {FORMAT!r} version {' or '.join(map(str, READABLE_VERSIONS))}")
     for name, kind in REQUIRED_FIELDS.items():
         if name not in manifest:
             raise StoreError(f"{path}: required field {name!r} is missing")
         if not isinstance(manifest[name], kind) or (kind is int and isinstance(manifest[name], bool)):
             raise StoreError(f"{path}: field {name!r} must be a JSON {_JSON_NAMES[kind]}, "
                              f"got {manifest[name]!r}")
+    if manifest["dtype"] not in STORE_DTYPES:
+        raise StoreError(f"{path}: field 'dtype' must be one of {', '.join(STORE_DTYPES)}, got {manifest['dtype']!r}")
     for shard, info in manifest["shards"].items():
         count = info.get("count") if isinstance(info, dict) else None
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
@@ -136,14 +154,26 @@ def _found(manifest: dict, name: str):
         return encoder[name]
     if name == "normalize":
         return manifest.get("normalized")
+    if name in LEGACY_DEFAULTS and name not in manifest:
+        return LEGACY_DEFAULTS[name]
     return manifest.get(name)
+
+
+def _asked(expected: dict, manifest: dict, name: str) -> Any:
+    """The value `expected` asks for `name`; embed.dim=0 (the model's full width) becomes that width."""
+    value = expected[name]
+    if name == "dim" and value == 0:
+        encoder = manifest.get("encoder", {})
+        return encoder.get("model_dim", _found(manifest, "dim"))  # version 2: never truncated
+    return value
 
 
 def check_manifest(manifest: dict, expected: dict, path: str | Path) -> None:
     """Refuse a store whose rows were made differently from what `expected` asks.
 
     expected: any of MATCH_FIELDS (e.g. a TextEncoder.identity, plus "dtype"); other keys are
-    ignored, and `model` is compared only when `weights_sha256` is not given.
+    ignored, and `model` is compared only when `weights_sha256` is not given. `dim` 0 (embed.dim's
+    default) asks for the model's full width, i.e. a store whose rows were not truncated.
     path: the manifest file (or the store folder), named in the message.
     Raises StoreMismatchError listing every field that differs, asked vs found.
     """
@@ -151,9 +181,10 @@ def check_manifest(manifest: dict, expected: dict, path: str | Path) -> None:
     if path.name != MANIFEST:
         path = path / MANIFEST
     fields = [f for f in MATCH_FIELDS if f in expected and not (f == "model" and "weights_sha256" in expected)]
-    differ = [(f, expected[f], _found(manifest, f)) for f in fields if expected[f] != _found(manifest, f)]
+    differ = [(f, expected[f], _found(manifest, f)) for f in fields if _asked(expected, manifest, f) != _found(manifest, f)]
     if differ:
-        lines = "\n".join(f"  {f}: asked {asked!r}, found {found!r}" for f, asked, found in differ)
+        lines = "\n".join(f"  {f}: asked {asked!r}{_full_width(f, asked, manifest)}, found {found!r}"
+                          for f, asked, found in differ)
         encoder = manifest.get("encoder", {})
         context = (f"\n  (asked encoder {_where(expected)}; the store was made by {_where(encoder)})"
                    if any(f in ("weights_sha256", "model") for f, _, _ in differ) else "")
@@ -161,6 +192,10 @@ def check_manifest(manifest: dict, expected: dict, path: str | Path) -> None:
             f"embedding store manifest {path} does not match what was asked ({len(differ)} "
             f"{'fields differ' if len(differ) > 1 else 'field differs'}):\n{lines}{context}\n"
             "Use another store folder, or the settings the store was made with.")
+
+
+def _full_width(field: str, asked: Any, manifest: dict) -> str:
+    return f" (the model's full width, {_asked({'dim': 0}, manifest, 'dim')})" if field == "dim" and asked == 0 else ""
 
 
 def _where(identity: dict) -> str:
@@ -215,12 +250,28 @@ def _check_existing(store_dir: Path, identity: dict, dtype: str, data_dir: Path)
     path = store_dir / MANIFEST
     manifest = read_manifest(store_dir)
     check_manifest(manifest, {**identity, "dtype": dtype}, path)
+    differ = [(f, identity[f], _found(manifest, f)) for f in WRITE_FIELDS
+              if f in identity and identity[f] != _found(manifest, f)]
+    if differ:
+        lines = "; ".join(f"embed.{f}: asked {asked!r}, found {found!r}" for f, asked, found in differ)
+        raise StoreMismatchError(
+            f"embedding store manifest {path}: its rows were computed differently ({lines}); one store never "
+            "mixes rows of two precisions or quantizations. Use the store's settings to add to it, or another folder.")
     if manifest["data_dir"] != str(data_dir):
         raise StoreMismatchError(
             f"embedding store {store_dir} was made from the shards in {manifest['data_dir']}, not from {data_dir} "
             f"(recorded in {path}); its finished shards would be kept or overwritten by another folder's "
             "shards of the same names. Use another --out folder for this data.")
     return manifest
+
+
+def record_fields(store_dir: str | Path, **fields: Any) -> None:
+    """Set top-level manifest fields (e.g. the quantized encoder's measured `fidelity`), under the lock."""
+    store_dir = Path(store_dir)
+    with manifest_lock(store_dir):
+        manifest = read_manifest(store_dir)
+        manifest.update(fields)
+        write_json(store_dir / MANIFEST, manifest)
 
 
 def record_shard(store_dir: str | Path, name: str, info: dict) -> None:
@@ -242,17 +293,48 @@ def shard_files(store_dir: Path, name: str) -> tuple[Path, Path, Path, Path]:
             store_dir / f"{name}.caption_hash.npy")
 
 
+def scales_file(store_dir: Path, name: str) -> Path:
+    """The per-row float32 scales of an int8 shard."""
+    return store_dir / f"{name}.scales.npy"
+
+
+def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: rows [N, D] float -> (int8 [N, D], float32 scales [N]), row ~ int8 * scale.
+
+    The scale is the row's largest magnitude / 127 (1 for an all-zero row), so each element is off by
+    at most half a scale step.
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(rows.shape[0], dtype=np.float32)
+    scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+    quantized = np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8)
+    return quantized, scales
+
+
+def store_rows(rows: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """float rows [N, D] in the storage dtype: (rows, None) for float16/float32, (int8 rows, scales [N]) for int8."""
+    if dtype == "int8":
+        return quantize_rows(rows)
+    return np.asarray(rows).astype(dtype), None
+
+
 def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: np.ndarray, info: dict,
-                captions: list[str]) -> None:
-    """Write one shard's keys, counts, caption hashes and rows [len(keys), D], each atomically, the rows last.
+                captions: list[str], scales: np.ndarray | None = None) -> None:
+    """Write one shard's keys, counts, caption hashes, scales and rows [len(keys), D], each atomically,
+    the rows last.
 
     captions: the exact text each row was embedded from (its hash is stored, see `caption_hash`).
-    Raises ValueError when the lengths disagree and StoreError naming the key when a key holds a line break.
+    scales: [len(keys)] float32, with int8 rows only (see `store_rows`).
+    Raises ValueError when the lengths disagree or int8 rows come without scales, and StoreError naming
+    the key when a key holds a line break.
     """
     store_dir = Path(store_dir)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(keys) or len(captions) != len(keys):
         raise ValueError(f"shard {name}: {len(keys)} keys and {len(captions)} captions but embeddings of shape "
                          f"{tuple(embeddings.shape)}")
+    if (embeddings.dtype == np.int8) != (scales is not None) or (scales is not None and scales.shape != (len(keys),)):
+        raise ValueError(f"shard {name}: int8 rows need [count] scales and float rows none; got rows "
+                         f"{embeddings.dtype} and scales {None if scales is None else scales.shape}")
     bad = next((key for key in keys if "\n" in key or "\r" in key), None)
     if bad is not None:
         raise StoreError(f"shard {name}: key {bad!r} holds a line break; keys.txt stores one key per line")
@@ -262,6 +344,9 @@ def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: n
     atomic_write(keys_txt, lambda f: f.write("".join(f"{k}\n" for k in keys).encode("utf-8")))
     atomic_write(hashes_npy, lambda f: np.save(f, hashes, allow_pickle=False))
     write_json(counts, {**info, "count": len(keys)})
+    if scales is not None:
+        atomic_write(scales_file(store_dir, name),
+                     lambda f: np.save(f, np.ascontiguousarray(scales, dtype=np.float32), allow_pickle=False))
     atomic_write(npy, lambda f: np.save(f, np.ascontiguousarray(embeddings), allow_pickle=False))
 
 
@@ -287,7 +372,44 @@ def finished_shard(store_dir: str | Path, name: str) -> dict | None:
     count = info.get("count") if isinstance(info, dict) else None
     if rows.ndim != 2 or rows.shape[0] != count or hashes.shape != (count,) or len(read_keys(keys_txt)) != count:
         return None
+    if rows.dtype == np.int8:
+        try:
+            scales = np.load(scales_file(Path(store_dir), name), mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError):
+            return None
+        if scales.shape != (count,):
+            return None
     return info
+
+
+class Int8Rows:
+    """The rows of an int8 shard, dequantized on indexing: behaves like a read-only float32 array [count, dim].
+
+    rows[i] -> [dim], rows[i:j] or rows[index_array] -> [n, dim], np.asarray(rows) -> all [count, dim];
+    each float32, int8 row x its scale.
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, quantized: np.ndarray, scales: np.ndarray):
+        self.quantized = quantized  # [count, dim] int8 (a memmap)
+        self.scales = scales  # [count] float32
+        self.shape = quantized.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, tuple):  # rows[i, j:k]: dequantize the rows, then pick the columns
+            rows = self[index[0]]
+            return rows[index[1:]] if rows.ndim == 1 else rows[(slice(None), *index[1:])]
+        scales = np.asarray(self.scales[index], dtype=np.float32)
+        return np.asarray(self.quantized[index], dtype=np.float32) * scales[..., None]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -322,8 +444,10 @@ class EmbeddingStore:
             self._keys[name] = keys
         return self._keys[name]
 
-    def embeddings(self, name: str) -> np.ndarray:
-        """The rows of shard `name`: a read-only memmap [count, dim] in the store's dtype."""
+    def embeddings(self, name: str) -> np.ndarray | Int8Rows:
+        """The rows of shard `name` [count, dim]: a read-only memmap in the store's dtype, or for an int8
+        store an Int8Rows that returns float32 rows when indexed (np.asarray(rows[i], dtype=np.float32)
+        works the same for both)."""
         if name not in self._rows:
             self._check_name(name)
             npy = shard_files(self.path, name)[0]
@@ -337,8 +461,21 @@ class EmbeddingStore:
             if rows.shape != (count, self.dim) or rows.dtype != self.dtype:
                 raise StoreError(f"store shard {npy}: rows {rows.shape} {rows.dtype}, the manifest says "
                                  f"({count}, {self.dim}) {self.dtype}")
-            self._rows[name] = rows
+            self._rows[name] = Int8Rows(rows, self._scales(name, count)) if self.dtype == np.int8 else rows
         return self._rows[name]
+
+    def _scales(self, name: str, count: int) -> np.ndarray:
+        """The [count] float32 scales of int8 shard `name`; StoreError naming the file when missing or wrong."""
+        path = scales_file(self.path, name)
+        try:
+            scales = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise StoreError(f"store shard scales {path} do not exist (the store is int8, see {self.path / MANIFEST})") from None
+        except (ValueError, OSError) as err:
+            raise StoreError(f"store shard scales {path} cannot be read: {err}") from None
+        if scales.shape != (count,) or scales.dtype != np.float32:
+            raise StoreError(f"store shard scales {path}: {scales.shape} {scales.dtype}, the manifest says ({count},) float32")
+        return scales
 
     def caption_hashes(self, name: str) -> np.ndarray:
         """The `caption_hash` of each row of shard `name`: a [count] uint64 array, in row order.
@@ -381,7 +518,8 @@ def open_store(store_dir: str | Path) -> EmbeddingStore:
 
 
 def load_store(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
-    """All of a store in memory: keys (N), embeddings [N, D] in the store's dtype, and the manifest.
+    """All of a store in memory: keys (N), embeddings [N, D] in the store's dtype (float32, dequantized,
+    for an int8 store), and the manifest.
 
     Rows follow the shards in name order, each in shard order. Raises StoreError when the folder,
     manifest or a shard file is missing or disagrees with the manifest.
@@ -389,5 +527,6 @@ def load_store(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
     store = open_store(path)
     keys = [key for name in store.shard_names for key in store.keys(name)]
     parts = [np.asarray(store.embeddings(name)) for name in store.shard_names]
-    embeddings = np.concatenate(parts) if parts else np.zeros((0, store.dim), dtype=store.dtype)
+    row_dtype = np.float32 if store.dtype == np.int8 else store.dtype
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, store.dim), dtype=row_dtype)
     return keys, embeddings, store.manifest
