@@ -281,6 +281,21 @@ def test_closing_a_run_early_leaves_the_decoder_usable():
     assert len(batches) == 2 and decoder.pipeline_builds == 2
     assert_close_to_pil(batches[1], jobs[4], decoder.resample)
     assert list(decoder.run([])) == [] and decoder.pipeline_builds == 2  # a clean run reuses the pipeline
+    decoder.close()
+    (batch,) = decoder.run(jobs[:1])
+    assert decoder.pipeline_builds == 3
+    assert_close_to_pil(batch, jobs[0], decoder.resample)
+
+
+def test_decode_error_pickles():
+    import pickle
+
+    rng = np.random.default_rng(9)
+    job = random_job(rng, 2, "p")
+    error = pickle.loads(pickle.dumps(ImageDecodeError("image of sample 'p-001' is empty", key="p-001", index=1,
+                                                       job=job, remaining=[])))
+    assert (str(error), error.key, error.index, error.job.keys) == ("image of sample 'p-001' is empty", "p-001", 1,
+                                                                     job.keys)
 
 
 def test_settings_and_availability():

@@ -81,6 +81,13 @@ class ImageDecodeError(ValueError):
         super().__init__(message)
         self.key, self.index, self.job, self.remaining = key, index, job, remaining
 
+    def __reduce__(self):  # keyword-only fields: pickle (e.g. out of a worker process) through a helper
+        return _rebuild_error, (str(self), self.key, self.index, self.job, self.remaining)
+
+
+def _rebuild_error(message: str, key: str, index: int, job: DecodeJob, remaining: list[DecodeJob]) -> ImageDecodeError:
+    return ImageDecodeError(message, key=key, index=index, job=job, remaining=remaining)
+
 
 @dataclass
 class DecodeJob:
@@ -276,7 +283,16 @@ class DaliDecoder:
         self._std = [255 * value for value in CLIP_STD]
         self._mean_tensor = torch.tensor(self._mean).view(3, 1, 1)
         self._inv_std_tensor = torch.tensor(self._std).reciprocal().view(3, 1, 1)
-        self._pool = ThreadPoolExecutor(num_threads, "dali-resize") if resample == "torch" else None
+        self._pool: ThreadPoolExecutor | None = None  # the resize threads of the CPU path, made on first use
+
+    def close(self) -> None:
+        """Drop the DALI pipeline and stop the resize threads; a later `run` builds them again."""
+        if self._running:
+            raise RuntimeError("DaliDecoder.close: a run is still open; exhaust or close() its iterator first")
+        self._pipe, self._in_flight = None, False
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -426,6 +442,8 @@ class DaliDecoder:
         among `num_threads` threads (torch releases the GIL), which share the cores with DALI's."""
         out = torch.empty((len(job), 3, self.image_size, self.image_size), dtype=torch.float32)
         chunks = np.array_split(np.arange(len(job)), min(self.num_threads, len(job)))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_threads, "dali-resize")
         list(self._pool.map(lambda chunk: self._resize_samples(crops, job, chunk, out), chunks))
         return out.to(self.dtype)
 
