@@ -432,6 +432,7 @@ class DaliDecoder:
         dense = images.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
                           device=self.device)
+        # On torch's current stream, where `out` was allocated and will be read (as DALIGenericIterator does).
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(dense, out, cuda_stream=stream)
         return out.to(self.dtype)
