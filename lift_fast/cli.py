@@ -1,4 +1,4 @@
-"""The `lift-fast` command: synth, embed, train, eval and demo.
+"""The `lift-fast` command: synth, index, embed, train, eval and demo.
 
 Every command that reads settings takes `--config FILE` (YAML or TOML) and dotted overrides
 (`train.steps=200 model.name=vit_tiny_patch16`) after its options; see `lift-fast config` for
@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per .tar shard (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical shards")
 
+    p = command("index", "write a DALI webdataset index (.idx) beside every shard of a folder")
+    p.add_argument("data", type=Path, help="folder of .tar shards")
+    p.add_argument("--force", action="store_true", help="rewrite indexes that are up to date too")
+
     p = command("embed", "embed every caption of a shard folder once with the frozen text encoder "
                 "(under torchrun, each rank takes every WORLD_SIZE-th shard)")
     p.add_argument("--data", type=Path, required=True, help="folder of .tar shards")
@@ -114,6 +118,10 @@ def run_command(args) -> None:
                                   image_size=args.image_size, seed=args.seed,
                                   samples_per_shard=args.samples_per_shard, progress=progress)
         print(json.dumps(summary))
+    elif args.command == "index":
+        from lift_fast.data.index import index_shards
+
+        print(json.dumps(index_shards(args.data, force=args.force, progress=progress)))
     elif args.command == "embed":
         from lift_fast.embed import embed_shards
 

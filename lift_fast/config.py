@@ -41,12 +41,13 @@ class DataConfig:
     """Where images come from and how they are prepared."""
 
     image_size: int = _field(64, "side of the square training crop, in pixels", min=8)
-    backend: str = _field("auto", "image loader: auto uses PIL in this build (DALI comes later)",
+    backend: str = _field("auto", "image loader: auto prefers DALI where it is installed and works, else PIL",
                           choices=("auto", "dali", "pil"))
     crop_scale: tuple[float, float] = _field((0.9, 1.0), "RandomResizedCrop area range (LIFT: 0.9-1.0)")
     hflip: bool = _field(False, "random horizontal flip (off: it would flip left/right relations)")
     num_workers: int = _field(1, "loader worker processes", min=0)
-    shuffle_buffer: int = _field(2048, "samples held for shuffling within and across shards", min=1)
+    shuffle_window: int = _field(32, "shards whose samples are mixed together in the training stream (memory: "
+                                 "one permutation of their samples)", min=1)
     on_error: str = _field("error", "bad sample (corrupt image, no embedding): error or counted skip", choices=("error", "skip"))
 
 

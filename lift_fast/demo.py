@@ -33,7 +33,7 @@ DEMO_SETTINGS = [
 DEMO_DATA = {"num_train": 12000, "num_eval": 1000}
 
 QUICK_SETTINGS = ["model.depth=1", "data.image_size=32", "train.steps=30", "train.batch_size=32",
-                  "train.warmup_steps=5", "train.log_every=5", "data.num_workers=0", "data.shuffle_buffer=256"]
+                  "train.warmup_steps=5", "train.log_every=5", "data.num_workers=0", "data.shuffle_window=4"]
 QUICK_DATA = {"num_train": 400, "num_eval": 96}
 
 

@@ -21,7 +21,7 @@ from lift_fast.train import loop as loop_module
 from lift_fast.train.loop import train
 
 FAST = ["data.image_size=32", "model.depth=1", "train.steps=8", "train.batch_size=16", "train.warmup_steps=2",
-        "train.log_every=2", "data.num_workers=0", "data.shuffle_buffer=32"]
+        "train.log_every=2", "data.num_workers=0", "data.shuffle_window=4"]
 CATEGORIES = ("replace_att", "swap_att", "replace_rel", "swap_obj")
 
 

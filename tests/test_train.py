@@ -31,7 +31,7 @@ from lift_fast.train.loop import MetricsLog, TrainingInterrupted, check_store, t
 from lift_fast.train.optim import build_optimizer, build_scheduler, cosine_schedule, parameter_groups
 
 TINY = ["data.image_size=32", "model.depth=1", "train.steps=30", "train.batch_size=16", "train.lr=3e-3",
-        "train.warmup_steps=3", "train.log_every=1", "data.num_workers=0", "data.shuffle_buffer=64",
+        "train.warmup_steps=3", "train.log_every=1", "data.num_workers=0", "data.shuffle_window=4",
         "train.checkpoint_every=10", "train.keep_checkpoints=2"]
 
 
@@ -243,6 +243,30 @@ def test_sigterm_finishes_the_step_saves_it_and_stops(synth_data, stores, tmp_pa
     assert err.value.signum == signal.SIGTERM and err.value.step == 2
     assert latest_checkpoint(run).name == "step_000002"
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_then_resume_continues_the_exact_loss_curve(synth_data, stores, tmp_path, monkeypatch, workers):
+    """Stopped by SIGTERM at step 5 and resumed, a run logs the very losses and ends with the very
+    weights of an uninterrupted one: the loader restarts at the saved step of the same stream (with
+    a worker, the batches it had prefetched are dropped, not skipped), and patch dropout draws from
+    the restored RNG."""
+    cfg = tiny_config("train.steps=12", "train.checkpoint_every=0", f"data.num_workers={workers}",
+                      "model.patch_dropout=0.25", "data.hflip=true")
+    whole = tmp_path / "whole"
+    train(cfg, synth_data / "train", stores / "train", whole, progress=False)
+    run = tmp_path / "run"
+    interrupt_at(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(TrainingInterrupted) as err:
+        train(cfg, synth_data / "train", stores / "train", run, progress=False)
+    assert err.value.step == 5
+    monkeypatch.undo()
+    train(cfg, synth_data / "train", stores / "train", run, resume="auto", progress=False)
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))
+    assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(whole)]
+    final = load_file(str(run / "checkpoints" / "step_000012" / "model.safetensors"))
+    expected = load_file(str(whole / "checkpoints" / "step_000012" / "model.safetensors"))
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
 def test_interrupt_during_the_update_keeps_the_last_checkpoint(synth_data, stores, tmp_path, monkeypatch):

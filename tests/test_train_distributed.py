@@ -1,13 +1,10 @@
 """train() as two DDP ranks (gloo, forked processes, the torchrun environment variables set) against
 one process on the same global batches.
 
-The loader gives each rank its own shards when there are at least as many shards as readers, so
-in general a 2-rank step sees other samples than a 1-process step (equally valid, not equal). It
-gives the same global batches when every reader walks all shards, keeping samples r, r+W, ... of
-the one stream: a data folder of one shard, a shuffle buffer of 1 (the stream's order) and crops
-that do not depend on the random draw (crop_scale 1,1 on images of the training size). That is
-the deterministic mode these tests use, and `test_ranks_split_the_single_process_batches` checks
-it on the loader itself.
+The sample stream gives rank r the r-th slice of the global batch one process would read, with the
+same crops and flips (they are drawn from each sample's own seed), so the two runs see the same
+images, augmentation included; `test_ranks_split_the_single_process_batches` checks it on the
+loader itself.
 """
 
 from __future__ import annotations
@@ -26,25 +23,15 @@ from lift_fast.data import build_loader
 from lift_fast.train.loop import train
 
 WORLD_SIZE = 2
-# One shard of 16 samples, global batch 8: steps alternate between its two halves.
-DETERMINISTIC = ["data.shuffle_buffer=1", "data.crop_scale=1,1", "data.num_workers=0"]
 CONFIG = ["data.image_size=32", "model.depth=1", "train.steps=6", "train.batch_size=8", "train.lr=3e-3",
           "train.warmup_steps=2", "train.log_every=1", "train.checkpoint_every=3", "train.tensorboard=false",
-          *DETERMINISTIC]
+          "data.num_workers=0", "data.hflip=true", "data.shuffle_window=2"]
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def one_shard(synth_data, tmp_path_factory):
-    """A data folder holding one shard of the training set (the store has its rows)."""
-    folder = tmp_path_factory.mktemp("one_shard")
-    (folder / "00000.tar").symlink_to(synth_data / "train" / "00000.tar")
-    return folder
 
 
 def _rank_main(rank: int, port: int, overrides: list[str], data, store, run) -> None:
@@ -66,31 +53,29 @@ def _metric(run, name: str) -> list[float]:
     return [json.loads(line)[name] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ranks_split_the_single_process_batches(one_shard, stores):
-    """In the deterministic mode the union of the ranks' batches is the single-process batch, image for image."""
-    common = dict(split="train", image_size=32, seed=3, num_workers=0, crop_scale=(1.0, 1.0), shuffle_buffer=1)
-    single = iter(build_loader(one_shard, stores / "train", batch_size=8, **common))
-    ranks = [iter(build_loader(one_shard, stores / "train", batch_size=4, rank=rank, world_size=WORLD_SIZE, **common))
-             for rank in range(WORLD_SIZE)]
+def test_ranks_split_the_single_process_batches(synth_data, stores):
+    """The ranks' batches, in rank order, are the single-process batch, image for image."""
+    common = dict(split="train", image_size=32, seed=3, num_workers=0, hflip=True, shuffle_window=2)
+    single = iter(build_loader(synth_data / "train", stores / "train", batch_size=8, **common))
+    ranks = [iter(build_loader(synth_data / "train", stores / "train", batch_size=4, rank=rank,
+                               world_size=WORLD_SIZE, **common)) for rank in range(WORLD_SIZE)]
     seen = set()
-    for _ in range(5):
+    for _ in range(8):
         expected = next(single)
         parts = [next(loader) for loader in ranks]
-        images = {key: image for part in parts for key, image in zip(part["keys"], part["images"])}
-        assert sorted(images) == sorted(expected["keys"])
-        for key, image in zip(expected["keys"], expected["images"]):
-            torch.testing.assert_close(images[key], image, rtol=0, atol=0)
+        assert parts[0]["keys"] + parts[1]["keys"] == expected["keys"]
+        torch.testing.assert_close(torch.cat([p["images"] for p in parts]), expected["images"], rtol=0, atol=0)
         seen.update(expected["keys"])
-    assert len(seen) == 16  # both halves of the shard came by
+    assert len(seen) == 64  # one epoch: every sample once
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_two_ranks_match_one_process(one_shard, stores, tmp_path, loss):
+def test_two_ranks_match_one_process(synth_data, stores, tmp_path, loss):
     overrides = CONFIG + [f"train.loss={loss}"]
-    single = train(load_config(overrides=overrides), one_shard, stores / "train", tmp_path / "single" / "run",
-                   progress=False)
+    single = train(load_config(overrides=overrides), synth_data / "train", stores / "train",
+                   tmp_path / "single" / "run", progress=False)
     run = tmp_path / "ddp" / "run"
-    results = _two_ranks(overrides, one_shard, stores / "train", run)
+    results = _two_ranks(overrides, synth_data / "train", stores / "train", run)
 
     # the logged loss is the mean over ranks of their local parts: the global-batch loss
     expected = _metric(tmp_path / "single" / "run", "loss")

@@ -56,6 +56,19 @@ def list_shards(data_dir: str | Path) -> list[Path]:
     return shards
 
 
+def require_end_block(shard: Path, end: int) -> None:
+    """Raise tarfile.ReadError unless an end-of-archive block follows the last member (at byte `end`).
+
+    tarfile ends the member loop quietly when the file stops at a header boundary, so a shard cut
+    between two members would read as a shorter, valid one.
+    """
+    with open(shard, "rb") as f:
+        f.seek(end)
+        marker = f.read(tarfile.BLOCKSIZE)
+    if len(marker) < tarfile.BLOCKSIZE or marker.count(0) != tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"no end-of-archive block at byte {end} of {shard.stat().st_size}")
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """'dir/000001.jpg' -> ('dir/000001', 'jpg'): the key is everything before the first dot of the basename."""
     directory, _, base = name.rpartition("/")
@@ -88,14 +101,7 @@ def iter_samples(shard: str | Path) -> Iterator[Sample]:
                 if current is None:
                     current = Sample(key, shard, {})
                 current.files[ext] = tar.extractfile(member).read()
-        # tarfile ends the member loop quietly when the file stops at a header boundary, so a shard cut
-        # between two members would read as a shorter, valid one: require the end-of-archive block.
-        end = tar.offset
-        with open(shard, "rb") as f:
-            f.seek(end)
-            marker = f.read(tarfile.BLOCKSIZE)
-        if len(marker) < tarfile.BLOCKSIZE or marker.count(0) != tarfile.BLOCKSIZE:
-            raise tarfile.ReadError(f"no end-of-archive block at byte {end} of {shard.stat().st_size}")
+        require_end_block(shard, tar.offset)
     except (tarfile.TarError, EOFError, OSError) as err:
         after = f" after sample {current.key!r}" if current else ""
         raise ShardError(f"shard {shard} is truncated or corrupt{after}: {err}") from None

@@ -27,7 +27,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lift_fast.config import Config, ConfigError, check_changes, load_config, load_run_config, save_config
+from lift_fast.config import (
+    Config,
+    ConfigError,
+    check_changes,
+    load_config,
+    load_run_config,
+    save_config,
+)
 from lift_fast.data.loader import build_loader
 from lift_fast.embed.encoder import resolve_model, weights_sha256
 from lift_fast.embed.store import EMBED_SETTINGS, check_manifest, read_manifest
@@ -41,7 +48,12 @@ from lift_fast.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lift_fast.train.device import autocast, peak_tflops, resolve_compile, resolve_precision
+from lift_fast.train.device import (
+    autocast,
+    peak_tflops,
+    resolve_compile,
+    resolve_precision,
+)
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.metrics import MetricsLog, RunLog
 from lift_fast.train.optim import build_optimizer, build_scheduler
@@ -155,7 +167,12 @@ def _stop_requests() -> Iterator[list[int]]:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn of the loader's workers: SIGTERM and SIGUSR1 are for the main process."""
+    """worker_init_fn of the loader's workers: SIGTERM and SIGUSR1 are for the main process.
+
+    SLURM and torchrun signal every process of the job, loader workers included; a worker killed by
+    SIGTERM would make the loader raise in the main process while it saves. The main process stops
+    the workers when it is done (or they see it gone and exit).
+    """
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
@@ -267,11 +284,14 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
         forward = torch.compile(forward)
     loss_fn = build_loss(cfg, ctx)
     loader = build_loader(data_dir, embeddings_dir, split="train", batch_size=batch_size,
-                          image_size=cfg.data.image_size, backend=cfg.data.backend, seed=cfg.train.seed + step,
+                          image_size=cfg.data.image_size, backend=cfg.data.backend, seed=cfg.train.seed,
                           rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
-                          crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
-                          shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error)
-    _check_batch_size(cfg, loader.dataset.shards, manifest, embeddings_dir)
+                          crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, shuffle_window=cfg.data.shuffle_window,
+                          start_step=step, on_error=cfg.data.on_error, pin_memory=device.type == "cuda",
+                          worker_init_fn=_ignore_stop_signals)
+    _check_batch_size(cfg, loader.stream.samples, loader.shards, embeddings_dir)
+    if start_ckpt is not None:
+        _check_loader_position(state["extra"].get("loader"), loader.state(step), start_ckpt)
     # Everything is checked and the checkpoint has loaded: only now is the run folder written.
     run_log = None
     if ctx.is_main:
@@ -280,10 +300,6 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
         run_log = RunLog(run_dir, step, tensorboard=cfg.train.tensorboard)
     distributed.barrier(ctx)
 
-    # SLURM and torchrun signal every process of the job, loader workers included; a worker killed by
-    # SIGTERM would make the loader raise in the main process while it saves. Workers ignore the stop
-    # signals instead: the main process stops them when it is done (or they see it gone and exit).
-    loader.worker_init_fn = _ignore_stop_signals
     batches = iter(loader)  # starts the worker processes
     bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step",
                disable=not progress or not ctx.is_main, dynamic_ncols=True)
@@ -295,6 +311,7 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
             while step < cfg.train.steps:
                 wait_start = time.perf_counter()
                 batch = next(batches)
+                assert batch["step"] == step, f"loader out of step: batch {batch['step']} at step {step}"
                 speed.data_wait += time.perf_counter() - wait_start
                 images = batch["images"].to(device, non_blocking=True)  # [b, 3, H, W]
                 text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)  # [b, D]
@@ -345,22 +362,27 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                     if ctx.is_main:
                         save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                        extra={"nonfinite_steps": nonfinite}, keep=cfg.train.keep_checkpoints)
+                                        extra={"nonfinite_steps": nonfinite, "loader": loader.state(step)},
+                                        keep=cfg.train.keep_checkpoints)
                     distributed.barrier(ctx)
                     saved_step = step
                 if stop and step < cfg.train.steps:  # every rank saw the same flag, at this same step
                     raise TrainingInterrupted(stop_signals[0] if stop_signals else signal.SIGTERM)
     except KeyboardInterrupt as err:
         raise _save_on_interrupt(err, ctx, run_dir, step if not updating else saved_step, saved_step,
-                                 (model, optimizer, scheduler), {"nonfinite_steps": nonfinite},
+                                 (model, optimizer, scheduler),
+                                 {"nonfinite_steps": nonfinite, "loader": loader.state(step if not updating else saved_step)},
                                  cfg.train.keep_checkpoints) from None
     finally:
+        # Drop the iterator here, which stops its workers: a traceback that holds this frame would
+        # keep them alive until exit, where multiprocessing's SIGTERM (ignored by them) cannot end them.
+        batches = None  # noqa: F841
         bar.close()
         if run_log is not None:
             run_log.close()
     if ctx.is_main:
-        save_checkpoint(run_dir, step, model, optimizer, scheduler, extra={"nonfinite_steps": nonfinite},
-                        keep=cfg.train.keep_checkpoints)
+        save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                        extra={"nonfinite_steps": nonfinite, "loader": loader.state(step)}, keep=cfg.train.keep_checkpoints)
     distributed.barrier(ctx)
     return {"step": step, "loss": loss_value, **speed.summary(), "nonfinite_steps": nonfinite, "skipped": skipped,
             "checkpoint": str(checkpoint_path(run_dir, step))}
@@ -417,13 +439,27 @@ def _utilisation(samples_per_second: float, flops_per_sample: int, peak: float |
     return numbers
 
 
-def _check_batch_size(cfg: Config, shards: list[Path], manifest: dict, embeddings_dir: str | Path) -> None:
-    """Refuse a batch larger than the training set: the loader drops partial batches and would yield none."""
-    samples = sum(manifest["shards"][shard.stem]["count"] for shard in shards)
+def _check_batch_size(cfg: Config, samples: int, shards: list[Path], embeddings_dir: str | Path) -> None:
+    """Refuse a batch larger than the training set: an epoch would have no step."""
     if cfg.train.batch_size > samples:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {samples} training samples "
-                          f"({len(shards)} shard(s), counted in {Path(embeddings_dir) / 'manifest.json'}); "
-                          f"use train.batch_size={samples} or less")
+                          f"({len(shards)} shard(s) in {shards[0].parent}); use train.batch_size={samples} or less")
+
+
+def _check_loader_position(saved: dict | None, current: dict, checkpoint: Path) -> None:
+    """Warn when the checkpoint's loader position was saved for another stream (other data, batch or
+    shuffle window): the run goes on from the same step, but its samples are not the ones an
+    uninterrupted run would have seen."""
+    if saved is None:
+        log.warning("%s holds no loader position (an older checkpoint): the data stream restarts at step %d of the "
+                    "current stream", checkpoint, current["step"])
+        return
+    differ = [f"{name} {saved.get(name)} -> {value}" for name, value in current.items()
+              if name != "step" and saved.get(name) != value]
+    if differ:
+        log.warning("%s: the data stream differs from the one it was saved with (%s); resuming at step %d of the new "
+                    "stream, so the samples are not the ones an uninterrupted run would have seen",
+                    checkpoint, ", ".join(differ), current["step"])
 
 
 def _saved_config(run_dir: Path, checkpoint: Path) -> Path | None:
