@@ -185,6 +185,14 @@ class TextEncoder:
         self.device = torch.device(device)
         self.precision = precision
         self.append_eos = resolve_append_eos(cfg, tokenizer)
+        # The EOS id that tokenize() appends: None when not asked for, or when the tokenizer ends its
+        # sequences with EOS itself (the newer Qwen3-Embedding tokenizers do).
+        self._appended_eos = None
+        if self.append_eos and tokenizer("a")["input_ids"][-1:] != [tokenizer.eos_token_id]:
+            self._appended_eos = tokenizer.eos_token_id
+            if cfg.max_length < 2:
+                raise ConfigError(f"embed.max_length={cfg.max_length} leaves no room for a caption before the "
+                                  "appended EOS token; use at least 2 (or embed.append_eos=off)")
         self.compiled = False
         self.quantize = "none"  # set by lift_fast.embed.run once the model's linear layers are quantized
         self.forward = model  # what runs a batch: the model, or its compiled form after compile()
@@ -266,23 +274,27 @@ class TextEncoder:
     # ------------------------------------------------------------------------------------ tokens
 
     def tokenize(self, captions: list[str]) -> Tokenized:
-        """Token ids of prompt + caption, cut at cfg.max_length, with the EOS appended where asked."""
+        """Token ids of prompt + caption, cut at cfg.max_length, with the EOS appended where asked.
+
+        With an appended EOS, captions are cut one token earlier, so that every sequence, cut or not,
+        ends as the tokenizer ends it, then EOS.
+        """
         texts = [self.cfg.prompt + caption for caption in captions]
         if not texts:
             return Tokenized([], [], torch.zeros(0, dtype=torch.bool))
+        eos = self._appended_eos
+        limit = self.cfg.max_length - (eos is not None)
         # One pass without truncation gives true lengths; only the long captions are tokenized again,
         # with truncation, so that special tokens (CLS/SEP/EOS) survive the cut.
         ids = self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-        eos = self.tokenizer.eos_token_id if self.append_eos else None
-        if eos is not None:
-            ids = [seq if seq and seq[-1] == eos else [*seq, eos] for seq in ids]
-        truncated = torch.tensor([len(seq) > self.cfg.max_length for seq in ids], dtype=torch.bool)
+        truncated = torch.tensor([len(seq) > limit for seq in ids], dtype=torch.bool)
         long_rows = truncated.nonzero().flatten().tolist()
         if long_rows:
-            cut = self.tokenizer([texts[i] for i in long_rows], truncation=True,
-                                 max_length=self.cfg.max_length)["input_ids"]
+            cut = self.tokenizer([texts[i] for i in long_rows], truncation=True, max_length=limit)["input_ids"]
             for i, seq in zip(long_rows, cut):
-                ids[i] = seq if eos is None or seq[-1] == eos else [*seq[:self.cfg.max_length - 1], eos]
+                ids[i] = seq
+        if eos is not None:
+            ids = [[*seq, eos] for seq in ids]
         return Tokenized(list(captions), ids, truncated)
 
     def _pad(self, batch_ids: list[list[int]], length: int) -> dict[str, torch.Tensor]:

@@ -231,6 +231,8 @@ def open_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_sha
         _check_existing(store_dir, identity, dtype, data_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     with manifest_lock(store_dir):
+        for stale in store_dir.glob(f".{MANIFEST}.*.tmp"):  # left by a killed run; the lock keeps out live writers
+            stale.unlink(missing_ok=True)
         path = store_dir / MANIFEST
         if path.exists():
             manifest = _check_existing(store_dir, identity, dtype, data_dir)
@@ -341,6 +343,10 @@ def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: n
     hashes = np.array([caption_hash(c) for c in captions], dtype=HASH_DTYPE)
     npy, keys_txt, counts, hashes_npy = shard_files(store_dir, name)
     npy.unlink(missing_ok=True)  # from here on the shard counts as unfinished until its rows are in place
+    # Temporaries of this shard left by a killed run (atomic_write names them .NAME.SUFFIX.PID.tmp);
+    # only the rank that owns the shard writes it, so none of these is being written now.
+    for stale in store_dir.glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     atomic_write(keys_txt, lambda f: f.write("".join(f"{k}\n" for k in keys).encode("utf-8")))
     atomic_write(hashes_npy, lambda f: np.save(f, hashes, allow_pickle=False))
     write_json(counts, {**info, "count": len(keys)})
