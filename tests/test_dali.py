@@ -337,3 +337,16 @@ def test_a_sample_only_dali_rejects_is_found_by_decoding_alone(decoders, monkeyp
     assert_close_to_pil(batches[0], jobs[0], "dali")
     (batch,) = decoder.run(jobs[2:])
     assert_close_to_pil(batch, jobs[2], "dali")
+
+
+def test_cpu_path_under_inference_mode():
+    """Eval iterates under torch.inference_mode, which the resize threads do not inherit."""
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG")
+    job = DecodeJob(encoded=[np.frombuffer(buffer.getvalue(), np.uint8)] * 3, boxes=np.array([[0, 0, 50, 40]] * 3),
+                    flips=np.array([False, True, False]), keys=["a", "b", "c"])
+    decoder = DaliDecoder(16, 4, device_id=None, num_threads=2)
+    with torch.inference_mode():
+        (batch,) = list(decoder.run([job]))
+    assert batch.shape == (3, 3, 16, 16) and torch.equal(batch[0], batch[2])

@@ -1,4 +1,5 @@
-"""The PIL loader: images joined to store rows by key, whatever the order or gaps on either side."""
+"""The loader, PIL and DALI backends alike: images joined to store rows by key, whatever the order or
+gaps on either side, and bad samples named or counted. Every test runs once per backend."""
 
 from __future__ import annotations
 
@@ -11,12 +12,26 @@ import pytest
 import torch
 from PIL import Image
 from shard_tools import read_members, write_members
+from torch.utils.data import DataLoader
 
 from lift_fast.config import ConfigError, EmbedConfig
 from lift_fast.data import build_loader
+from lift_fast.data.dali import dali_available
 from lift_fast.data.loader import CLIP_MEAN, CLIP_STD
 from lift_fast.data.shards import ShardError, iter_samples, list_shards
 from lift_fast.embed import embed_shards, load_store
+
+BACKEND = {"name": "pil"}
+
+
+@pytest.fixture(autouse=True, params=["pil", "dali"])
+def backend(request):
+    """The backend every build_loader call of the test uses."""
+    if request.param == "dali" and not dali_available()[0]:
+        pytest.skip(f"DALI is not usable here: {dali_available()[1]}")
+    BACKEND["name"] = request.param
+    return request.param
+
 
 LOW = min((0 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD))
 HIGH = max((1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD))
@@ -33,6 +48,7 @@ def store_rows(store_dir) -> dict[str, np.ndarray]:
 
 def eval_pass(data_dir, store_dir, *, batch_size=5, num_workers=0, on_error="error"):
     loader = build_loader(data_dir, store_dir, split="eval", batch_size=batch_size, image_size=32,
+                          backend=BACKEND["name"],
                           num_workers=num_workers, on_error=on_error)
     return list(loader)
 
@@ -81,7 +97,7 @@ def test_eval_images_match_reference_decode(synth_data, stores):
 
 def test_eval_resizes_to_image_size(synth_data, stores):
     loader = build_loader(synth_data / "eval", stores / "eval", split="eval", batch_size=4, image_size=16,
-                          num_workers=0)
+                          num_workers=0, backend=BACKEND["name"])
     batch = next(iter(loader))
     assert batch["images"].shape == (4, 3, 16, 16)
 
@@ -243,6 +259,7 @@ def test_every_sample_bad_is_an_error_not_an_empty_pass(synth_data, stores, tmp_
 
 def train_keys(data_dir, store_dir, *, seed, batches=10, batch_size=16):
     loader = build_loader(data_dir, store_dir, split="train", batch_size=batch_size, image_size=32, seed=seed,
+                          backend=BACKEND["name"],
                           num_workers=0)
     return list(itertools.islice(iter(loader), batches))
 
@@ -272,9 +289,17 @@ def test_train_split_drops_partial_batches(synth_data, stores):
         assert len(batch["keys"]) == 24
 
 
-def test_dali_backend_is_a_clear_error(synth_data, stores):
-    with pytest.raises(ConfigError, match="data.backend=dali"):
+def test_backend_choice(synth_data, stores, monkeypatch, backend):
+    from lift_fast.data import dali
+
+    loader = build_loader(synth_data / "eval", stores / "eval", split="eval", batch_size=4, image_size=32,
+                          backend="auto")
+    assert isinstance(loader.data, DataLoader) == (not dali_available()[0])  # auto prefers DALI where it runs
+    monkeypatch.setattr(dali, "dali_available", lambda device_id=None: (False, "import nvidia.dali failed: test"))
+    with pytest.raises(ConfigError, match="data.backend=dali: DALI cannot run here .*import nvidia.dali failed"):
         build_loader(synth_data / "eval", stores / "eval", split="eval", batch_size=4, image_size=32, backend="dali")
+    loader = build_loader(synth_data / "eval", stores / "eval", split="eval", batch_size=4, image_size=32)
+    assert isinstance(loader.data, DataLoader)  # auto falls back to PIL
     with pytest.raises(ConfigError, match="opencv"):
         build_loader(synth_data / "eval", stores / "eval", split="eval", batch_size=4, image_size=32,
                      backend="opencv")

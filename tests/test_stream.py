@@ -15,6 +15,8 @@ import torch
 from shard_tools import read_members, write_members
 
 from lift_fast.data import build_loader
+from lift_fast.data.augment import CLIP_STD
+from lift_fast.data.dali import dali_available
 from lift_fast.data.index import index_path, index_shards, read_index, write_index
 from lift_fast.data.shards import ShardError, iter_samples, list_shards
 from lift_fast.data.stream import SampleStream
@@ -154,8 +156,10 @@ def test_index_command(synth_data, tmp_path):
 # ------------------------------------------------------------------------------------------ the loader
 
 
-def batches(synth_data, stores, *, steps=6, start_step=0, batch_size=8, num_workers=0, rank=0, world_size=1, **kw):
-    loader = build_loader(synth_data / "train", stores / "train", split="train", batch_size=batch_size, image_size=32,
+def batches(synth_data, stores, *, steps=6, start_step=0, batch_size=8, num_workers=0, rank=0, world_size=1,
+            backend="pil", image_size=32, **kw):
+    loader = build_loader(synth_data / "train", stores / "train", split="train", batch_size=batch_size,
+                          image_size=image_size, backend=backend,
                           seed=11, num_workers=num_workers, start_step=start_step, rank=rank, world_size=world_size,
                           shuffle_window=2, **kw)
     return list(itertools.islice(iter(loader), steps))
@@ -187,14 +191,18 @@ def test_ranks_take_slices_of_the_single_process_batch(synth_data, stores):
         assert torch.equal(torch.cat([parts[0][step]["images"], parts[1][step]["images"]]), whole["images"])
 
 
-def test_skipped_training_samples_are_replaced(synth_data, stores, tmp_path):
+@pytest.mark.parametrize("backend", ["pil", "dali"])
+def test_skipped_training_samples_are_replaced(synth_data, stores, tmp_path, backend):
     data = tmp_path / "data" / "train"
     bad = {"train-00000003.jpg", "train-00000040.jpg"}
     for shard in list_shards(synth_data / "train"):
         write_members(data / shard.name, [(n, b"not a jpeg" if n in bad else b) for n, b in read_members(shard)])
-    loader_args = dict(split="train", batch_size=16, image_size=32, num_workers=0)
-    with pytest.raises(ShardError, match="cannot be decoded"):
+    if backend == "dali" and not dali_available()[0]:
+        pytest.skip("DALI is not usable here")
+    loader_args = dict(split="train", batch_size=16, image_size=32, num_workers=0, backend=backend)
+    with pytest.raises(ShardError, match="cannot be decoded|unknown image format") as err:
         list(itertools.islice(iter(build_loader(data, stores / "train", **loader_args)), 4))
+    assert "00000.tar" in str(err.value) or "00002.tar" in str(err.value)
     got = list(itertools.islice(iter(build_loader(data, stores / "train", on_error="skip", **loader_args)), 4))
     assert all(len(b["keys"]) == 16 for b in got)
     assert sum(b["skipped"] for b in got) == 2
@@ -210,3 +218,20 @@ def _store_rows(store_dir):
 
     keys, embeddings, _ = load_store(store_dir)
     return keys, np.asarray(embeddings, dtype=np.float32)
+
+
+def test_dali_and_pil_backends_give_the_same_batches(synth_data, stores):
+    """Same keys, rows, crops and flips; pixels within resize tolerance (the DALI CPU path resizes only
+    the crop, PIL filters across its edge: the outermost pixels of upscaled sharp edges differ most)."""
+    if not dali_available()[0]:
+        pytest.skip("DALI is not usable here")
+    runs = {backend: batches(synth_data, stores, steps=4, batch_size=16, backend=backend, hflip=True,
+                             crop_scale=(0.3, 1.0), image_size=24) for backend in ("pil", "dali")}
+    level = 1 / 255 / min(CLIP_STD)  # one uint8 step, normalised
+    for pil, dali in zip(runs["pil"], runs["dali"]):
+        assert pil["keys"] == dali["keys"] and pil["step"] == dali["step"]
+        assert torch.equal(pil["text_embeddings"], dali["text_embeddings"])
+        difference = (pil["images"] - dali["images"]).abs()
+        assert difference.mean() < 0.1 * level
+        assert difference.flatten().quantile(0.99) < 1.5 * level
+        assert difference.max() < 20 * level

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lift_fast.config import ConfigError, TrainConfig, load_config
+from lift_fast.data.dali import dali_available
 from lift_fast.data.shards import ShardError
 from lift_fast.embed import StoreMismatchError
 from lift_fast.embed.encoder import resolve_model
@@ -31,7 +32,7 @@ from lift_fast.train.loop import MetricsLog, TrainingInterrupted, check_store, t
 from lift_fast.train.optim import build_optimizer, build_scheduler, cosine_schedule, parameter_groups
 
 TINY = ["data.image_size=32", "model.depth=1", "train.steps=30", "train.batch_size=16", "train.lr=3e-3",
-        "train.warmup_steps=3", "train.log_every=1", "data.num_workers=0", "data.shuffle_window=4",
+        "train.warmup_steps=3", "train.log_every=1", "data.num_workers=0", "data.shuffle_window=4", "data.backend=pil",
         "train.checkpoint_every=10", "train.keep_checkpoints=2"]
 
 
@@ -245,13 +246,16 @@ def test_sigterm_finishes_the_step_saves_it_and_stops(synth_data, stores, tmp_pa
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_sigterm_then_resume_continues_the_exact_loss_curve(synth_data, stores, tmp_path, monkeypatch, workers):
+@pytest.mark.parametrize("backend, workers", [("pil", 0), ("pil", 1), ("dali", 2)])
+def test_sigterm_then_resume_continues_the_exact_loss_curve(synth_data, stores, tmp_path, monkeypatch, backend,
+                                                            workers):
     """Stopped by SIGTERM at step 5 and resumed, a run logs the very losses and ends with the very
     weights of an uninterrupted one: the loader restarts at the saved step of the same stream (with
     a worker, the batches it had prefetched are dropped, not skipped), and patch dropout draws from
     the restored RNG."""
-    cfg = tiny_config("train.steps=12", "train.checkpoint_every=0", f"data.num_workers={workers}",
+    if backend == "dali" and not dali_available()[0]:
+        pytest.skip("DALI is not usable here")
+    cfg = tiny_config("train.steps=12", "train.checkpoint_every=0", f"data.num_workers={workers}", f"data.backend={backend}",
                       "model.patch_dropout=0.25", "data.hflip=true")
     whole = tmp_path / "whole"
     train(cfg, synth_data / "train", stores / "train", whole, progress=False)

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lift_fast.data.augment import CLIP_MEAN, CLIP_STD
+
 try:
     from nvidia.dali import Pipeline, fn, types
     from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -276,9 +278,6 @@ class DaliDecoder:
         self._in_flight = False  # the pipeline has batches scheduled that no one has taken
         self._feed: _Feed | None = None
         self._running = False
-        # The CLIP constants live with the PIL loader, which will import this module: read them here.
-        from lift_fast.data.loader import CLIP_MEAN, CLIP_STD
-
         self._mean = [255 * value for value in CLIP_MEAN]  # 0..255 units, as DALI and the uint8 path see pixels
         self._std = [255 * value for value in CLIP_STD]
         self._mean_tensor = torch.tensor(self._mean).view(3, 1, 1)
@@ -450,6 +449,11 @@ class DaliDecoder:
 
     def _resize_samples(self, crops, job: DecodeJob, indexes: np.ndarray, out: torch.Tensor) -> None:
         size = self.image_size
+        # Inference mode is per thread: `out` made under the caller's (eval's) can only be written under it here.
+        with torch.inference_mode(out.is_inference()):
+            self._resize_into(crops, job, indexes, out, size)
+
+    def _resize_into(self, crops, job: DecodeJob, indexes: np.ndarray, out: torch.Tensor, size: int) -> None:
         for index in indexes.tolist():
             crop = torch.from_dlpack(crops[index]).permute(2, 0, 1).unsqueeze(0)  # [1, 3, h, w], no copy
             image = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]

@@ -10,8 +10,8 @@ Every batch is a dict:
 Which samples form a batch is decided by the SampleStream (lift_fast/data/stream.py): a pure
 function of seed and step, shared by every backend, so the loader position in a checkpoint is the
 step and a resumed run continues the exact stream. The PIL backend decodes in worker processes,
-each producing whole batches for every num_workers-th step; the DALI backend (when built) decodes
-the same samples with the same crop windows.
+each producing whole batches for every num_workers-th step; the DALI backend
+(lift_fast/data/dali_batches.py) decodes the same samples with the same crop windows.
 
 A bad sample (corrupt image, no image, no store row, a caption other than the one its row was made
 from) is a ShardError naming shard and key, or with on_error="skip" a counted skip: in training a
@@ -22,17 +22,20 @@ stream deterministic); in eval the batch is one shorter.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lift_fast.config import ConfigError
 from lift_fast.data.augment import (  # noqa: F401 (re-exported: the preparation the loaders share)
     CLIP_MEAN,
     CLIP_STD,
+    Box,
     center_box,
     crop_resize,
     open_image,
@@ -40,7 +43,7 @@ from lift_fast.data.augment import (  # noqa: F401 (re-exported: the preparation
     train_view,
 )
 from lift_fast.data.index import sample_count
-from lift_fast.data.reader import SampleReader
+from lift_fast.data.reader import RawSample, SampleReader
 from lift_fast.data.shards import ShardError, list_shards
 from lift_fast.data.stream import SampleRef, SampleStream
 from lift_fast.embed.store import open_store
@@ -48,6 +51,7 @@ from lift_fast.embed.store import open_store
 log = logging.getLogger(__name__)
 
 MAX_REPLACEMENTS = 16  # stand-ins tried for one bad training sample before giving up
+T = TypeVar("T")
 
 
 class ImageTextBatches(IterableDataset):
@@ -73,31 +77,44 @@ class ImageTextBatches(IterableDataset):
             yield self.train_batch(step)
             step += workers
 
-    def example(self, ref: SampleRef, train: bool) -> tuple[torch.Tensor, np.ndarray, str]:
-        """(image [3, S, S], embedding [D], key) of one sample; raises ShardError for a bad one."""
+    def prepare(self, ref: SampleRef, train: bool) -> tuple[RawSample, Image.Image, Box, bool]:
+        """Read one sample and open its image (header only): (raw sample, image, crop box, flip).
+        Raises ShardError for a bad sample."""
         raw = self.reader.read(ref)
         image = open_image(raw.image, f"{raw.where}: its image")
         if train:
             box, flip = train_view(*image.size, self.crop_scale, self.hflip, ref.augment_seed(self.stream.seed))
         else:
             box, flip = center_box(*image.size), False
+        return raw, image, box, flip
+
+    def example(self, ref: SampleRef, train: bool) -> tuple[torch.Tensor, np.ndarray, str]:
+        """(image [3, S, S], embedding [D], key) of one sample; raises ShardError for a bad one."""
+        raw, image, box, flip = self.prepare(ref, train)
         return to_tensor(crop_resize(image, box, self.image_size, flip, f"{raw.where}: its image")), raw.embedding, raw.key
+
+    def with_stand_ins(self, ref: SampleRef, make: Callable[[SampleRef], T], step: int,
+                       first_attempt: int = 0) -> tuple[T, int, int]:
+        """make(ref), or with on_error="skip" make() of its stand-ins (stream.replacement) until one
+        works: (result, the attempt that worked, samples skipped). Raises ShardError."""
+        skipped = 0
+        for attempt in range(first_attempt, MAX_REPLACEMENTS + 1):
+            try:
+                return make(ref if not attempt else self.stream.replacement(ref, attempt)), attempt, skipped
+            except ShardError as err:
+                if self.on_error != "skip":
+                    raise
+                skipped += 1
+                log.warning("skipping: %s", err)
+        raise ShardError(f"step {step}: sample {self.reader.key(ref)!r} of {self.reader.shards[ref.shard]} and "
+                         f"{MAX_REPLACEMENTS} stand-ins for it could not be used; is most of the data bad?")
 
     def train_batch(self, step: int) -> dict:
         examples, skipped = [], 0
         for ref in self.stream.batch(step, self.rank, self.world_size):
-            for attempt in range(MAX_REPLACEMENTS + 1):
-                try:
-                    examples.append(self.example(ref if not attempt else self.stream.replacement(ref, attempt), True))
-                    break
-                except ShardError as err:
-                    if self.on_error != "skip":
-                        raise
-                    skipped += 1
-                    log.warning("skipping: %s", err)
-            else:
-                raise ShardError(f"step {step}: sample {self.reader.key(ref)!r} of {self.reader.shards[ref.shard]} and "
-                                 f"{MAX_REPLACEMENTS} stand-ins for it could not be used; is most of the data bad?")
+            example, _, bad = self.with_stand_ins(ref, lambda r: self.example(r, True), step)
+            examples.append(example)
+            skipped += bad
         return {**self.collate(examples), "skipped": skipped, "step": step}
 
     def eval_batch(self, refs: list[SampleRef]) -> dict:
@@ -127,7 +144,7 @@ class Loader:
     len(): this rank's batches in one eval pass, or the steps of one training epoch.
     """
 
-    def __init__(self, batches: IterableDataset, data: DataLoader, *, split: str, shards: list[Path],
+    def __init__(self, batches: ImageTextBatches, data: Iterable[dict], *, split: str, shards: list[Path],
                  stream: SampleStream, rank: int, world_size: int):
         self.dataset, self.data, self.split = batches, data, split
         self.shards, self.stream, self.rank, self.world_size = shards, stream, rank, world_size
@@ -168,26 +185,24 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
                  backend: str = "auto", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 1,
                  crop_scale: tuple[float, float] = (0.9, 1.0), hflip: bool = False, shuffle_window: int = 32,
                  start_step: int = 0, on_error: str = "error", pin_memory: bool = False,
-                 worker_init_fn: Callable[[int], None] | None = None) -> Loader:
+                 worker_init_fn: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32) -> Loader:
     """Batches of images joined with their caption embeddings (see the module docstring).
 
     data_dir: folder of `*.tar` shards (with `lift-fast index` files, or scanned at start);
     embeddings_dir: the store `lift-fast embed` made for them. split: "train" (shuffled, augmented,
     endless, batches from step `start_step` on) or "eval" (in order, centre crop, one pass).
     batch_size: samples per batch on this rank (the global batch is batch_size * world_size).
-    shuffle_window: shards mixed together in the training stream. backend: "auto" or "pil".
+    shuffle_window: shards mixed together in the training stream. backend: "pil" (PIL decode in
+    num_workers processes), "dali" (DALI decode with num_workers threads, `mixed` on the current
+    CUDA device when there is one; images come out there, in `dtype`), or "auto" (DALI when it is
+    usable, else PIL). Both backends give the same samples, crops and flips.
     Raises ShardError / StoreError naming the folder, shard or key that is missing or bad (when
     iterating also for a bad sample, unless on_error="skip"), and ConfigError for a backend that
     is not available.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    if backend == "dali":
-        raise ConfigError("data.backend=dali: the DALI loader is not part of this build yet; use data.backend=pil or auto")
-    if backend not in ("auto", "pil"):
-        raise ConfigError(f"data.backend={backend!r} is not one of auto, dali, pil")
-    if backend == "auto":
-        log.info("data.backend=auto: using the PIL loader")
+    use_dali = _resolve_backend(backend)
     shards = list_shards(data_dir)
     store = open_store(embeddings_dir)
     reader = SampleReader(shards, store)
@@ -196,9 +211,38 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
     batches = ImageTextBatches(reader, stream, split=split, image_size=image_size, dim=store.dim,
                                crop_scale=crop_scale, hflip=hflip, rank=rank, world_size=world_size,
                                start_step=start_step, on_error=on_error)
-    # Its own generator: DataLoader draws a worker base seed on every iter(), which would otherwise
-    # move the global torch RNG that the training step (patch dropout) draws from after a resume.
-    data = DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if num_workers else None, worker_init_fn=worker_init_fn,
-                      generator=torch.Generator().manual_seed(seed))
+    if use_dali:
+        from lift_fast.data.dali import DaliDecoder
+        from lift_fast.data.dali_batches import DaliImageTextBatches
+
+        decoder = DaliDecoder(image_size, batch_size, device_id=_cuda_device(), num_threads=max(1, num_workers),
+                              dtype=dtype, seed=seed)
+        data = DaliImageTextBatches(batches, decoder)
+    else:
+        # Its own generator: DataLoader draws a worker base seed on every iter(), which would otherwise
+        # move the global torch RNG that the training step (patch dropout) draws from after a resume.
+        data = DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                          prefetch_factor=2 if num_workers else None, worker_init_fn=worker_init_fn,
+                          generator=torch.Generator().manual_seed(seed))
     return Loader(batches, data, split=split, shards=shards, stream=stream, rank=rank, world_size=world_size)
+
+
+def _cuda_device() -> int | None:
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def _resolve_backend(backend: str) -> bool:
+    """Whether to use DALI for data.backend=`backend`; ConfigError when it is asked for and cannot run."""
+    if backend not in ("auto", "dali", "pil"):
+        raise ConfigError(f"data.backend={backend!r} is not one of auto, dali, pil")
+    if backend == "pil":
+        return False
+    from lift_fast.data.dali import dali_available
+
+    usable, why = dali_available(_cuda_device())
+    if backend == "dali" and not usable:
+        raise ConfigError(f"data.backend=dali: DALI cannot run here ({why}); install nvidia-dali-cuda130 "
+                          "(the gpu extra), or use data.backend=pil or auto")
+    log.info("data.backend=%s: using the %s loader%s", backend, "DALI" if usable else "PIL",
+             "" if usable else f" ({why})")
+    return usable

@@ -288,7 +288,9 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
                           rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
                           crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, shuffle_window=cfg.data.shuffle_window,
                           start_step=step, on_error=cfg.data.on_error, pin_memory=device.type == "cuda",
-                          worker_init_fn=_ignore_stop_signals)
+                          worker_init_fn=_ignore_stop_signals,
+                          # DALI on a GPU hands over images in the compute dtype: half the copy and no cast
+                          dtype=precision if precision is not None and device.type == "cuda" else torch.float32)
     _check_batch_size(cfg, loader.stream.samples, loader.shards, embeddings_dir)
     if start_ckpt is not None:
         _check_loader_position(state["extra"].get("loader"), loader.state(step), start_ckpt)
