@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from lift_fast.config import (
     load_run_config,
     save_config,
 )
-from lift_fast.data.loader import build_loader
+from lift_fast.data.loader import Loader, build_loader
 from lift_fast.embed.encoder import resolve_model, weights_sha256
 from lift_fast.embed.store import EMBED_SETTINGS, check_manifest, read_manifest
 from lift_fast.kernels import ClipLoss, SigLipLoss
@@ -187,6 +188,7 @@ class Throughput:
         self.first_seconds: float | None = None
         self.first_samples, self.first_wait = 0, 0.0
         self.window_start, self.window_samples, self.steady_samples = self.started, 0, 0
+        self.compile_reported = False  # the first metrics record carries compile_seconds
 
     def step_done(self, samples: int) -> None:
         """Count a finished step of `samples` samples (global: all ranks)."""
@@ -258,136 +260,189 @@ def train(cfg: Config, data_dir: str | Path, embeddings_dir: str | Path, run_dir
         distributed.teardown(ctx)
 
 
-def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Path, manifest: dict,
-           start_ckpt: Path | None, batch_size: int, progress: bool) -> dict:
+@dataclass
+class Parts:
+    """What a run trains with, built by `_build`."""
+
+    model: nn.Module  # the plain module: weights, logit_scale, optional logit_bias
+    forward: nn.Module  # what the step calls: model wrapped for DDP and compiled as configured
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Loader
+    precision: torch.dtype | None  # autocast dtype, None for plain fp32
+    flops_per_sample: int
+    peak: float | None  # dense peak TFLOP/s of one device, when known
+
+
+@dataclass
+class Progress:
+    """What the loop changes as it goes; a checkpoint saves step, nonfinite and the loader position."""
+
+    step: int
+    nonfinite: int = 0  # steps skipped for a NaN/inf loss or gradient, over the run
+    in_a_row: int = 0
+    skipped: int = 0  # samples skipped by the loader (data.on_error=skip), all ranks
+    loss_value: float = float("nan")
+    saved_step: int = 0  # the newest checkpoint's step
+    updating: bool = False  # inside optimizer.step(): the weights are neither the old nor the new ones
+
+    def finished_step(self) -> int:
+        """The last step whose update completed: what an interrupt may save."""
+        return self.saved_step if self.updating else self.step
+
+
+def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: dict, start_ckpt: Path | None,
+           batch_size: int) -> tuple[Parts, Progress]:
+    """Model, optimiser, schedule and loader, restored from `start_ckpt` when resuming."""
     device = ctx.device
     precision = resolve_precision(cfg.train.precision, device)
-    compiled = resolve_compile(cfg.train.compile, device)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.data.image_size, int(manifest["dim"]), cfg.train.logit_scale_init).to(device)
-    logit_bias = torch.nn.Parameter(torch.tensor(-10.0, device=device)) if cfg.train.loss == "siglip" else None
-    if logit_bias is not None:
-        model.register_parameter("logit_bias", logit_bias)
+    dim = int(manifest["dim"])
+    model = build_model(cfg.model, cfg.data.image_size, dim, cfg.train.logit_scale_init).to(device)
+    if cfg.train.loss == "siglip":
+        model.register_parameter("logit_bias", nn.Parameter(torch.tensor(-10.0, device=device)))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    step, nonfinite = 0, 0
+    progress, state = Progress(step=0), None
     if start_ckpt is not None:
         state = load_checkpoint(start_ckpt, model, optimizer, scheduler)
-        step, nonfinite = state["step"], state["extra"].get("nonfinite_steps", 0)
-        log.info("resumed from %s at step %d", start_ckpt, step)
-    flops_per_sample = train_flops_per_sample(model.visual.spec, cfg.data.image_size, int(manifest["dim"]),
-                                              batch_size * ctx.world_size, head_hidden=cfg.model.head_hidden,
-                                              patch_dropout=cfg.model.patch_dropout, pooling=cfg.model.pooling)
-    peak = peak_tflops(device, precision, cfg.train.peak_tflops)
+        progress = Progress(step=state["step"], nonfinite=state["extra"].get("nonfinite_steps", 0),
+                            saved_step=state["step"])
+        log.info("resumed from %s at step %d", start_ckpt, progress.step)
     forward = distributed.wrap_model(model, ctx)
-    if compiled:
+    if resolve_compile(cfg.train.compile, device):
         forward = torch.compile(forward)
-    loss_fn = build_loss(cfg, ctx)
     loader = build_loader(data_dir, embeddings_dir, split="train", batch_size=batch_size,
                           image_size=cfg.data.image_size, backend=cfg.data.backend, seed=cfg.train.seed,
                           rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
                           crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, shuffle_window=cfg.data.shuffle_window,
-                          start_step=step, on_error=cfg.data.on_error, pin_memory=device.type == "cuda",
+                          start_step=progress.step, on_error=cfg.data.on_error, pin_memory=device.type == "cuda",
                           worker_init_fn=_ignore_stop_signals,
                           # DALI on a GPU hands over images in the compute dtype: half the copy and no cast
                           dtype=precision if precision is not None and device.type == "cuda" else torch.float32)
     _check_batch_size(cfg, loader.stream.samples, loader.shards, embeddings_dir)
-    if start_ckpt is not None:
-        _check_loader_position(state["extra"].get("loader"), loader.state(step), start_ckpt)
+    if state is not None:
+        _check_loader_position(state["extra"].get("loader"), loader.state(progress.step), start_ckpt)
+    flops = train_flops_per_sample(model.visual.spec, cfg.data.image_size, dim, batch_size * ctx.world_size,
+                                   head_hidden=cfg.model.head_hidden, patch_dropout=cfg.model.patch_dropout,
+                                   pooling=cfg.model.pooling)
+    return Parts(model, forward, build_loss(cfg, ctx), optimizer, scheduler, loader, precision, flops,
+                 peak_tflops(device, precision, cfg.train.peak_tflops)), progress
+
+
+def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Path, manifest: dict,
+           start_ckpt: Path | None, batch_size: int, show_progress: bool) -> dict:
+    parts, progress = _build(cfg, ctx, data_dir, embeddings_dir, manifest, start_ckpt, batch_size)
     # Everything is checked and the checkpoint has loaded: only now is the run folder written.
     run_log = None
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        run_log = RunLog(run_dir, step, tensorboard=cfg.train.tensorboard)
+        run_log = RunLog(run_dir, progress.step, tensorboard=cfg.train.tensorboard)
     distributed.barrier(ctx)
 
-    batches = iter(loader)  # starts the worker processes
-    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", unit="step",
-               disable=not progress or not ctx.is_main, dynamic_ncols=True)
-    speed, skipped, loss_value, in_a_row = Throughput(), 0, float("nan"), 0
-    saved_step, updating, first_record = step, False, True
-    model.train()
+    batches = iter(parts.loader)  # starts the worker processes
+    bar = tqdm(total=cfg.train.steps, initial=progress.step, desc="train", unit="step",
+               disable=not show_progress or not ctx.is_main, dynamic_ncols=True)
+    speed = Throughput()
+    parts.model.train()
     try:
         with _stop_requests() as stop_signals:
-            while step < cfg.train.steps:
+            while progress.step < cfg.train.steps:
                 wait_start = time.perf_counter()
                 batch = next(batches)
-                assert batch["step"] == step, f"loader out of step: batch {batch['step']} at step {step}"
                 speed.data_wait += time.perf_counter() - wait_start
-                images = batch["images"].to(device, non_blocking=True)  # [b, 3, H, W]
-                text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)  # [b, D]
-                if not manifest["normalized"]:
-                    text_embeddings = torch.nn.functional.normalize(text_embeddings, dim=-1)
-
-                with autocast(device, precision):
-                    image_features = forward(images)  # [b, D]
-                # The loss runs outside autocast, in the features' dtype (bf16 GEMMs, float32 statistics).
-                loss = contrastive_loss(loss_fn, image_features, text_embeddings.to(image_features.dtype),
-                                        model.logit_scale.exp(), logit_bias)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                loss_value, stop, batch_skipped = distributed.agree(ctx, loss, bool(stop_signals), batch["skipped"])
-                skipped += batch_skipped
-                grad_norm = None
-                if cfg.train.grad_clip > 0 and math.isfinite(loss_value):
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
-                if math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)):
-                    updating = True  # an interrupt from here to the step count may leave half-updated weights
-                    optimizer.step()
-                    with torch.no_grad():
-                        model.logit_scale.clamp_(0, math.log(cfg.train.logit_scale_max))
-                    in_a_row = 0
-                else:  # no update; the step still counts, so the schedule and the data move on
-                    optimizer.zero_grad(set_to_none=True)
-                    nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
-                    _check_nonfinite(cfg, ctx, run_dir, step + 1, loss_value, grad_norm, in_a_row)
-                scheduler.step()
-                step += 1
-                updating = False
-                speed.step_done(images.shape[0] * ctx.world_size)
+                assert batch["step"] == progress.step, f"loader out of step: batch {batch['step']} at {progress.step}"
+                grad_norm, stop = _train_step(cfg, ctx, parts, progress, batch, stop_signals, manifest, run_dir)
+                speed.step_done(len(batch["keys"]) * ctx.world_size)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-
-                if run_log is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-                    record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                              "logit_scale": model.logit_scale.exp().item(), **speed.window(), "skipped": skipped,
-                              "nonfinite_steps": nonfinite, "elapsed_s": time.perf_counter() - speed.started}
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
-                    record.update(_utilisation(record["samples_per_second"], flops_per_sample, peak, device,
-                                               ctx.world_size))
-                    if first_record:
-                        record["compile_seconds"] = speed.first_seconds
-                        first_record = False
-                    run_log.write(record)
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-                    if ctx.is_main:
-                        save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                        extra={"nonfinite_steps": nonfinite, "loader": loader.state(step)},
-                                        keep=cfg.train.keep_checkpoints)
-                    distributed.barrier(ctx)
-                    saved_step = step
-                if stop and step < cfg.train.steps:  # every rank saw the same flag, at this same step
+                bar.set_postfix(loss=f"{progress.loss_value:.3f}", refresh=False)
+                last = progress.step == cfg.train.steps
+                if run_log is not None and (progress.step % cfg.train.log_every == 0 or last):
+                    run_log.write(_record(parts, progress, speed, grad_norm, ctx))
+                if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0 and not last:
+                    _save(ctx, run_dir, parts, progress, progress.step, cfg.train.keep_checkpoints)
+                if stop and not last:  # every rank saw the same flag, at this same step
                     raise TrainingInterrupted(stop_signals[0] if stop_signals else signal.SIGTERM)
     except KeyboardInterrupt as err:
-        raise _save_on_interrupt(err, ctx, run_dir, step if not updating else saved_step, saved_step,
-                                 (model, optimizer, scheduler),
-                                 {"nonfinite_steps": nonfinite, "loader": loader.state(step if not updating else saved_step)},
-                                 cfg.train.keep_checkpoints) from None
+        raise _save_on_interrupt(err, ctx, run_dir, parts, progress, cfg.train.keep_checkpoints) from None
     finally:
         # Drop the iterator here, which stops its workers: a traceback that holds this frame would
         # keep them alive until exit, where multiprocessing's SIGTERM (ignored by them) cannot end them.
-        batches = None  # noqa: F841
+        batches = None
         bar.close()
         if run_log is not None:
             run_log.close()
+    _save(ctx, run_dir, parts, progress, progress.step, cfg.train.keep_checkpoints)
+    return {"step": progress.step, "loss": progress.loss_value, **speed.summary(),
+            "nonfinite_steps": progress.nonfinite, "skipped": progress.skipped,
+            "checkpoint": str(checkpoint_path(run_dir, progress.step))}
+
+
+def _train_step(cfg: Config, ctx: Distributed, parts: Parts, progress: Progress, batch: dict, stop_signals: list[int],
+                manifest: dict, run_dir: Path) -> tuple[float | None, bool]:
+    """One optimiser step on `batch`; updates `progress`. Returns (gradient norm or None, whether any
+    rank asked to stop: a stop signal came before the ranks agreed on this step's loss). A non-finite
+    loss or gradient skips the update (the step still counts)."""
+    device, model = ctx.device, parts.model
+    images = batch["images"].to(device, non_blocking=True)  # [b, 3, H, W]
+    text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)  # [b, D]
+    if not manifest["normalized"]:
+        text_embeddings = torch.nn.functional.normalize(text_embeddings, dim=-1)
+    with autocast(device, parts.precision):
+        image_features = parts.forward(images)  # [b, D]
+    # The loss runs outside autocast, in the features' dtype (bf16 GEMMs, float32 statistics).
+    loss = contrastive_loss(parts.loss_fn, image_features, text_embeddings.to(image_features.dtype),
+                            model.logit_scale.exp(), getattr(model, "logit_bias", None))
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    progress.loss_value, stop, skipped = distributed.agree(ctx, loss, bool(stop_signals), batch["skipped"])
+    progress.skipped += skipped
+    grad_norm = None
+    if cfg.train.grad_clip > 0 and math.isfinite(progress.loss_value):
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
+    if math.isfinite(progress.loss_value) and (grad_norm is None or math.isfinite(grad_norm)):
+        progress.updating = True  # an interrupt from here to the step count may leave half-updated weights
+        parts.optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(cfg.train.logit_scale_max))
+        progress.in_a_row = 0
+    else:  # no update; the step still counts, so the schedule and the data move on
+        parts.optimizer.zero_grad(set_to_none=True)
+        progress.nonfinite, progress.in_a_row = progress.nonfinite + 1, progress.in_a_row + 1
+        _check_nonfinite(cfg, ctx, run_dir, progress.step + 1, progress.loss_value, grad_norm, progress.in_a_row)
+    parts.scheduler.step()
+    progress.step += 1
+    progress.updating = False
+    return grad_norm, stop
+
+
+def _record(parts: Parts, progress: Progress, speed: Throughput, grad_norm: float | None, ctx: Distributed) -> dict:
+    """One metrics.jsonl line: the DESIGN fields, speed (closing its window), utilisation, skips."""
+    record = {"step": progress.step, "loss": progress.loss_value, "lr": parts.scheduler.get_last_lr()[0],
+              "logit_scale": parts.model.logit_scale.exp().item(), **speed.window(), "skipped": progress.skipped,
+              "nonfinite_steps": progress.nonfinite, "elapsed_s": time.perf_counter() - speed.started}
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
+    record.update(_utilisation(record["samples_per_second"], parts.flops_per_sample, parts.peak, ctx.device,
+                               ctx.world_size))
+    if not speed.compile_reported:
+        record["compile_seconds"] = speed.first_seconds
+        speed.compile_reported = True
+    return record
+
+
+def _save(ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress, step: int, keep: int) -> Path:
+    """Rank 0 writes checkpoint `step` (weights, optimiser, schedule, RNG, loader position); all wait for it."""
+    checkpoint = checkpoint_path(run_dir, step)
     if ctx.is_main:
-        save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                        extra={"nonfinite_steps": nonfinite, "loader": loader.state(step)}, keep=cfg.train.keep_checkpoints)
+        checkpoint = save_checkpoint(run_dir, step, parts.model, parts.optimizer, parts.scheduler,
+                                     extra={"nonfinite_steps": progress.nonfinite, "loader": parts.loader.state(step)},
+                                     keep=keep)
     distributed.barrier(ctx)
-    return {"step": step, "loss": loss_value, **speed.summary(), "nonfinite_steps": nonfinite, "skipped": skipped,
-            "checkpoint": str(checkpoint_path(run_dir, step))}
+    progress.saved_step = step
+    return checkpoint
 
 
 def _check_nonfinite(cfg: Config, ctx: Distributed, run_dir: Path, step: int, loss_value: float,
@@ -406,27 +461,29 @@ def _check_nonfinite(cfg: Config, ctx: Distributed, run_dir: Path, step: int, lo
             f"check the data, or raise train.max_nonfinite to ride out longer runs of bad steps.", step)
 
 
-def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, finished: int, saved_step: int,
-                       state: tuple, extra: dict, keep: int) -> TrainingInterrupted:
-    """Save step `finished` (rank 0) unless it is already the newest checkpoint; the exception to raise.
+def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress,
+                       keep: int) -> TrainingInterrupted:
+    """Save the last finished step (rank 0) unless it is already the newest checkpoint; the exception to raise.
 
-    finished: the last step whose update completed (saved_step when the interrupt came in the
-    middle of an update, whose weights cannot be trusted). A TrainingInterrupted raised by the loop
-    stopped every rank at the same step, so the others wait for rank 0's checkpoint; a Ctrl-C
-    reaches the ranks anywhere, so nobody waits (rank 0 saves what it has).
+    The last finished step is the one before an update the interrupt cut in half, whose weights
+    cannot be trusted. A TrainingInterrupted raised by the loop stopped every rank at the same step,
+    so the others wait for rank 0's checkpoint; a Ctrl-C reaches the ranks anywhere, so nobody
+    waits (rank 0 saves what it has).
     """
     signum = getattr(err, "signum", signal.SIGINT)
-    agreed = isinstance(err, TrainingInterrupted)
-    if finished > saved_step:
+    finished = progress.finished_step()
+    if finished > progress.saved_step:
         checkpoint = checkpoint_path(run_dir, finished)
         if ctx.is_main:
-            checkpoint = save_checkpoint(run_dir, finished, *state, extra=extra, keep=keep)
+            checkpoint = save_checkpoint(run_dir, finished, parts.model, parts.optimizer, parts.scheduler,
+                                         extra={"nonfinite_steps": progress.nonfinite,
+                                                "loader": parts.loader.state(finished)}, keep=keep)
             log.warning("interrupted: saved step %d in %s", finished, checkpoint)
-        if agreed:
+        if isinstance(err, TrainingInterrupted):
             distributed.barrier(ctx)
         return TrainingInterrupted(signum, finished, checkpoint)
     checkpoint = latest_checkpoint(run_dir)
-    return TrainingInterrupted(signum, saved_step if checkpoint is not None else 0, checkpoint)
+    return TrainingInterrupted(signum, progress.saved_step if checkpoint is not None else 0, checkpoint)
 
 
 def _utilisation(samples_per_second: float, flops_per_sample: int, peak: float | None, device: torch.device,
