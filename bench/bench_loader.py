@@ -118,3 +118,45 @@ def test_decode_crop_resize(paired_benchmark, side, corpus):
         paired_benchmark(pair, run_pass, rounds=5, warmup_rounds=1)
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------ whole loaders
+
+LOADER_IMAGES = 512
+
+
+@pytest.fixture(scope="module")
+def image_shards(tmp_path_factory):
+    from image_shards import write_image_shards
+
+    return write_image_shards(tmp_path_factory.mktemp("shards"), count=LOADER_IMAGES, width=WIDTH, height=HEIGHT,
+                              dim=384)
+
+
+@pytest.mark.parametrize("side", ["baseline", "dali_cpu"])
+def test_build_loader(paired_benchmark, side, image_shards):
+    """`build_loader(split="train")` end to end, images/s: the PIL backend with 2 worker processes
+    against the DALI backend with 2 threads, over indexed shards of the same JPEGs (read by offset,
+    joined with a 384-d store), the same samples, crops and flips."""
+    from lift_fast.data import build_loader
+    from lift_fast.data.dali import dali_available
+
+    usable, why = dali_available()
+    if side == "dali_cpu" and not usable:
+        pytest.skip(f"DALI is not usable: {why}")
+    data, store = image_shards
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader = build_loader(data, store, split="train", batch_size=BATCH, image_size=SIZE,
+                              backend="pil" if side == "baseline" else "dali", num_workers=WORKERS)
+        batches = iter(loader)
+        steps = LOADER_IMAGES // BATCH
+
+        def run_pass() -> int:
+            return sum(len(next(batches)["keys"]) for _ in range(steps))
+
+        pair = f"build_loader train {LOADER_IMAGES} jpeg 500x375 -> {SIZE}px batch {BATCH}, {WORKERS} workers cpu"
+        paired_benchmark(pair, run_pass, rounds=5, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,164 @@
+"""Training on one GPU: ViT-B/16 at 224 px with the LIFT head to 4096-d (DESIGN's reference), bf16.
+
+train_vit_b16_step  the trainer's own step (lift_fast.train.loop._train_step: bf16 autocast, the
+                    compiled model, the fused CLIP loss, fused AdamW with LIFT's groups, grad clip,
+                    the logit-scale clamp) on synthetic batches already on the GPU, batch 256, with
+                    flash-attn and with SDPA: images/s, achieved TFLOP/s (lift_fast.models.flops, the
+                    formula tests check against FlopCounterMode) and MFU against the dense bf16 peak
+                    (and against the matmul ceiling measured at the start of the run). Goal: MFU >= 45%.
+train_data_wait     `train()` end to end with the DALI loader (mixed decoding) over shards of 500x375
+                    photo-like JPEGs and a random 4096-d embedding store: steady samples/s, the
+                    loop's data_wait_fraction, and what the input pipeline costs against the
+                    synthetic step above (1 - end-to-end / synthetic images/s). Goal: under 5%.
+
+`--device cpu --quick` runs both on a tiny ViT, fp32, uncompiled, to check that they still run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import Context, Row, gpu_check
+
+BATCH, IMAGE_SIZE, TEXT_DIM = 256, 224, 4096
+WARMUP, STEPS = 3, 10
+MFU_GOAL, DATA_COST_GOAL = 0.45, 0.05
+QUICK = ["model.name=vit_tiny_patch16", "model.depth=2", "train.precision=fp32", "train.compile=off"]
+
+
+def _config(ctx: Context, *extra: str):
+    from lift_fast.config import load_config
+
+    sizes = QUICK if ctx.quick else ["model.name=vit_b16", "train.precision=bf16", "train.compile=on"]
+    return load_config(overrides=[f"data.image_size={ctx.size(IMAGE_SIZE, 32)}", *sizes, *extra])
+
+
+def _label(ctx: Context) -> str:
+    return f"vit_b16 {IMAGE_SIZE}px B={BATCH}" if not ctx.quick else "vit_tiny depth 2 32px B=8 (smoke)"
+
+
+def _parts(cfg, ctx: Context, dim: int, batch: int):
+    """The trainer's parts for one process on ctx.device, as `_build` makes them (no loader)."""
+    from lift_fast.models.flops import train_flops_per_sample
+    from lift_fast.models.vit import build_model
+    from lift_fast.train.device import peak_tflops, resolve_compile, resolve_precision
+    from lift_fast.train.distributed import Distributed
+    from lift_fast.train.loop import Parts, build_loss
+    from lift_fast.train.optim import build_optimizer, build_scheduler
+
+    dist = Distributed(device=ctx.device)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.data.image_size, dim, cfg.train.logit_scale_init).to(ctx.device)
+    optimizer = build_optimizer(model, cfg.train)
+    precision = resolve_precision(cfg.train.precision, ctx.device)
+    forward = torch.compile(model) if resolve_compile(cfg.train.compile, ctx.device) else model
+    flops = train_flops_per_sample(model.visual.spec, cfg.data.image_size, dim, batch, pooling=cfg.model.pooling)
+    parts = Parts(model, forward, build_loss(cfg, dist), optimizer, build_scheduler(optimizer, cfg.train), None,
+                  precision, flops, peak_tflops(ctx.device, precision, cfg.train.peak_tflops))
+    return parts, dist
+
+
+def _step_rate(ctx: Context, attention: str) -> tuple[float, object]:
+    """Images/s of the trainer's step with model.attention=`attention` on synthetic batches."""
+    from lift_fast.train.loop import Progress, _train_step
+
+    cfg = _config(ctx, f"model.attention={attention}")
+    batch, dim = ctx.size(BATCH, 8), ctx.size(TEXT_DIM, 64)
+    parts, dist = _parts(cfg, ctx, dim, batch)
+    generator = torch.Generator(device=ctx.device).manual_seed(0)
+    size = cfg.data.image_size
+    images = torch.randn(batch, 3, size, size, device=ctx.device, generator=generator)
+    texts = torch.nn.functional.normalize(torch.randn(batch, dim, device=ctx.device, generator=generator), dim=-1)
+    data = {"images": images.to(parts.precision or torch.float32), "text_embeddings": texts, "skipped": 0,
+            "keys": [str(i) for i in range(batch)]}
+    progress = Progress(step=0)
+    parts.model.train()
+    with tempfile.TemporaryDirectory() as run_dir:
+        for _ in range(WARMUP):  # the first compiles
+            _train_step(cfg, dist, parts, progress, data, [], {"normalized": True}, Path(run_dir))
+        ctx.synchronize()
+        began = time.perf_counter()
+        steps = ctx.size(STEPS, 2)
+        for _ in range(steps):
+            _train_step(cfg, dist, parts, progress, data, [], {"normalized": True}, Path(run_dir))
+        ctx.synchronize()
+    if not math.isfinite(progress.loss_value):
+        raise AssertionError(f"attention={attention}: the loss is {progress.loss_value}")
+    return batch * steps / (time.perf_counter() - began), parts
+
+
+@gpu_check("train_vit_b16_step", est_seconds=150)
+def train_vit_b16_step(ctx: Context) -> list[Row]:
+    """ViT-B/16 train step images/s and MFU, flash-attn against SDPA."""
+    from lift_fast.models.attention import _flash_kernel_for
+
+    rows = []
+    ceiling = ctx.earlier_value("matmul_bf16", "TFLOP/s")
+    for attention in ("flash", "sdpa"):
+        name = f"train step {_label(ctx)} {attention}"
+        kernel, why = _flash_kernel_for(ctx.device, torch.bfloat16)
+        if attention == "flash" and kernel is None:
+            rows.append(Row(name, math.nan, "images/s", f"not run: {why}"))
+            continue
+        name += f" ({kernel})" if attention == "flash" else ""
+        rate, parts = _step_rate(ctx, attention)
+        tflops = rate * parts.flops_per_sample / 1e12
+        rows.append(Row(name, rate, "images/s", f"{tflops:.0f} TFLOP/s achieved"))
+        if parts.peak:
+            mfu = tflops / parts.peak
+            met = "met" if mfu >= MFU_GOAL else "NOT MET"
+            rows.append(Row(f"{name} MFU", mfu, "fraction", f"of {parts.peak:.0f} TFLOP/s dense bf16; goal "
+                            f">= {MFU_GOAL:.0%} {met}"))
+        if ceiling:
+            rows.append(Row(f"{name} / matmul ceiling", tflops / ceiling, "fraction",
+                            f"of the {ceiling:.0f} TFLOP/s measured by matmul_bf16"))
+        del parts
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+@gpu_check("train_data_wait", est_seconds=120)
+def train_data_wait(ctx: Context) -> list[Row]:
+    """`train()` end to end with the DALI loader: samples/s, data wait, and the pipeline's cost."""
+    from image_shards import ENCODER, write_image_shards
+
+    from lift_fast.data.dali import dali_available
+    from lift_fast.train.loop import train
+
+    device_id = (ctx.device.index or 0) if ctx.device.type == "cuda" else None
+    usable, why = dali_available(device_id)
+    name = f"train() {_label(ctx)} DALI loader"
+    if not usable:
+        return [Row(name, math.nan, "images/s", f"not run: {why}")]
+    steps = ctx.size(60, 4)
+    cfg = _config(ctx, "data.backend=dali", "data.num_workers=8", f"train.batch_size={ctx.size(BATCH, 8)}",
+                  f"train.steps={steps}", "train.log_every=10" if not ctx.quick else "train.log_every=1",
+                  "train.checkpoint_every=0", "train.tensorboard=false", f"embed.model={ENCODER}")
+    width, height = (500, 375) if not ctx.quick else (64, 48)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, store_dir = write_image_shards(tmp, count=ctx.size(4096, 32), width=width, height=height,
+                                             dim=ctx.size(TEXT_DIM, 64))
+        train(cfg, data, store_dir, Path(tmp) / "run", progress=False)
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    steady = records[1:] or records  # the first window holds the compile step
+    rate = float(np.mean([r["samples_per_second"] for r in steady]))
+    wait = float(np.mean([r["data_wait_fraction"] for r in steady]))
+    rows = [Row(name, rate, "images/s", f"mean of {len(steady)} logged windows after the first"),
+            Row(f"{name} data wait", wait, "fraction", "time the loop waited for batches")]
+    # model.attention=auto trains with flash-attn where it runs: compare with that row, else SDPA's
+    rates = [row.value for row in ctx.results.get("train_vit_b16_step", ()) if row.unit == "images/s"]
+    synthetic = next((rate for rate in rates if math.isfinite(rate)), None)
+    if synthetic:
+        cost = 1 - rate / synthetic
+        met = "met" if cost < DATA_COST_GOAL else "NOT MET"
+        rows.append(Row(f"{name} pipeline cost", cost, "fraction",
+                        f"1 - {rate:.0f} / {synthetic:.0f} synthetic images/s; goal < {DATA_COST_GOAL:.0%} {met}"))
+    return rows
