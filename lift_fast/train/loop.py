@@ -64,8 +64,8 @@ log = logging.getLogger(__name__)
 # Settings a resumed run may change; any other would not fit the checkpoint or would silently make
 # the run a different one than its config.yaml says.
 RESUME_SETTINGS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                   "train.threads", "data.num_workers", "data.backend", "train.precision", "train.compile", "train.tensorboard",
-                   "train.max_nonfinite")
+                   "train.threads", "data.num_workers", "data.backend", "train.precision", "train.compile",
+                   "train.tensorboard", "train.max_nonfinite")
 
 # Signals that stop training after the current step, saving it: SIGTERM (preemption, scancel, the
 # end of a SLURM time limit) and SIGUSR1 (SLURM's --signal=USR1@SECONDS warning ahead of it).
