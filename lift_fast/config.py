@@ -73,8 +73,9 @@ class EmbedConfig:
                              "beyond batch_size on a GPU)", min=0)
     length_step: int = _field(0, "padded lengths are rounded up to multiples of this, so a compiled model sees "
                               "few shapes (0: auto, 16 or more when compiled, exact lengths otherwise)", min=0)
-    precision: str = _field("auto", "compute dtype; auto: bf16 on CUDA, fp32 on CPU",
-                            choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = _field("auto", "compute dtype; auto: bf16 on CUDA, fp32 on CPU; bf16-mixed: fp32 weights, "
+                            "bf16 matmuls under autocast (fast on CPUs with AVX512-BF16/AMX, checked against fp32)",
+                            choices=("auto", "bf16", "bf16-mixed", "fp16", "fp32"))
     quantize: str = _field("none", "torchao weight quantization: int8 (dynamic int8 activations, int8 weights), "
                            "fp8 (CUDA, compute capability >= 8.9); checked against min_fidelity",
                            choices=("none", "int8", "fp8"))

@@ -169,6 +169,17 @@ def test_bf16_precision_stays_close_to_fp32(minilm):
     assert cosine.min() > 0.999  # measured ~0.9999 on the benchmark's captions
 
 
+def test_bf16_mixed_keeps_fp32_weights_and_matches_to_four_nines(minilm):
+    captions = random_captions(np.random.default_rng(), 12, max_words=50)
+    mixed = load_encoder(EmbedConfig(precision="bf16-mixed"))
+    assert next(mixed.model.parameters()).dtype == torch.float32 and mixed.autocast_dtype == torch.bfloat16
+
+    rows, reference = mixed.encode(captions), minilm.encode(captions)
+
+    cosine = F.cosine_similarity(rows.double(), reference.double(), dim=-1)
+    assert cosine.min() >= 0.9999 and not torch.equal(rows, reference)  # bf16 matmuls ran, and stayed close
+
+
 def test_compiled_encoder_buckets_lengths_and_gives_the_same_rows(minilm):
     captions = random_captions(np.random.default_rng(), 30, max_words=50)
     compiled = load_encoder(EmbedConfig(max_length=77, batch_size=8))

@@ -132,6 +132,18 @@ def test_low_fidelity_is_refused_before_any_shard_is_written(tmp_path):
     assert not list((tmp_path / "store").glob("*.npy"))
 
 
+def test_bf16_mixed_is_checked_against_fp32(tmp_path):
+    make_data(tmp_path / "data", n=8, per_shard=8)
+    summary = embed_shards(tmp_path / "data", tmp_path / "store", EmbedConfig(precision="bf16-mixed"), progress=False)
+    manifest = load_store(tmp_path / "store")[2]
+    report = manifest["precision_fidelity"]
+    assert summary["precision_fidelity"] == report and summary["precision"] == "bf16-mixed"
+    assert report["captions"] == 8 and 0.9999 <= report["cosine_min"] <= report["cosine_mean"] < 1.0
+    with pytest.raises(FidelityError, match=r"embed.precision=bf16-mixed.*to the fp32 model's on 8 captions"):
+        embed_shards(tmp_path / "data", tmp_path / "strict", EmbedConfig(precision="bf16-mixed", min_fidelity=1.0),
+                     progress=False)
+
+
 def test_unavailable_quantization_is_a_clear_error(tmp_path, monkeypatch):
     make_data(tmp_path / "data", n=3, per_shard=3)
     with pytest.raises(ConfigError, match=r"embed.quantize=fp8 needs a CUDA GPU .*compute capability >= 8.9"):

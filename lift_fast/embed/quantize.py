@@ -1,4 +1,4 @@
-"""Quantized encoders through torchao, run only where they keep fidelity.
+"""Quantized (and mixed-precision) encoders, run only where they keep fidelity.
 
     report = quantize_encoder(encoder, "fp8", sample_captions, min_fidelity=0.99, where="00000.tar")
     report   # {"mode": "fp8", "captions": 256, "cosine_mean": 0.9993, "cosine_min": 0.9961, ...}
@@ -7,6 +7,9 @@ The sample is embedded by the unquantized model first (its reference rows), then
 layers are quantized in place (no second copy of the weights is held) and the sample is embedded
 again. The cosine of each quantized row to its reference row is measured; when the mean or the
 minimum is below `min_fidelity` the encoder is refused with FidelityError, which names both figures.
+
+`check_mixed_precision` does the same for embed.precision=bf16-mixed (bf16 autocast against the same
+fp32 weights run without it).
 
 Modes (torchao `quantize_` configs, imported only here and only when asked for):
   int8  Int8DynamicActivationInt8WeightConfig: int8 weights, activations quantized per token at run time
@@ -106,10 +109,37 @@ def quantize_encoder(encoder, mode: str, sample: list[str], *, min_fidelity: flo
     mean, worst = cosine_fidelity(rows, reference)
     report = {"mode": mode, "captions": len(sample), "cosine_mean": mean, "cosine_min": worst,
               "min_fidelity": min_fidelity, "reference": encoder.precision}
+    _refuse_below(f"embed.quantize={mode}", mean, worst, f"unquantized {encoder.precision}", len(sample), where,
+                  min_fidelity, "embed.quantize=none (or another mode)")
+    return report
+
+
+def _refuse_below(what: str, mean: float, worst: float, reference: str, count: int, where: str,
+                  min_fidelity: float, instead: str) -> None:
     if mean < min_fidelity or worst < min_fidelity:
         raise FidelityError(
-            f"embed.quantize={mode}: the quantized encoder's rows have cosine mean {mean:.5f}, min {worst:.5f} to the "
-            f"unquantized {encoder.precision} model's on {len(sample)} captions{f' of {where}' if where else ''}, "
-            f"below embed.min_fidelity={min_fidelity:g}; use embed.quantize=none (or another mode), or lower "
-            "embed.min_fidelity if that loss is acceptable")
-    return report
+            f"{what}: the encoder's rows have cosine mean {mean:.5f}, min {worst:.5f} to the {reference} model's on "
+            f"{count} captions{f' of {where}' if where else ''}, below embed.min_fidelity={min_fidelity:g}; use "
+            f"{instead}, or lower embed.min_fidelity if that loss is acceptable")
+
+
+def check_mixed_precision(encoder, sample: list[str], *, min_fidelity: float, where: str = "") -> dict:
+    """Compare a bf16-mixed encoder's rows with its fp32 rows (autocast off) on the `sample` captions.
+
+    Returns the report recorded in the manifest (`precision_fidelity`): precision, captions,
+    cosine_mean, cosine_min, min_fidelity. Raises ValueError for an empty sample or an encoder that
+    is not bf16-mixed, and FidelityError below min_fidelity.
+    """
+    if encoder.autocast_dtype is None or not sample:
+        raise ValueError("check_mixed_precision needs a bf16-mixed encoder and a non-empty sample")
+    tokenized = encoder.tokenize(sample)
+    autocast_dtype, encoder.autocast_dtype = encoder.autocast_dtype, None
+    try:
+        reference = encoder.encode_tokenized(tokenized)
+    finally:
+        encoder.autocast_dtype = autocast_dtype
+    mean, worst = cosine_fidelity(encoder.encode_tokenized(tokenized), reference)
+    _refuse_below(f"embed.precision={encoder.precision}", mean, worst, "fp32", len(sample), where, min_fidelity,
+                  "embed.precision=fp32")
+    return {"precision": encoder.precision, "captions": len(sample), "cosine_mean": mean, "cosine_min": worst,
+            "min_fidelity": min_fidelity}

@@ -36,7 +36,11 @@ from lift_fast.embed.encoder import (
     load_encoder,
     resolve_precision,
 )
-from lift_fast.embed.quantize import check_supported, quantize_encoder
+from lift_fast.embed.quantize import (
+    check_mixed_precision,
+    check_supported,
+    quantize_encoder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +118,20 @@ def fidelity_sample(shards: list[Path], size: int) -> tuple[list[str], str]:
     return list(sample), ", ".join(used)
 
 
-def prepare_encoder(encoder: TextEncoder, cfg: EmbedConfig, shards: list[Path], out_dir: Path) -> dict | None:
-    """Quantize (after its fidelity check, recorded in the manifest) and compile the encoder as cfg asks.
+def prepare_encoder(encoder: TextEncoder, cfg: EmbedConfig, shards: list[Path], out_dir: Path) -> dict:
+    """Check a bf16-mixed encoder against fp32, quantize (after its fidelity check) and compile the
+    encoder as cfg asks; the fidelity reports go into the manifest (`precision_fidelity`, `fidelity`).
 
-    Returns the fidelity report of a quantized encoder, else None. Raises ConfigError (FidelityError)
-    when the quantized encoder is refused.
+    Returns {"fidelity": the quantized encoder's report or None, "precision_fidelity": the bf16-mixed
+    encoder's or None}. Raises ConfigError (FidelityError) when either is refused.
     """
-    report = None
+    report = mixed = None
+    checked = cfg.quantize != "none" or encoder.autocast_dtype is not None
+    sample, where = fidelity_sample(shards, cfg.fidelity_sample) if checked else ([], "")
+    if encoder.autocast_dtype is not None and sample:
+        mixed = check_mixed_precision(encoder, sample, min_fidelity=cfg.min_fidelity, where=where)
+        store.record_fields(out_dir, precision_fidelity=mixed)
     if cfg.quantize != "none" and getattr(encoder, "quantize", "none") != cfg.quantize:
-        sample, where = fidelity_sample(shards, cfg.fidelity_sample)
         report = quantize_encoder(encoder, cfg.quantize, sample, min_fidelity=cfg.min_fidelity, where=where)
         encoder.quantize = cfg.quantize
         store.record_fields(out_dir, fidelity=report)
@@ -130,7 +139,7 @@ def prepare_encoder(encoder: TextEncoder, cfg: EmbedConfig, shards: list[Path], 
                  cfg.quantize, report["cosine_mean"], report["cosine_min"], report["captions"])
     if resolve_compile(cfg.compile, encoder.device) and not encoder.compiled:
         encoder.compile()
-    return report
+    return {"fidelity": report, "precision_fidelity": mixed}
 
 
 def resolve_compile(compile: str, device: torch.device) -> bool:
@@ -195,7 +204,8 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     through the encoder), duplicates, skipped, truncated, tokens (of the embedded captions),
     padded_tokens (run through the model), seconds, captions_per_second, tokens_per_second,
     load_seconds, warmup_seconds (first passes of each input shape: compilation), precision,
-    quantize, fidelity (the quantized encoder's report, or None), compiled.
+    quantize, compiled, fidelity (the quantized encoder's report, or None) and precision_fidelity
+    (the bf16-mixed encoder's against fp32, or None).
     Raises ShardError for unreadable shards or (on_error="error") bad captions, naming shard and key;
     StoreMismatchError, before touching anything, when `out_dir` holds a store made differently or
     from another data folder (the manifest records the folder); ConfigError for a quantization this
@@ -226,7 +236,7 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     todo = _todo(mine, out_dir, manifest, summary)
     if summary["shards_resumed"]:
         log.info("embed: %d of %d shards already finished in %s", summary["shards_resumed"], len(mine), out_dir)
-    fidelity = prepare_encoder(encoder, cfg, shards, out_dir) if todo else None
+    reports = prepare_encoder(encoder, cfg, shards, out_dir) if todo else {"fidelity": None, "precision_fidelity": None}
     padded_before, warmup_before = encoder.padded_tokens, encoder.warmup_seconds
 
     start = time.perf_counter()
@@ -271,6 +281,6 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
                    captions_per_second=summary["captions"] / seconds if seconds > 0 else 0.0,
                    tokens_per_second=summary["tokens"] / seconds if seconds > 0 else 0.0,
                    load_seconds=load_seconds, warmup_seconds=encoder.warmup_seconds - warmup_before,
-                   precision=encoder.precision, quantize=getattr(encoder, "quantize", "none"), fidelity=fidelity,
-                   compiled=encoder.compiled)
+                   precision=encoder.precision, quantize=getattr(encoder, "quantize", "none"), compiled=encoder.compiled,
+                   **reports)
     return summary
