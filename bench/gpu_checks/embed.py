@@ -9,7 +9,7 @@ of the dense bf16 matmul rate measured by `matmul_bf16` (fp8's tensor cores peak
 so fp8 fractions above 0.5 beat what bf16 could ever reach), the compile + warm-up time of the first
 pass, and for fp8 the mean and minimum cosine of its rows to the bf16 rows of the same captions.
 
-FLOPs counted per caption of n tokens: 2 * n * (non-embedding parameters) for the matmuls, plus causal
+FLOPs counted per caption of n tokens: 2 * n * (parameters of the linear layers) for the matmuls, plus causal
 attention 2 * layers * n^2 * (heads * head_dim) (QK^T and AV over the lower triangle); padding is not
 counted, so the figure is the useful work done.
 """
@@ -89,7 +89,7 @@ def build_encoder(ctx: Context, shape: dict, dtype: torch.dtype, batch_size: int
 def model_flops(model: torch.nn.Module, lengths: list[int]) -> float:
     """Useful FLOPs of one pass over captions of these token counts (see the module docstring)."""
     config = model.config
-    params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     attention_width = config.num_attention_heads * config.head_dim
     return sum(2 * n * params + 2 * config.num_hidden_layers * n * n * attention_width for n in lengths)
 
