@@ -249,6 +249,20 @@ def test_corrupt_jpeg(synth_data, stores, tmp_path, kind):
     assert_paired(batches, store_rows(stores / "eval"))
 
 
+def test_sample_without_image(synth_data, stores, tmp_path):
+    """A sample whose image member is missing (its caption and store row are there)."""
+    data = tmp_path / "data"
+    for shard in list_shards(synth_data / "eval"):
+        write_members(data / shard.name, [(n, b) for n, b in read_members(shard) if n != "eval-00000009.jpg"])
+    with pytest.raises(ShardError, match="has no image") as err:
+        eval_pass(data, stores / "eval")
+    assert "'eval-00000009'" in str(err.value) and "00000.tar" in str(err.value)
+    batches = eval_pass(data, stores / "eval", on_error="skip")
+    assert [k for b in batches for k in b["keys"]] == [k for k in tar_keys(synth_data / "eval") if k != "eval-00000009"]
+    assert sum(b["skipped"] for b in batches) == 1
+    assert_paired(batches, store_rows(stores / "eval"))
+
+
 def test_every_sample_bad_is_an_error_not_an_empty_pass(synth_data, stores, tmp_path):
     data = tmp_path / "data"
     shard = list_shards(synth_data / "eval")[0]

@@ -77,6 +77,10 @@ def test_run_folder(trained_run):
             assert isinstance(record[name], (int, float)), name
         assert record["samples_per_second"] > 0
         assert 0 < record["logit_scale"] <= 100
+        # the step time splits into waiting for data and computing
+        assert record["step_seconds"] == pytest.approx(record["data_wait_seconds"] + record["compute_seconds"])
+        assert record["data_wait_seconds"] >= 0 and record["compute_seconds"] > 0
+        assert record["data_wait_fraction"] == pytest.approx(record["data_wait_seconds"] / record["step_seconds"])
     # warm-up then cosine, as the schedule says: lr after step s is the schedule at s (0-based next step)
     for record in records:
         expected = cosine_schedule(record["step"], steps=30, warmup_steps=3, lr=3e-3)

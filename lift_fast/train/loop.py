@@ -187,7 +187,7 @@ class Throughput:
         self.data_wait = 0.0  # seconds waiting for batches in the current window
         self.first_seconds: float | None = None
         self.first_samples, self.first_wait = 0, 0.0
-        self.window_start, self.window_samples, self.steady_samples = self.started, 0, 0
+        self.window_start, self.window_samples, self.window_steps, self.steady_samples = self.started, 0, 0, 0
         self.compile_reported = False  # the first metrics record carries compile_seconds
 
     def step_done(self, samples: int) -> None:
@@ -198,20 +198,22 @@ class Throughput:
             self.window_start, self.data_wait = now, 0.0
             return
         self.window_samples += samples
+        self.window_steps += 1
         self.steady_samples += samples
 
     def window(self) -> dict:
-        """samples_per_second and data_wait_fraction since the last call, then a new window. A
-        window holding only the first step reports that step (the only one there is)."""
+        """Since the last call, then a new window: samples_per_second, data_wait_fraction, and the
+        mean step time split into data wait and compute (step_seconds = data_wait_seconds +
+        compute_seconds). A window holding only the first step reports that step (the only one)."""
         now = time.perf_counter()
         if self.window_samples:
-            elapsed = now - self.window_start
-            numbers = {"samples_per_second": self.window_samples / elapsed,
-                       "data_wait_fraction": self.data_wait / elapsed}
+            elapsed, samples, wait, steps = now - self.window_start, self.window_samples, self.data_wait, self.window_steps
         else:
-            numbers = {"samples_per_second": self.first_samples / self.first_seconds,
-                       "data_wait_fraction": self.first_wait / self.first_seconds}
-        self.window_start, self.window_samples, self.data_wait = time.perf_counter(), 0, 0.0
+            elapsed, samples, wait, steps = self.first_seconds, self.first_samples, self.first_wait, 1
+        numbers = {"samples_per_second": samples / elapsed, "data_wait_fraction": wait / elapsed,
+                   "step_seconds": elapsed / steps, "data_wait_seconds": wait / steps,
+                   "compute_seconds": (elapsed - wait) / steps}
+        self.window_start, self.window_samples, self.window_steps, self.data_wait = time.perf_counter(), 0, 0, 0.0
         return numbers
 
     def summary(self) -> dict:
