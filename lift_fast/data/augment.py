@@ -22,17 +22,45 @@ ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default
 Box = tuple[int, int, int, int]  # left, top, width, height in source pixels
 
 
-def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator,
+# Draws per sample: 10 tries of (area fraction, log aspect), the window's left and top, the flip.
+TRIES = 10
+DRAWS = 2 * TRIES + 3
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic): a well-mixed hash of each value."""
+    x = x + np.uint64(_GOLDEN)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX2)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_uniforms(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """[n, DRAWS] float64 uniforms in [0, 1) for the samples at `positions` of `epoch`'s stream.
+
+    Counter-based (a hash of seed, epoch, position and draw number), so a sample's draws do not
+    depend on which batch, rank or worker asks, and a whole batch costs one vectorised call.
+    """
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.array([seed], dtype=np.uint64) ^ _splitmix64(np.array([epoch], dtype=np.uint64)))
+        counters = np.asarray(positions, dtype=np.uint64)[:, None] * np.uint64(DRAWS) + np.arange(DRAWS, dtype=np.uint64)
+        bits = _splitmix64(_splitmix64(counters ^ key))
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], draws: np.ndarray,
                             ratio: tuple[float, float] = ASPECT_RATIO) -> Box:
-    """torchvision's RandomResizedCrop window: area fraction in `scale`, aspect in `ratio`, 10 tries,
-    then the centre square."""
+    """torchvision's RandomResizedCrop window from one sample's `draws` (a row of sample_uniforms):
+    area fraction in `scale`, aspect in `ratio` (log-uniform), 10 tries, then the centre square."""
     area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for attempt in range(TRIES):
+        target = area * (scale[0] + (scale[1] - scale[0]) * draws[2 * attempt])
+        aspect = math.exp(log_low + (log_high - log_low) * draws[2 * attempt + 1])
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+            return int(draws[2 * TRIES] * (width - w + 1)), int(draws[2 * TRIES + 1] * (height - h + 1)), w, h
     return center_box(width, height)
 
 
@@ -42,12 +70,37 @@ def center_box(width: int, height: int) -> Box:
     return (width - side) // 2, (height - side) // 2, side, side
 
 
-def train_view(width: int, height: int, scale: tuple[float, float], hflip: bool,
-               seed: list[int]) -> tuple[Box, bool]:
-    """A training sample's crop window and flip, drawn from its own seed sequence."""
-    rng = np.random.default_rng(seed)
-    box = random_resized_crop_box(width, height, scale, rng)
-    return box, bool(hflip and rng.random() < 0.5)
+def train_view(width: int, height: int, scale: tuple[float, float], hflip: bool, draws: np.ndarray) -> tuple[Box, bool]:
+    """A training sample's crop window and flip, from its row of sample_uniforms."""
+    return random_resized_crop_box(width, height, scale, draws), bool(hflip and draws[DRAWS - 1] < 0.5)
+
+
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header or a PNG's IHDR, without decoding; None for other
+    formats or a header that does not parse (the caller then asks PIL, which names the problem)."""
+    if data[:2] == b"\xff\xd8":
+        at = 2
+        while at + 9 <= len(data):
+            if data[at] != 0xFF:
+                return None
+            marker = data[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+                continue
+            if marker in _JPEG_SOF:
+                height, width = int.from_bytes(data[at + 5:at + 7], "big"), int.from_bytes(data[at + 7:at + 9], "big")
+                return (width, height) if width and height else None
+            if marker == 0xD8 or 0xD0 <= marker <= 0xD7:  # no length field
+                at += 2
+                continue
+            at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
 
 
 def open_image(data: bytes, where: str) -> Image.Image:

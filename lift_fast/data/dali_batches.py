@@ -54,15 +54,17 @@ class DaliImageTextBatches:
     def __init__(self, batches, decoder: DaliDecoder):
         self.batches, self.decoder = batches, decoder
 
-    def _sample(self, ref: SampleRef, train: bool) -> tuple:
-        raw, _, box, flip = self.batches.prepare(ref, train)
+    def _sample(self, ref: SampleRef, train: bool, draws: np.ndarray | None = None) -> tuple:
+        raw, _, box, flip = self.batches.prepare(ref, train, draws, header_only=True)
         return np.frombuffer(raw.image, dtype=np.uint8), box, flip, raw
 
     def _pending(self, refs: list[SampleRef], step: int | None) -> Pending:
         pending = Pending([], [], [], 0, step)
-        for ref in refs:
+        draws = self.batches.batch_draws(refs) if step is not None else [None] * len(refs)
+        for ref, row in zip(refs, draws):
             if step is not None:
-                sample, attempt, skipped = self.batches.with_stand_ins(ref, lambda r: self._sample(r, True), step)
+                sample, attempt, skipped = self.batches.with_stand_ins(
+                    ref, lambda r, ref=ref, row=row: self._sample(r, True, row if r is ref else None), step)
             else:
                 try:
                     sample, attempt, skipped = self._sample(ref, False), 0, 0

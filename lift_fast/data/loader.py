@@ -38,7 +38,9 @@ from lift_fast.data.augment import (  # noqa: F401 (re-exported: the preparation
     Box,
     center_box,
     crop_resize,
+    image_size,
     open_image,
+    sample_uniforms,
     to_tensor,
     train_view,
 )
@@ -77,21 +79,33 @@ class ImageTextBatches(IterableDataset):
             yield self.train_batch(step)
             step += workers
 
-    def prepare(self, ref: SampleRef, train: bool) -> tuple[RawSample, Image.Image, Box, bool]:
-        """Read one sample and open its image (header only): (raw sample, image, crop box, flip).
-        Raises ShardError for a bad sample."""
+    def prepare(self, ref: SampleRef, train: bool, draws: np.ndarray | None = None,
+                header_only: bool = False) -> tuple[RawSample, Image.Image | None, Box, bool]:
+        """Read one sample and find its view: (raw sample, the image opened lazily by PIL or None
+        with header_only, crop box, flip). draws: its row of sample_uniforms, when the caller has
+        them for the whole batch. Raises ShardError for a bad sample."""
         raw = self.reader.read(ref)
-        image = open_image(raw.image, f"{raw.where}: its image")
-        if train:
-            box, flip = train_view(*image.size, self.crop_scale, self.hflip, ref.augment_seed(self.stream.seed))
-        else:
-            box, flip = center_box(*image.size), False
-        return raw, image, box, flip
+        where = f"{raw.where}: its image"
+        image, size = None, image_size(raw.image) if header_only else None
+        if size is None:
+            image = open_image(raw.image, where)
+            size = image.size
+        if not train:
+            return raw, image, center_box(*size), False
+        if draws is None:
+            draws = sample_uniforms(self.stream.seed, ref.epoch, np.array([ref.position]))[0]
+        return (raw, image, *train_view(*size, self.crop_scale, self.hflip, draws))
 
-    def example(self, ref: SampleRef, train: bool) -> tuple[torch.Tensor, np.ndarray, str]:
+    def example(self, ref: SampleRef, train: bool, draws: np.ndarray | None = None
+                ) -> tuple[torch.Tensor, np.ndarray, str]:
         """(image [3, S, S], embedding [D], key) of one sample; raises ShardError for a bad one."""
-        raw, image, box, flip = self.prepare(ref, train)
+        raw, image, box, flip = self.prepare(ref, train, draws)
         return to_tensor(crop_resize(image, box, self.image_size, flip, f"{raw.where}: its image")), raw.embedding, raw.key
+
+    def batch_draws(self, refs: list[SampleRef]) -> np.ndarray:
+        """[len(refs), DRAWS]: the augmentation draws of a training batch's samples (one epoch)."""
+        epoch = refs[0].epoch if refs else 0
+        return sample_uniforms(self.stream.seed, epoch, np.array([ref.position for ref in refs]))
 
     def with_stand_ins(self, ref: SampleRef, make: Callable[[SampleRef], T], step: int,
                        first_attempt: int = 0) -> tuple[T, int, int]:
@@ -111,8 +125,10 @@ class ImageTextBatches(IterableDataset):
 
     def train_batch(self, step: int) -> dict:
         examples, skipped = [], 0
-        for ref in self.stream.batch(step, self.rank, self.world_size):
-            example, _, bad = self.with_stand_ins(ref, lambda r: self.example(r, True), step)
+        refs = self.stream.batch(step, self.rank, self.world_size)
+        for ref, draws in zip(refs, self.batch_draws(refs)):
+            example, _, bad = self.with_stand_ins(
+                ref, lambda r, ref=ref, draws=draws: self.example(r, True, draws if r is ref else None), step)
             examples.append(example)
             skipped += bad
         return {**self.collate(examples), "skipped": skipped, "step": step}

@@ -29,16 +29,14 @@ import numpy as np
 @dataclass(frozen=True)
 class SampleRef:
     """One sample of the stream: shard (its place in the stream's shard list), row (its place in the
-    shard's index), epoch and position (its place in that epoch's stream; seeds its augmentation)."""
+    shard's index), epoch and position (its place in that epoch's stream; with the seed, they key
+    its augmentation draws, lift_fast.data.augment.sample_uniforms)."""
 
     shard: int
     row: int
     epoch: int
     position: int
 
-    def augment_seed(self, seed: int) -> list[int]:
-        """Seed sequence of this sample's crop and flip draws."""
-        return [seed, self.epoch, self.position]
 
 
 class SampleStream:
