@@ -136,6 +136,8 @@ class TrainConfig:
     tensorboard: bool = _field(True, "also write the metrics as TensorBoard curves under run/tensorboard/")
     peak_tflops: float = _field(0.0, "peak TFLOP/s for MFU (0: the data-sheet bf16 figure of a known GPU, none on CPU)", min=0.0)
     max_nonfinite: int = _field(10, "NaN/inf losses in a row (each step skipped) before training stops", min=1)
+    parallel: str = _field("ddp", "ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and "
+                           "AdamW state over the ranks (large ViTs)", choices=("ddp", "fsdp"))
 
 
 @dataclass

@@ -4,6 +4,11 @@ A checkpoint is written into a hidden temporary folder and renamed into place, s
 leaves a half-written checkpoint under a name that counts. Only folders with a `model.safetensors`
 and a `state.pt` count as complete. `state.pt` holds optimizer, scheduler, step and RNG states and
 is read with `torch.load(weights_only=True)`.
+
+The files hold full tensors whatever the run's train.parallel: an FSDP2-sharded model's weights and
+AdamW state are gathered to rank 0 to be saved (a collective: `save_checkpoint` must then run on
+every rank) and, on resume, read by rank 0 and broadcast into the shards. So a checkpoint written
+under fsdp resumes under ddp or in one process, loads into a plain model, and the other way round.
 """
 
 from __future__ import annotations
@@ -13,10 +18,25 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from lift_fast.train import RunFolderError
+from lift_fast.train.distributed import is_sharded
+
+# Gather a sharded model's full state to rank 0, on the CPU (the other ranks get empty dicts) ...
+GATHER_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# ... and load one that rank 0 alone holds, broadcast into every rank's shards.
+SCATTER_FULL = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 PATTERN = re.compile(r"step_(\d+)")
 
@@ -54,18 +74,68 @@ def rng_state() -> dict:
     return state
 
 
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(weights by parameter name, optimizer state in `optimizer.state_dict()`'s form), full tensors.
+
+    For an FSDP2-sharded model this is a collective (every rank must call it): rank 0 gets the
+    gathered tensors on the CPU, the other ranks two empty dicts. Otherwise the model's and the
+    optimizer's own state dicts (no copies).
+    """
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    weights = get_model_state_dict(model, options=GATHER_FULL)
+    by_name = get_optimizer_state_dict(model, optimizer, options=GATHER_FULL)
+    return weights, _indexed_optimizer_state(by_name) if by_name else {}
+
+
+def _indexed_optimizer_state(by_name: dict) -> dict:
+    """torch.distributed.checkpoint's optimizer state (keyed by parameter name) in the form of
+    `optimizer.state_dict()` (keyed by the parameter's position over the groups), which state.pt holds."""
+    names = [name for group in by_name["param_groups"] for name in group["params"]]
+    position = {name: index for index, name in enumerate(names)}
+    return {"state": {position[name]: value for name, value in by_name["state"].items()},
+            "param_groups": [{**group, "params": [position[name] for name in group["params"]]}
+                             for group in by_name["param_groups"]]}
+
+
+def _named_optimizer_state(saved: dict, model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> dict:
+    """The inverse of `_indexed_optimizer_state`, naming positions after `optimizer`'s parameters.
+
+    Raises RunFolderError naming `path` when the saved groups do not hold as many parameters as
+    the optimizer's (another model), before any rank starts a collective.
+    """
+    names = {id(param): name for name, param in model.named_parameters()}
+    ordered = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    if saved_sizes != sizes:
+        raise RunFolderError(f"{path}: the optimizer state does not fit this model (parameter groups of sizes "
+                             f"{saved_sizes} in the file, {sizes} in the model)")
+    name_of = dict(zip([index for group in saved["param_groups"] for index in group["params"]], ordered, strict=True))
+    return {"state": {name_of[index]: value for index, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [name_of[index] for index in group["params"]]}
+                             for group in saved["param_groups"]]}
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, scheduler, *,
-                    extra: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep` complete ones."""
+                    extra: dict | None = None, keep: int = 2, write: bool = True) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep` complete ones.
+
+    Returns the checkpoint folder. write=False writes nothing: the other ranks of a job whose model
+    is FSDP2-sharded call it too, since gathering the state takes every rank (`full_state`).
+    """
+    weights, optimizer_state = full_state(model, optimizer)
+    final = checkpoint_path(run_dir, step)
+    if not write:
+        return final
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
     save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "extra": extra or {}}
     torch.save(state, tmp / "state.pt")
     if final.exists():
@@ -77,7 +147,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
-    """Load `model.safetensors` from a checkpoint folder into `model`.
+    """Load `model.safetensors` from a checkpoint folder into `model` (a plain, unsharded one).
 
     Raises FileNotFoundError when the file is missing, and RunFolderError (a ValueError) naming the
     file and the tensors when it does not fit the model: missing or unexpected names, or shapes
@@ -87,12 +157,21 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist")
     weights = load_file(str(path))
-    expected = model.state_dict()
-    # Checked here rather than left to load_state_dict, whose RuntimeError names neither file nor setting.
-    reshaped = [f"{name} {list(tensor.shape)} in the file, {list(expected[name].shape)} in the model"
-                for name, tensor in weights.items() if name in expected and tensor.shape != expected[name].shape]
-    missing = [name for name in expected if name not in weights]
-    unexpected = [name for name in weights if name not in expected]
+    _check_weights_fit(model, {name: list(tensor.shape) for name, tensor in weights.items()}, path)
+    model.load_state_dict(weights)
+
+
+def _check_weights_fit(model: nn.Module, shapes: dict[str, list[int]], path: Path) -> None:
+    """Raise RunFolderError naming `path` unless `shapes` (the file's) are the model's names and shapes.
+
+    Checked here rather than left to load_state_dict, whose RuntimeError names neither file nor setting.
+    A sharded model's state dict holds DTensors, whose shapes are the full ones.
+    """
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    reshaped = [f"{name} {shape} in the file, {expected[name]} in the model"
+                for name, shape in shapes.items() if name in expected and shape != expected[name]]
+    missing = [name for name in expected if name not in shapes]
+    unexpected = [name for name in shapes if name not in expected]
     problems = []
     if reshaped:
         problems.append(f"shapes differ: {'; '.join(reshaped[:5])}{' ...' if len(reshaped) > 5 else ''}")
@@ -103,23 +182,49 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     if problems:
         raise RunFolderError(f"{path} does not fit the model built from the run's config ({', '.join(problems)}); "
                              "the checkpoint was made with other model or data settings")
-    model.load_state_dict(weights)
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG states; returns the saved state (step, extra).
 
-    Raises FileNotFoundError for a missing file and RunFolderError naming the file that does not fit.
+    For an FSDP2-sharded model every rank must call it: each checks the files against the model,
+    rank 0 reads the tensors and broadcasts them into the shards. Raises FileNotFoundError for a
+    missing file and RunFolderError naming the file that does not fit (on every rank alike).
     """
     folder = Path(folder)
-    load_weights(model, folder)
-    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except ValueError as err:
-        raise RunFolderError(f"{folder / 'state.pt'}: the optimizer state does not fit this model ({err})") from None
+    if is_sharded(model):
+        state = _load_sharded(folder, model, optimizer)
+    else:
+        load_weights(model, folder)
+        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as err:
+            raise RunFolderError(f"{folder / 'state.pt'}: the optimizer state does not fit this model ({err})") from None
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+def _load_sharded(folder: Path, model: nn.Module, optimizer) -> dict:
+    """Weights and optimizer state of `folder` into an FSDP2-sharded model; returns state.pt's contents.
+
+    Every rank checks the names and shapes (from the safetensors header, without reading the
+    tensors) and the optimizer groups, so a checkpoint that does not fit fails on all ranks before
+    any collective; rank 0 alone reads the tensors (state.pt is memory-mapped, so the other ranks
+    read only its small entries) and broadcasts them into the shards.
+    """
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint weights {path} do not exist")
+    with safe_open(str(path), framework="pt") as file:
+        shapes = {name: list(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118 (not a dict)
+    _check_weights_fit(model, shapes, path)
+    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu", mmap=True)
+    optimizer_state = _named_optimizer_state(state["optimizer"], model, optimizer, folder / "state.pt")
+    main = dist.get_rank() == 0
+    set_model_state_dict(model, load_file(str(path)) if main else {}, options=SCATTER_FULL)
+    set_optimizer_state_dict(model, optimizer, optimizer_state if main else {}, options=SCATTER_FULL)
     return state

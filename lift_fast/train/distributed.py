@@ -6,19 +6,29 @@ LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `setup` reads them, joins the group (nc
 process's own GPU, gloo on CPU) and `teardown` leaves it. Without those variables, or with
 WORLD_SIZE=1, nothing is initialised and every helper here is a no-op, so the single-process
 path runs exactly as before. A group the caller initialised already is used and left open.
+
+train.parallel chooses how the model is spread over the ranks (`wrap_model`): ddp (every rank holds
+the whole model, gradients are all-reduced) or fsdp (FSDP2: weights, gradients and AdamW state are
+sharded over the ranks, `shard_model`). Under fsdp the 0-d parameters (the logit scale, SigLIP's
+bias), which fully_shard refuses, stay whole on every rank; `reduce_replicated_gradients` averages
+their gradients, and `clip_grad_norm` takes the norm over sharded and whole gradients together.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
-from lift_fast.train import DistributedSetupError  # noqa: F401 (raised here; defined torch-free for the CLI)
+from lift_fast.config import ConfigError
+from lift_fast.train import DistributedSetupError  # defined torch-free, for the CLI
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +42,7 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # initialised by `setup`, so `teardown` destroys it
 
     @property
@@ -108,16 +118,118 @@ def teardown(ctx: Distributed) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ctx: Distributed) -> nn.Module:
-    """The module the loop calls: DistributedDataParallel over `model` when distributed, else `model`.
+def wrap_model(model: nn.Module, ctx: Distributed, parallel: str = "ddp", *, compile: bool = False,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
+    """The module the loop calls, for train.parallel = `parallel` (ddp or fsdp).
 
-    Parameters used outside forward (the logit scale, SigLIP's bias) still get their gradients
-    all-reduced: DDP hooks every parameter's gradient, wherever the graph uses it.
+    ddp: DistributedDataParallel over `model` when distributed, else `model`; torch.compile over the
+    whole when `compile`. Parameters used outside forward (the logit scale, SigLIP's bias) still get
+    their gradients all-reduced: DDP hooks every parameter's gradient, wherever the graph uses it.
+    fsdp, distributed: `shard_model(model, ctx, ...)`, which changes `model` in place and returns it.
+    fsdp in a single process: as ddp (there is nothing to shard over). param_dtype: see `shard_model`.
+    Raises ConfigError for another `parallel`.
     """
-    if not ctx.enabled:
-        return model
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel={parallel!r} is not one of ddp, fsdp")
+    if parallel == "fsdp" and ctx.enabled:
+        return shard_model(model, ctx, compile=compile, param_dtype=param_dtype)
+    if parallel == "fsdp":
+        log.info("train.parallel=fsdp in a single process: nothing to shard over, the model runs whole")
+    forward = model
+    if ctx.enabled:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(forward) if compile else forward
+
+
+def sharded_param_dtype(parallel: str, ctx: Distributed, precision: torch.dtype | None) -> torch.dtype | None:
+    """The dtype FSDP2 gathers the weights in (its MixedPrecisionPolicy), or None: autocast does the casting.
+
+    bf16 under fsdp on CUDA: the all-gathers move half the bytes and the model computes in bf16
+    without autocast casting every weight again at each use. On CPU (gloo) and under ddp, autocast
+    stays the one mechanism, as in a single process.
+    """
+    if parallel == "fsdp" and ctx.enabled and ctx.device.type == "cuda":
+        return precision
+    return None
+
+
+def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters fully_shard cannot shard, kept whole on every rank: the 0-d ones (the logit
+    scale, SigLIP's logit bias). fully_shard shards on dim 0 and refuses scalars."""
+    return [param for param in model.parameters() if param.ndim == 0]
+
+
+def shard_model(model: nn.Module, ctx: Distributed, *, compile: bool = False,
+                param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 over the LIFT image encoder (`model.visual.blocks`), in place, as torchtitan applies it.
+
+    One fully_shard group per ViT block, then one for the root (patch embedding, position
+    embedding, final norm, head); the 0-d parameters stay whole (`replicated_parameters`). Every
+    block but the last frees its gathered weights after forward and gathers them again in
+    backward; the last block's and the root's are needed at once when backward starts, so they are
+    kept. compile: each block is compiled before it is sharded (the stem and the head stay eager),
+    so the FSDP hooks run outside the compiled graphs. param_dtype (bf16 or None): the dtype the
+    weights are gathered and computed in; gradients are reduced in float32 and the sharded master
+    weights and AdamW state stay float32. Returns `model`, now an FSDPModule.
+    """
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    blocks = list(model.visual.blocks)
+    for index, block in enumerate(blocks):
+        if compile:
+            block.compile()  # in place: the state-dict names stay those of the plain model
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(replicated_parameters(model)))
+    log.info("FSDP2 over %d ranks: %d block groups + the root%s%s", ctx.world_size, len(blocks),
+             f", weights gathered in {param_dtype}" if param_dtype else "", ", blocks compiled" if compile else "")
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is FSDP2-sharded (`shard_model`): its full state is then a collective."""
+    return isinstance(model, FSDPModule)
+
+
+def reduce_replicated_gradients(model: nn.Module, ctx: Distributed) -> None:
+    """Under fsdp, average the gradients of the parameters FSDP leaves whole over the ranks.
+
+    Each rank's loss is its part of the global-batch loss, so the mean over ranks is the gradient of
+    the global loss, which is what DDP and FSDP's reduce-scatter give the other parameters. A no-op
+    for an unsharded model (DDP reduces every gradient itself). One all-reduce of a few numbers.
+    """
+    if not ctx.enabled or not is_sharded(model):
+        return
+    grads = [param.grad for param in replicated_parameters(model) if param.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    dist.all_reduce(flat)  # SUM: gloo has no AVG
+    flat /= ctx.world_size
+    for grad, value in zip(grads, flat.split([grad.numel() for grad in grads]), strict=True):
+        grad.copy_(value.view_as(grad))
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Clip the gradients to a total norm of max_norm; returns the total norm before clipping.
+
+    torch.nn.utils.clip_grad_norm_ for plain gradients. FSDP2's gradients are DTensor shards: their
+    norm is reduced over the ranks, then combined with that of the whole (replicated) gradients, so
+    every rank gets the global-batch norm and clips by the same factor.
+    """
+    params = [param for param in parameters if param.grad is not None]
+    sharded = [param for param in params if isinstance(param.grad, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    whole = [param for param in params if not isinstance(param.grad, DTensor)]
+    norms = [torch.nn.utils.get_total_norm([param.grad for param in sharded]).full_tensor()]
+    if whole:
+        norms.append(torch.nn.utils.get_total_norm([param.grad for param in whole]))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in (sharded, whole):
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total.item()
 
 
 def barrier(ctx: Distributed) -> None:

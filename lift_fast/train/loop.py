@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 # the run a different one than its config.yaml says.
 RESUME_SETTINGS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                    "train.threads", "data.num_workers", "data.backend", "train.precision", "train.compile",
-                   "train.tensorboard", "train.max_nonfinite")
+                   "train.tensorboard", "train.max_nonfinite", "train.parallel")
 
 # Signals that stop training after the current step, saving it: SIGTERM (preemption, scancel, the
 # end of a SLURM time limit) and SIGUSR1 (SLURM's --signal=USR1@SECONDS warning ahead of it).
@@ -267,12 +267,13 @@ class Parts:
     """What a run trains with, built by `_build`."""
 
     model: nn.Module  # the plain module: weights, logit_scale, optional logit_bias
-    forward: nn.Module  # what the step calls: model wrapped for DDP and compiled as configured
+    forward: nn.Module  # what the step calls: model wrapped (DDP) or sharded (FSDP2) and compiled as configured
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Loader
-    precision: torch.dtype | None  # autocast dtype, None for plain fp32
+    precision: torch.dtype | None  # compute dtype (bf16), None for plain fp32
+    autocast: torch.dtype | None  # the step's autocast dtype: precision, or None where FSDP2 casts the weights
     flops_per_sample: int
     peak: float | None  # dense peak TFLOP/s of one device, when known
 
@@ -304,6 +305,10 @@ def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: di
     model = build_model(cfg.model, cfg.data.image_size, dim, cfg.train.logit_scale_init).to(device)
     if cfg.train.loss == "siglip":
         model.register_parameter("logit_bias", nn.Parameter(torch.tensor(-10.0, device=device)))
+    # Sharded (fsdp) before the optimiser is built over the shards and the checkpoint loads into them.
+    param_dtype = distributed.sharded_param_dtype(cfg.train.parallel, ctx, precision)
+    forward = distributed.wrap_model(model, ctx, cfg.train.parallel, compile=resolve_compile(cfg.train.compile, device),
+                                     param_dtype=param_dtype)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     progress, state = Progress(step=0), None
@@ -312,9 +317,6 @@ def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: di
         progress = Progress(step=state["step"], nonfinite=state["extra"].get("nonfinite_steps", 0),
                             saved_step=state["step"])
         log.info("resumed from %s at step %d", start_ckpt, progress.step)
-    forward = distributed.wrap_model(model, ctx)
-    if resolve_compile(cfg.train.compile, device):
-        forward = torch.compile(forward)
     loader = build_loader(data_dir, embeddings_dir, split="train", batch_size=batch_size,
                           image_size=cfg.data.image_size, backend=cfg.data.backend, seed=cfg.train.seed,
                           rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
@@ -329,8 +331,8 @@ def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: di
     flops = train_flops_per_sample(model.visual.spec, cfg.data.image_size, dim, batch_size * ctx.world_size,
                                    head_hidden=cfg.model.head_hidden, patch_dropout=cfg.model.patch_dropout,
                                    pooling=cfg.model.pooling)
-    return Parts(model, forward, build_loss(cfg, ctx), optimizer, scheduler, loader, precision, flops,
-                 peak_tflops(device, precision, cfg.train.peak_tflops)), progress
+    return Parts(model, forward, build_loss(cfg, ctx), optimizer, scheduler, loader, precision,
+                 None if param_dtype else precision, flops, peak_tflops(device, precision, cfg.train.peak_tflops)), progress
 
 
 def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Path, manifest: dict,
@@ -392,18 +394,19 @@ def _train_step(cfg: Config, ctx: Distributed, parts: Parts, progress: Progress,
     text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)  # [b, D]
     if not manifest["normalized"]:
         text_embeddings = torch.nn.functional.normalize(text_embeddings, dim=-1)
-    with autocast(device, parts.precision):
+    with autocast(device, parts.autocast):
         image_features = parts.forward(images)  # [b, D]
     # The loss runs outside autocast, in the features' dtype (bf16 GEMMs, float32 statistics).
     loss = contrastive_loss(parts.loss_fn, image_features, text_embeddings.to(image_features.dtype),
                             model.logit_scale.exp(), getattr(model, "logit_bias", None))
     parts.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.reduce_replicated_gradients(model, ctx)
     progress.loss_value, stop, skipped = distributed.agree(ctx, loss, bool(stop_signals), batch["skipped"])
     progress.skipped += skipped
     grad_norm = None
     if cfg.train.grad_clip > 0 and math.isfinite(progress.loss_value):
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
+        grad_norm = distributed.clip_grad_norm(model.parameters(), cfg.train.grad_clip)
     if math.isfinite(progress.loss_value) and (grad_norm is None or math.isfinite(grad_norm)):
         progress.updating = True  # an interrupt from here to the step count may leave half-updated weights
         parts.optimizer.step()
@@ -436,12 +439,11 @@ def _record(parts: Parts, progress: Progress, speed: Throughput, grad_norm: floa
 
 
 def _save(ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress, step: int, keep: int) -> Path:
-    """Rank 0 writes checkpoint `step` (weights, optimiser, schedule, RNG, loader position); all wait for it."""
-    checkpoint = checkpoint_path(run_dir, step)
-    if ctx.is_main:
-        checkpoint = save_checkpoint(run_dir, step, parts.model, parts.optimizer, parts.scheduler,
-                                     extra={"nonfinite_steps": progress.nonfinite, "loader": parts.loader.state(step)},
-                                     keep=keep)
+    """Rank 0 writes checkpoint `step` (weights, optimiser, schedule, RNG, loader position); all wait for it.
+    Every rank takes part in gathering a sharded (fsdp) model's state."""
+    checkpoint = save_checkpoint(run_dir, step, parts.model, parts.optimizer, parts.scheduler,
+                                 extra={"nonfinite_steps": progress.nonfinite, "loader": parts.loader.state(step)},
+                                 keep=keep, write=ctx.is_main)
     distributed.barrier(ctx)
     progress.saved_step = step
     return checkpoint
@@ -469,22 +471,32 @@ def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, 
 
     The last finished step is the one before an update the interrupt cut in half, whose weights
     cannot be trusted. A TrainingInterrupted raised by the loop stopped every rank at the same step,
-    so the others wait for rank 0's checkpoint; a Ctrl-C reaches the ranks anywhere, so nobody
-    waits (rank 0 saves what it has).
+    so all take part (gathering a sharded model's state, waiting for rank 0's write). A Ctrl-C
+    reaches the ranks anywhere, so nobody waits: rank 0 saves what it has, except under fsdp, where
+    rank 0 holds only its shards and gathering them needs every rank; the newest complete
+    checkpoint is then the one to resume from.
     """
     signum = getattr(err, "signum", signal.SIGINT)
     finished = progress.finished_step()
-    if finished > progress.saved_step:
+    agreed = isinstance(err, TrainingInterrupted)
+    sharded = ctx.enabled and distributed.is_sharded(parts.model)
+    if finished > progress.saved_step and (agreed or not sharded):
         checkpoint = checkpoint_path(run_dir, finished)
-        if ctx.is_main:
+        if ctx.is_main or agreed:
             checkpoint = save_checkpoint(run_dir, finished, parts.model, parts.optimizer, parts.scheduler,
                                          extra={"nonfinite_steps": progress.nonfinite,
-                                                "loader": parts.loader.state(finished)}, keep=keep)
+                                                "loader": parts.loader.state(finished)}, keep=keep,
+                                         write=ctx.is_main)
+        if ctx.is_main:
             log.warning("interrupted: saved step %d in %s", finished, checkpoint)
-        if isinstance(err, TrainingInterrupted):
+        if agreed:
             distributed.barrier(ctx)
         return TrainingInterrupted(signum, finished, checkpoint)
     checkpoint = latest_checkpoint(run_dir)
+    if finished > progress.saved_step and ctx.is_main:
+        log.warning("interrupted by Ctrl-C under train.parallel=fsdp: rank 0 cannot gather the sharded state on its "
+                    "own, so step %d is not saved; %s", finished,
+                    f"--resume auto continues from {checkpoint}" if checkpoint else "the run has no checkpoint yet")
     return TrainingInterrupted(signum, progress.saved_step if checkpoint is not None else 0, checkpoint)
 
 
