@@ -8,8 +8,9 @@ once every input has been checked (store, shards, model settings, the checkpoint
 so a refused start leaves nothing behind. Ctrl-C, SIGTERM or SIGUSR1 saves the last finished step
 before the run stops.
 
-Under torchrun every rank runs `train`; rank 0 alone writes the run folder, the others wait for
-it at each checkpoint. docs/training.md has the launch commands and what is logged.
+Under torchrun every rank runs `train`, as DDP or, with train.parallel=fsdp, FSDP2; rank 0 alone
+writes the run folder, the others wait for it (under fsdp, after helping gather the state) at each
+checkpoint. docs/training.md has the launch commands and what is logged.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ class Throughput:
 
 def train(cfg: Config, data_dir: str | Path, embeddings_dir: str | Path, run_dir: str | Path, *,
           resume: str | None = None, progress: bool = True) -> dict:
-    """Train the image tower, in this process or, under torchrun, as one rank of a DDP job.
+    """Train the image tower, in this process or, under torchrun, as one rank of a DDP or FSDP2 job.
 
     resume: None (start fresh; refuses a run folder that already has checkpoints), "auto" (continue
     from the newest complete checkpoint, or start fresh) or a checkpoint folder. When resuming, cfg
@@ -273,9 +274,9 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: Loader
     precision: torch.dtype | None  # compute dtype (bf16), None for plain fp32
-    autocast: torch.dtype | None  # the step's autocast dtype: precision, or None where FSDP2 casts the weights
     flops_per_sample: int
     peak: float | None  # dense peak TFLOP/s of one device, when known
+    sharded_precision: bool = False  # FSDP2 gathers the weights in `precision`, so the step runs without autocast
 
 
 @dataclass
@@ -331,8 +332,8 @@ def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: di
     flops = train_flops_per_sample(model.visual.spec, cfg.data.image_size, dim, batch_size * ctx.world_size,
                                    head_hidden=cfg.model.head_hidden, patch_dropout=cfg.model.patch_dropout,
                                    pooling=cfg.model.pooling)
-    return Parts(model, forward, build_loss(cfg, ctx), optimizer, scheduler, loader, precision,
-                 None if param_dtype else precision, flops, peak_tflops(device, precision, cfg.train.peak_tflops)), progress
+    return Parts(model, forward, build_loss(cfg, ctx), optimizer, scheduler, loader, precision, flops,
+                 peak_tflops(device, precision, cfg.train.peak_tflops), param_dtype is not None), progress
 
 
 def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Path, manifest: dict,
@@ -394,7 +395,7 @@ def _train_step(cfg: Config, ctx: Distributed, parts: Parts, progress: Progress,
     text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)  # [b, D]
     if not manifest["normalized"]:
         text_embeddings = torch.nn.functional.normalize(text_embeddings, dim=-1)
-    with autocast(device, parts.autocast):
+    with autocast(device, None if parts.sharded_precision else parts.precision):
         image_features = parts.forward(images)  # [b, D]
     # The loss runs outside autocast, in the features' dtype (bf16 GEMMs, float32 statistics).
     loss = contrastive_loss(parts.loss_fn, image_features, text_embeddings.to(image_features.dtype),
