@@ -145,9 +145,10 @@ def wrap_model(model: nn.Module, ctx: Distributed, parallel: str = "ddp", *, com
 def sharded_param_dtype(parallel: str, ctx: Distributed, precision: torch.dtype | None) -> torch.dtype | None:
     """The dtype FSDP2 gathers the weights in (its MixedPrecisionPolicy), or None: autocast does the casting.
 
-    bf16 under fsdp on CUDA: the all-gathers move half the bytes and the model computes in bf16
-    without autocast casting every weight again at each use. On CPU (gloo) and under ddp, autocast
-    stays the one mechanism, as in a single process.
+    bf16 under fsdp on CUDA: each shard is cast once, before its all-gather, which then moves half
+    the bytes; the step runs without autocast, as in torchtitan (on bf16 weights autocast's casts
+    would be no-ops, and one mechanism decides the dtypes; layer norms then take bf16 inputs).
+    On CPU (gloo) and under ddp, autocast stays the one mechanism, as in a single process.
     """
     if parallel == "fsdp" and ctx.enabled and ctx.device.type == "cuda":
         return precision
