@@ -129,7 +129,7 @@ def test_low_fidelity_is_refused_before_any_shard_is_written(tmp_path):
     message = str(err.value)
     assert "embed.quantize=int8" in message and "embed.min_fidelity=0.999999" in message
     assert "on 8 captions of 00000.tar" in message and "mean 0.99" in message
-    assert not list((tmp_path / "store").glob("*.npy"))
+    assert not (tmp_path / "store").exists()  # no manifest left to hold a later run to int8
 
 
 def test_bf16_mixed_is_checked_against_fp32(tmp_path):

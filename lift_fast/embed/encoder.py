@@ -252,7 +252,8 @@ class TextEncoder:
 
         model (as given), path (resolved folder), revision (hub snapshot or None), weights_sha256,
         pooling, prompt, max_length, normalize, dim (of the rows), model_dim (before truncation),
-        append_eos, precision (the compute dtype, for people: rows agree across precisions).
+        append_eos, precision (how the rows were computed: `embed` does not add rows of another
+        precision to a store, readers accept any).
         """
         if self._identity is None:
             self._identity = {
@@ -377,7 +378,8 @@ class TextEncoder:
         out = None
         for batch in plan:
             texts = [tokenized.texts[i] for i in batch.rows]
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                                        enabled=self.autocast_dtype is not None):
                 pooled = self.model.encode(texts, instruction=self.cfg.prompt, max_length=self.cfg.max_length)
             pooled = torch.as_tensor(pooled).float()  # [B, D_model]
             rows = finish_rows(pooled, self.cfg.dim, self.cfg.normalize).cpu()

@@ -118,7 +118,7 @@ def fidelity_sample(shards: list[Path], size: int) -> tuple[list[str], str]:
     return list(sample), ", ".join(used)
 
 
-def prepare_encoder(encoder: TextEncoder, cfg: EmbedConfig, shards: list[Path], out_dir: Path) -> dict:
+def prepare_encoder(encoder: TextEncoder, cfg: EmbedConfig, shards: list[Path]) -> dict:
     """Check a bf16-mixed encoder against fp32, quantize (after its fidelity check) and compile the
     encoder as cfg asks; the fidelity reports go into the manifest (`precision_fidelity`, `fidelity`).
 
@@ -130,11 +130,9 @@ def prepare_encoder(encoder: TextEncoder, cfg: EmbedConfig, shards: list[Path], 
     sample, where = fidelity_sample(shards, cfg.fidelity_sample) if checked else ([], "")
     if encoder.autocast_dtype is not None and sample:
         mixed = check_mixed_precision(encoder, sample, min_fidelity=cfg.min_fidelity, where=where)
-        store.record_fields(out_dir, precision_fidelity=mixed)
     if cfg.quantize != "none" and getattr(encoder, "quantize", "none") != cfg.quantize:
         report = quantize_encoder(encoder, cfg.quantize, sample, min_fidelity=cfg.min_fidelity, where=where)
         encoder.quantize = cfg.quantize
-        store.record_fields(out_dir, fidelity=report)
         log.info("embed: %s encoder, cosine to the unquantized model mean %.5f min %.5f on %d captions",
                  cfg.quantize, report["cosine_mean"], report["cosine_min"], report["captions"])
     if resolve_compile(cfg.compile, encoder.device) and not encoder.compiled:
@@ -157,10 +155,10 @@ def _resume(out_dir: Path, shard: Path, info: dict, manifest: dict, summary: dic
         store.record_shard(out_dir, shard.stem, info)
 
 
-def _todo(mine: list[Path], out_dir: Path, manifest: dict, summary: dict) -> list[tuple[Path, dict | None, bool]]:
-    """(shard, its finished store entry or None, whether that entry may be kept when the captions are
-    unchanged) for each shard to read; finished, unchanged shards are resumed here."""
-    todo = []
+def _todo(mine: list[Path], out_dir: Path) -> tuple[list[tuple[Path, dict | None, bool]], list[tuple[Path, dict]]]:
+    """Which shards to read: (shard, its finished store entry or None, whether that entry may be kept
+    when the captions are unchanged) each; and the finished, unchanged shards, (shard, entry) each."""
+    todo, finished = [], []
     for shard in mine:
         info = store.finished_shard(out_dir, shard.stem)
         stat = shard.stat()
@@ -171,8 +169,8 @@ def _todo(mine: list[Path], out_dir: Path, manifest: dict, summary: dict) -> lis
         elif info.get("source_mtime_ns") != stat.st_mtime_ns:
             todo.append((shard, info, True))  # copied or rewritten: its captions decide
         else:
-            _resume(out_dir, shard, info, manifest, summary)
-    return todo
+            finished.append((shard, info))
+    return todo, finished
 
 
 class Progress:
@@ -227,16 +225,22 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
         if differ:
             raise ConfigError(f"the encoder passed was loaded with other settings than cfg: {', '.join(differ)}")
     load_seconds = time.perf_counter() - start
-    # Refuses a store of another encoder, setting or data folder before anything is created in it.
+    # A store of another encoder, setting or data folder is refused before anything is created in it,
+    # and a refused quantization (fidelity) leaves no store behind.
     identity = {**encoder.identity, "quantize": cfg.quantize}
+    store.check_for_writing(out_dir, identity, cfg.dtype, data_dir)
+    todo, finished = _todo(mine, out_dir)
+    reports = prepare_encoder(encoder, cfg, shards) if todo else {"fidelity": None, "precision_fidelity": None}
     manifest = store.open_for_writing(out_dir, identity, cfg.dtype, [s.stem for s in shards], data_dir)
+    if any(reports.values()):
+        store.record_fields(out_dir, **{name: report for name, report in reports.items() if report})
 
     summary = {"shards": len(mine), "shards_embedded": 0, "shards_resumed": 0, "shards_redone": 0, "captions": 0,
                "rows": 0, "embedded": 0, "duplicates": 0, "skipped": 0, "truncated": 0, "tokens": 0}
-    todo = _todo(mine, out_dir, manifest, summary)
-    if summary["shards_resumed"]:
-        log.info("embed: %d of %d shards already finished in %s", summary["shards_resumed"], len(mine), out_dir)
-    reports = prepare_encoder(encoder, cfg, shards, out_dir) if todo else {"fidelity": None, "precision_fidelity": None}
+    for shard, info in finished:
+        _resume(out_dir, shard, info, manifest, summary)
+    if finished:
+        log.info("embed: %d of %d shards already finished in %s", len(finished), len(mine), out_dir)
     padded_before, warmup_before = encoder.padded_tokens, encoder.warmup_seconds
 
     start = time.perf_counter()

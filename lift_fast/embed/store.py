@@ -227,8 +227,7 @@ def open_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_sha
     """
     store_dir = Path(store_dir)
     data_dir = Path(data_dir).resolve()
-    if (store_dir / MANIFEST).exists():  # refuse before creating anything (the lock file included)
-        _check_existing(store_dir, identity, dtype, data_dir)
+    check_for_writing(store_dir, identity, dtype, data_dir)  # refuse before creating anything (the lock file included)
     store_dir.mkdir(parents=True, exist_ok=True)
     with manifest_lock(store_dir):
         for stale in store_dir.glob(f".{MANIFEST}.*.tmp"):  # left by a killed run; the lock keeps out live writers
@@ -245,6 +244,13 @@ def open_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_sha
         manifest["data_shards"] = sorted(set(manifest["data_shards"]) | set(data_shards))
         write_json(path, manifest)
     return manifest
+
+
+def check_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_dir: str | Path) -> None:
+    """Refuse, touching nothing, to add to an existing store made otherwise (see open_for_writing);
+    a folder without a manifest passes."""
+    if (Path(store_dir) / MANIFEST).exists():
+        _check_existing(Path(store_dir), identity, dtype, Path(data_dir).resolve())
 
 
 def _check_existing(store_dir: Path, identity: dict, dtype: str, data_dir: Path) -> dict:
