@@ -331,6 +331,13 @@ def test_store_of_other_encoder_names_it_without_at_none(stores, tmp_path):
     assert "weights_sha256: asked" in str(err.value) and f"at {fake}" in str(err.value)
 
 
+def test_step_seeds_differ_by_step_and_rank():
+    seeds = {(step, rank): loop_module.step_seed(0, step, rank) for step in range(100) for rank in range(8)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= value < 2**63 for value in seeds.values())
+    assert loop_module.step_seed(0, 5, 1) == loop_module.step_seed(0, 5, 1) != loop_module.step_seed(1, 5, 1)
+
+
 def test_parameter_groups():
     cfg = load_config(overrides=["model.depth=2", "model.pooling=cls"])
     model = build_model(cfg.model, 32, 24)

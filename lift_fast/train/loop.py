@@ -385,12 +385,24 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
             "checkpoint": str(checkpoint_path(run_dir, progress.step))}
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of the torch RNG for step `step` on rank `rank` (the step's random draws: patch dropout).
+
+    Seeding every step makes those draws a function of (seed, step, rank): a resumed run draws what an
+    uninterrupted one would whatever RNG state the checkpoint holds, and the ranks of a job, which
+    start from one seed so that their initial weights agree, do not draw the same masks.
+    """
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % 2**64
+    return mixed >> 1  # torch.manual_seed takes up to 2**63 - 1 here
+
+
 def _train_step(cfg: Config, ctx: Distributed, parts: Parts, progress: Progress, batch: dict, stop_signals: list[int],
                 manifest: dict, run_dir: Path) -> tuple[float | None, bool]:
     """One optimiser step on `batch`; updates `progress`. Returns (gradient norm or None, whether any
     rank asked to stop: a stop signal came before the ranks agreed on this step's loss). A non-finite
     loss or gradient skips the update (the step still counts)."""
     device, model = ctx.device, parts.model
+    torch.manual_seed(step_seed(cfg.train.seed, progress.step, ctx.rank))  # patch dropout's draws
     images = batch["images"].to(device, non_blocking=True)  # [b, 3, H, W]
     text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)  # [b, D]
     if not manifest["normalized"]:
