@@ -1,4 +1,6 @@
-"""What a run logs: metrics.jsonl, and the same scalars as TensorBoard curves under run/tensorboard/.
+"""What a run logs: metrics.jsonl, and the same scalars as TensorBoard curves under run/tensorboard/;
+and what it measures: samples/s with the step time split into data wait and compute (Throughput),
+achieved TFLOP/s, MFU and peak memory (utilisation).
 
 Only rank 0 of a distributed run logs. The TensorBoard writer is optional: without the
 `tensorboard` package (or with train.tensorboard=false) only metrics.jsonl is written, and the
@@ -10,7 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
+
+import torch
 
 from lift_fast.train import RunFolderError
 
@@ -108,3 +113,65 @@ class RunLog:
         self.metrics.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class Throughput:
+    """Samples per second over a run's steps, with the first step of each `train` call (torch.compile
+    traces and compiles in it; caches and allocators warm up) timed apart as compile_seconds."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.data_wait = 0.0  # seconds waiting for batches in the current window
+        self.first_seconds: float | None = None
+        self.first_samples, self.first_wait = 0, 0.0
+        self.window_start, self.window_samples, self.window_steps, self.steady_samples = self.started, 0, 0, 0
+        self.compile_reported = False  # the first metrics record carries compile_seconds
+
+    def step_done(self, samples: int) -> None:
+        """Count a finished step of `samples` samples (global: all ranks)."""
+        now = time.perf_counter()
+        if self.first_seconds is None:
+            self.first_seconds, self.first_samples, self.first_wait = now - self.started, samples, self.data_wait
+            self.window_start, self.data_wait = now, 0.0
+            return
+        self.window_samples += samples
+        self.window_steps += 1
+        self.steady_samples += samples
+
+    def window(self) -> dict:
+        """Since the last call, then a new window: samples_per_second, data_wait_fraction, and the
+        mean step time split into data wait and compute (step_seconds = data_wait_seconds +
+        compute_seconds). A window holding only the first step reports that step (the only one)."""
+        now = time.perf_counter()
+        if self.window_samples:
+            elapsed, samples, wait, steps = now - self.window_start, self.window_samples, self.data_wait, self.window_steps
+        else:
+            elapsed, samples, wait, steps = self.first_seconds, self.first_samples, self.first_wait, 1
+        numbers = {"samples_per_second": samples / elapsed, "data_wait_fraction": wait / elapsed,
+                   "step_seconds": elapsed / steps, "data_wait_seconds": wait / steps,
+                   "compute_seconds": (elapsed - wait) / steps}
+        self.window_start, self.window_samples, self.window_steps, self.data_wait = time.perf_counter(), 0, 0, 0.0
+        return numbers
+
+    def summary(self) -> dict:
+        """seconds (the whole loop), compile_seconds (the first step) and samples_per_second (the
+        steps after the first; the first's rate when it was the only one)."""
+        seconds = time.perf_counter() - self.started
+        first = self.first_seconds or 0.0
+        if self.steady_samples:
+            rate = self.steady_samples / (seconds - first)
+        else:
+            rate = self.first_samples / first if first else 0.0
+        return {"seconds": seconds, "samples_per_second": rate, "compile_seconds": first}
+
+
+def utilisation(samples_per_second: float, flops_per_sample: int, peak: float | None, device: torch.device,
+                 world_size: int) -> dict:
+    """tflops (achieved, all ranks), mfu (when the per-device peak is known) and peak_memory_gib (CUDA)."""
+    achieved = samples_per_second * flops_per_sample / 1e12
+    numbers = {"tflops": achieved}
+    if peak:
+        numbers["mfu"] = achieved / (peak * world_size)
+    if device.type == "cuda":
+        numbers["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return numbers
