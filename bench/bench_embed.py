@@ -93,19 +93,26 @@ def encode_function(side: str):
     return lambda texts: encoder.encode(texts, batch_size=BATCH_SIZE)
 
 
-@pytest.fixture(scope="module")
-def interleaved(captions) -> dict[str, float]:
-    """Best seconds per side over INTERLEAVED_ROUNDS rounds, each running every side once, in turn."""
+def interleaved_rounds(captions: list[str], rounds: int, log=None) -> dict[str, list[float]]:
+    """Seconds per side for each of `rounds` rounds, each running every side once, in turn."""
     functions = {side: encode_function(side) for side in SIDES}
     for function in functions.values():
         function(captions[:500])  # warm-up
-    best = dict.fromkeys(SIDES, float("inf"))
-    for _ in range(INTERLEAVED_ROUNDS):
+    seconds: dict[str, list[float]] = {side: [] for side in SIDES}
+    for round_index in range(rounds):
         for side, function in functions.items():
             started = time.perf_counter()
             function(captions)
-            best[side] = min(best[side], time.perf_counter() - started)
-    return best
+            seconds[side].append(time.perf_counter() - started)
+        if log is not None:
+            log(f"round {round_index + 1}: " + ", ".join(f"{side} {seconds[side][-1]:.2f} s" for side in SIDES))
+    return seconds
+
+
+@pytest.fixture(scope="module")
+def interleaved(captions) -> dict[str, float]:
+    """Best seconds per side over INTERLEAVED_ROUNDS interleaved rounds."""
+    return {side: min(times) for side, times in interleaved_rounds(captions, INTERLEAVED_ROUNDS).items()}
 
 
 @pytest.mark.parametrize("side", SIDES)
@@ -123,3 +130,18 @@ def test_embed_minilm_cpu(paired_benchmark, side, captions, reference, interleav
                                 interleaved_best_s=interleaved[side])
     if side != "lift_fast_bf16":
         assert cosine.min() >= 0.9999, f"{side}: a row's cosine to sentence-transformers' is {cosine.min():.6f}"
+
+
+if __name__ == "__main__":  # python bench/bench_embed.py [ROUNDS]: only the interleaved rounds, as a table
+    import sys
+
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+    texts = make_captions()
+    seconds = interleaved_rounds(texts, rounds, log=print)
+    best = {side: min(times) for side, times in seconds.items()}
+    print("| side | captions/s (best round) | vs baseline | per-round ratios |")
+    print("| --- | --- | --- | --- |")
+    for side in SIDES:
+        ratios = [b / c for b, c in zip(seconds["baseline"], seconds[side])]
+        print(f"| {side} | {NUM_CAPTIONS / best[side]:.0f} | {best['baseline'] / best[side]:.2f}x | "
+              f"{min(ratios):.2f}-{max(ratios):.2f}x |")

@@ -85,6 +85,8 @@ class EmbedConfig:
     compile: str = _field("auto", "torch.compile the model; auto: on for CUDA, off on CPU (quote on/off in YAML)",
                           choices=("auto", "on", "off"))
     on_error: str = _field("error", "empty/undecodable/missing caption: error or counted skip", choices=("error", "skip"))
+    on_long: str = _field("truncate", "caption longer than max_length: cut at max_length (counted as truncated, "
+                          "as LIFT does), counted skip, or error", choices=("truncate", "skip", "error"))
     trust_remote_code: bool = _field(False, "allow code from the model folder (only for models that need it, "
                                      "e.g. NV-Embed-v2)")
 

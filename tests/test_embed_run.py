@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from test_embed import random_captions, write_shards
 
 from lift_fast.config import ConfigError, EmbedConfig
+from lift_fast.data.shards import ShardError
 from lift_fast.embed import (
     StoreMismatchError,
     embed_shards,
@@ -184,6 +185,33 @@ def test_a_truncated_store_is_refused_where_the_full_width_is_asked(tmp_path):
     check_manifest(manifest, {**asked, "dim": 128}, tmp_path / "store")
     with pytest.raises(StoreMismatchError, match=r"dim: asked 0 \(the model's full width, 384\), found 128"):
         check_manifest(manifest, {**asked, "dim": 0}, tmp_path / "store")
+
+
+# ------------------------------------------------------------------------------------------ long captions
+
+
+def test_long_captions_are_cut_skipped_or_an_error_as_asked(tmp_path, minilm):
+    long = "a very long caption about a dog " * 30  # ~190 tokens
+    captions = ["a red circle", long, "a blue square", long, "a green cat"]
+    write_shards(tmp_path / "data", [(f"k{i}", {"txt": c}) for i, c in enumerate(captions)], per_shard=10)
+
+    cut = embed_shards(tmp_path / "data", tmp_path / "cut", EmbedConfig(), encoder=minilm, progress=False)
+    assert (cut["rows"], cut["truncated"], cut["skipped"]) == (5, 2, 0)
+
+    skipped = embed_shards(tmp_path / "data", tmp_path / "skip", EmbedConfig(on_long="skip"), encoder=minilm,
+                           progress=False)
+    keys, rows, manifest = load_store(tmp_path / "skip")
+    assert (skipped["rows"], skipped["skipped"], skipped["truncated"], skipped["captions"]) == (3, 2, 0, 5)
+    assert keys == ["k0", "k2", "k4"] and manifest["encoder"]["on_long"] == "skip"
+    reasons = {s["key"]: s["reason"] for s in manifest["shards"]["00000"]["skipped_samples"]}
+    assert set(reasons) == {"k1", "k3"} and "k1.txt is longer than embed.max_length=77 tokens" in reasons["k1"]
+    np.testing.assert_allclose(rows, load_store(tmp_path / "cut")[1][[0, 2, 4]], atol=1e-3)
+
+    with pytest.raises(ShardError, match=r"00000\.tar: caption k1\.txt is longer than embed.max_length=77"):
+        embed_shards(tmp_path / "data", tmp_path / "error", EmbedConfig(on_long="error"), encoder=minilm,
+                     progress=False)
+    with pytest.raises(StoreMismatchError, match=r"embed.on_long: asked 'truncate', found 'skip'"):
+        embed_shards(tmp_path / "data", tmp_path / "skip", EmbedConfig(), encoder=minilm, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -95,12 +95,43 @@ class PreparedShard:
     inverse: torch.Tensor  # [rows] index of each good sample's caption in tokenized
 
 
-def prepare_shard(shard: Path, encoder: TextEncoder, on_error: str) -> PreparedShard:
-    """Read a shard's captions, keep each distinct caption once and tokenize those (see read_captions for errors)."""
+def prepare_shard(shard: Path, encoder: TextEncoder, on_error: str, on_long: str = "truncate") -> PreparedShard:
+    """Read a shard's captions, keep each distinct caption once and tokenize those.
+
+    on_long: a caption longer than the encoder's max_length is cut and counted ("truncate"), skipped
+    and counted with its reason ("skip"), or an error ("error"). Raises ShardError naming shard and
+    key (see read_captions for the other bad captions).
+    """
     shard_captions = read_captions(shard, on_error)
     distinct: dict[str, int] = {}
-    inverse = torch.tensor([distinct.setdefault(c, len(distinct)) for c in shard_captions.captions], dtype=torch.long)
-    return PreparedShard(shard, shard_captions, encoder.tokenize(list(distinct)), inverse)
+    for caption in shard_captions.captions:
+        distinct.setdefault(caption, len(distinct))
+    tokenized = encoder.tokenize(list(distinct))
+    if on_long != "truncate" and bool(tokenized.truncated.any()):
+        shard_captions, distinct, tokenized = _drop_long(shard, shard_captions, tokenized, encoder.cfg.max_length,
+                                                         on_long)
+    inverse = torch.tensor([distinct[c] for c in shard_captions.captions], dtype=torch.long)
+    return PreparedShard(shard, shard_captions, tokenized, inverse)
+
+
+def _drop_long(shard: Path, shard_captions: ShardCaptions, tokenized: Tokenized, max_length: int,
+               on_long: str) -> tuple[ShardCaptions, dict[str, int], Tokenized]:
+    """The shard without its samples whose caption is longer than max_length (on_long="skip"), or a
+    ShardError naming the first (on_long="error")."""
+    long = {text for text, cut in zip(tokenized.texts, tokenized.truncated.tolist()) if cut}
+    reasons = {key: f"{shard}: caption {key}.txt is longer than embed.max_length={max_length} tokens"
+               for key, caption in zip(shard_captions.keys, shard_captions.captions) if caption in long}
+    if on_long == "error":
+        first = next(iter(reasons.values()))
+        raise ShardError(f"{first} (set embed.on_long=truncate to cut such captions, or skip to leave them out)")
+    kept = [(key, caption) for key, caption in zip(shard_captions.keys, shard_captions.captions) if key not in reasons]
+    out = ShardCaptions(keys=[key for key, _ in kept], captions=[caption for _, caption in kept],
+                        skipped=shard_captions.skipped + [{"key": k, "reason": r} for k, r in reasons.items()],
+                        sha256=shard_captions.sha256)
+    rows = [i for i, cut in enumerate(tokenized.truncated.tolist()) if not cut]
+    short = Tokenized([tokenized.texts[i] for i in rows], [tokenized.ids[i] for i in rows],
+                      tokenized.truncated[rows])
+    return out, {text: i for i, text in enumerate(short.texts)}, short
 
 
 def fidelity_sample(shards: list[Path], size: int) -> tuple[list[str], str]:
@@ -204,7 +235,8 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     load_seconds, warmup_seconds (first passes of each input shape: compilation), precision,
     quantize, compiled, fidelity (the quantized encoder's report, or None) and precision_fidelity
     (the bf16-mixed encoder's against fp32, or None).
-    Raises ShardError for unreadable shards or (on_error="error") bad captions, naming shard and key;
+    Raises ShardError for unreadable shards or (on_error="error") bad captions, or (on_long="error")
+    a caption longer than max_length, naming shard and key;
     StoreMismatchError, before touching anything, when `out_dir` holds a store made differently or
     from another data folder (the manifest records the folder); ConfigError for a quantization this
     device cannot run or whose fidelity is below cfg.min_fidelity.
@@ -227,7 +259,7 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     load_seconds = time.perf_counter() - start
     # A store of another encoder, setting or data folder is refused before anything is created in it,
     # and a refused quantization (fidelity) leaves no store behind.
-    identity = {**encoder.identity, "quantize": cfg.quantize}
+    identity = {**encoder.identity, "quantize": cfg.quantize, "on_long": cfg.on_long}
     store.check_for_writing(out_dir, identity, cfg.dtype, data_dir)
     todo, finished = _todo(mine, out_dir)
     reports = prepare_encoder(encoder, cfg, shards) if todo else {"fidelity": None, "precision_fidelity": None}
@@ -247,10 +279,11 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     bar = Progress(progress, "embed" if world_size == 1 else f"embed rank {rank}")
     # Read and tokenize the next shard in a thread while the encoder works on the current one.
     with ThreadPoolExecutor(max_workers=1) as reader, bar.bar:
-        pending = reader.submit(prepare_shard, todo[0][0], encoder, cfg.on_error) if todo else None
+        pending = reader.submit(prepare_shard, todo[0][0], encoder, cfg.on_error, cfg.on_long) if todo else None
         for i, (shard, previous, keep_if_same) in enumerate(todo):
             prepared = pending.result()
-            pending = reader.submit(prepare_shard, todo[i + 1][0], encoder, cfg.on_error) if i + 1 < len(todo) else None
+            pending = (reader.submit(prepare_shard, todo[i + 1][0], encoder, cfg.on_error, cfg.on_long)
+                       if i + 1 < len(todo) else None)
             shard_captions = prepared.captions
             stat = shard.stat()
             if keep_if_same and previous.get("captions_sha256") == shard_captions.sha256:

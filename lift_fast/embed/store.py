@@ -50,12 +50,12 @@ EMBED_SETTINGS = ("model", "pooling", "prompt", "max_length", "normalize", "dim"
 # weights hash is not known (the hash identifies the encoder better than the name it was given by);
 # `path` and `revision` depend on the machine and are recorded for people, not compared.
 MATCH_FIELDS = ("weights_sha256", *EMBED_SETTINGS, "append_eos", "dtype")
-# How the rows were computed: compared only when `embed` adds shards to an existing store, so that one
-# store never mixes, say, fp8 and bf16 rows; readers (train, eval) accept any, as the rows agree to
-# within the fidelity the embed run checked.
-WRITE_FIELDS = ("precision", "quantize")
+# How the rows were computed (and whether long captions got one): compared only when `embed` adds
+# shards to an existing store, so that one store never mixes, say, fp8 and bf16 rows; readers (train,
+# eval) accept any, as the rows agree to within the fidelity the embed run checked.
+WRITE_FIELDS = ("precision", "quantize", "on_long")
 # What a field absent from an older manifest stands for.
-LEGACY_DEFAULTS = {"append_eos": False, "precision": "fp32", "quantize": "none"}
+LEGACY_DEFAULTS = {"append_eos": False, "precision": "fp32", "quantize": "none", "on_long": "truncate"}
 STORE_DTYPES = ("float16", "float32", "int8")
 # Top-level manifest fields readers rely on, with their JSON types.
 REQUIRED_FIELDS = {"encoder": dict, "dtype": str, "dim": int, "normalized": bool, "data_dir": str,
