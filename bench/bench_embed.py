@@ -50,8 +50,8 @@ WORDS = [
 
 
 def make_captions(n: int = NUM_CAPTIONS, seed: int = 0) -> list[str]:
-    """n distinct captions of 1 to 120 words (log-normal, median ~12 words; about 2% cut at 77 tokens),
-    the same for a seed on every machine."""
+    """n distinct captions of 1 to 120 words (log-normal, median ~12 words; for n=5000, 86,944 tokens
+    and 12 captions cut at 77), the same for a seed on every machine."""
     rng = np.random.default_rng(seed)
     captions: dict[str, None] = {}
     while len(captions) < n:

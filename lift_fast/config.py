@@ -79,8 +79,9 @@ class EmbedConfig:
     quantize: str = _field("none", "torchao weight quantization: int8 (dynamic int8 activations, int8 weights), "
                            "fp8 (CUDA, compute capability >= 8.9); checked against min_fidelity",
                            choices=("none", "int8", "fp8"))
-    min_fidelity: float = _field(0.99, "a quantized encoder runs only when the mean and minimum cosine of its rows "
-                                 "to the unquantized model's, on a sample of captions, are at least this", min=0.0)
+    min_fidelity: float = _field(0.99, "a quantized (or bf16-mixed) encoder runs only when the mean and minimum "
+                                 "cosine of its rows to the unquantized (fp32) model's, on a sample of captions, "
+                                 "are at least this", min=0.0)
     fidelity_sample: int = _field(256, "captions (from the first data shard) for the fidelity check", min=1)
     compile: str = _field("auto", "torch.compile the model; auto: on for CUDA, off on CPU (quote on/off in YAML)",
                           choices=("auto", "on", "off"))
