@@ -18,7 +18,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from lift_fast.kernels import clip_loss, siglip_loss
 
 BATCH, DIM = 8192, 512

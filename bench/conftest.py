@@ -15,8 +15,9 @@ means the candidate does better when lower is better). See bench/README.md.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from machine import machine_info

@@ -19,15 +19,15 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:  # so `gpu_checks` imports however this script is started
     sys.path.insert(0, str(BENCH_DIR))
 
 import torch  # noqa: E402
-
 from gpu_checks import Check, Context, Row, load_checks  # noqa: E402
 from machine import machine_info  # noqa: E402
 

@@ -246,7 +246,8 @@ def test_malformed_jobs_are_value_errors_naming_key_or_setting(decoders):
     job = random_job(rng, 3, "bad")
     cases = {
         r"3 encoded images, boxes of shape \(2, 4\)": DecodeJob(job.encoded, job.boxes[:2], job.flips, job.keys),
-        r"'bad-001'.*left, top >= 0 and width, height >= 1": DecodeJob(job.encoded, np.array([[0, 0, 4, 4], [0, 0, 0, 5], [1, 1, 2, 2]]), job.flips, job.keys),
+        r"'bad-001'.*left, top >= 0 and width, height >= 1": DecodeJob(
+            job.encoded, np.array([[0, 0, 4, 4], [0, 0, 0, 5], [1, 1, 2, 2]]), job.flips, job.keys),
         r"9 samples; DaliDecoder max_batch_size is 8": random_job(rng, 9, "big"),
     }
     for message, bad in cases.items():

@@ -226,7 +226,8 @@ def test_compositional_accuracy_matches_float64_reference():
         normalize(torch.randn(53, 9, generator=generator)) for _ in range(3)
     )
     expected = (
-        ((image_features.double() * positive_features.double()).sum(1) > (image_features.double() * negative_features.double()).sum(1))
+        ((image_features.double() * positive_features.double()).sum(1)
+         > (image_features.double() * negative_features.double()).sum(1))
         .double()
         .mean()
         .item()

@@ -99,7 +99,8 @@ def test_a_failing_check_is_recorded_and_the_rest_still_run(gpu_check):
 
 
 def test_registering_a_name_twice_is_an_error(gpu_check):
-    from gpu_checks import gpu_check as register, load_checks
+    from gpu_checks import gpu_check as register
+    from gpu_checks import load_checks
 
     before = load_checks()
     with pytest.raises(ValueError, match="matmul_bf16"):

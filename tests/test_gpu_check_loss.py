@@ -63,9 +63,9 @@ def test_quick_run_reports_every_side_at_every_size(quick_report):
 
 def test_guard_fails_the_check_when_the_loss_is_wrong(gpu_check, monkeypatch):
     import lift_fast.kernels
+    from gpu_check import load_checks
     from gpu_checks import Context
     from gpu_checks.loss import clip_loss_guard_fp32
-    from gpu_check import load_checks
 
     right = lift_fast.kernels.clip_loss
     monkeypatch.setattr(lift_fast.kernels, "clip_loss", lambda *args: right(*args) * (1 + 1e-3))
@@ -76,8 +76,7 @@ def test_guard_fails_the_check_when_the_loss_is_wrong(gpu_check, monkeypatch):
 
 
 def test_a_baseline_out_of_memory_is_a_row_and_the_rest_still_run(gpu_check, monkeypatch):
-    from gpu_checks import Context
-    from gpu_checks import loss
+    from gpu_checks import Context, loss
 
     def out_of_memory(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")

@@ -12,13 +12,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from lift_fast.kernels import chunking
-
 from lift_fast.kernels import (
     KERNELS_ENV_VAR,
     ClipLoss,
     SigLipLoss,
+    chunking,
     clip_loss,
     fused_projection_clip_loss,
     siglip_loss,

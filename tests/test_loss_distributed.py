@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, chunking
 
 WORLD_SIZE = 2

@@ -23,8 +23,8 @@ import importlib
 import math
 import pkgutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
