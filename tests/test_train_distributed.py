@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +113,17 @@ def test_batch_that_does_not_split_over_the_ranks(stores, synth_data, tmp_path, 
         train(load_config(overrides=CONFIG + ["train.batch_size=18"]), synth_data / "train", stores / "train",
               tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_documented_torchrun_command(synth_data, stores, tmp_path):
+    """docs/training.md's launch line, as a user types it (2 CPU processes), against one process."""
+    args = ["train", "--data", str(synth_data / "train"), "--embeddings", str(stores / "train"), *CONFIG]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "lift_fast", "--", *args, "--run", str(tmp_path / "ddp"), "-q"],
+                         check=True, capture_output=True, text=True, env=env, timeout=300)
+    results = [json.loads(line) for line in ddp.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 2 and {r["step"] for r in results} == {6}  # every rank prints its result line
+    subprocess.run([sys.executable, "-m", "lift_fast", *args, "--run", str(tmp_path / "one"), "-q"],
+                   check=True, capture_output=True, text=True, env=env, timeout=300)
+    assert _metric(tmp_path / "ddp", "loss") == pytest.approx(_metric(tmp_path / "one", "loss"), rel=1e-5)
