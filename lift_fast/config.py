@@ -45,7 +45,8 @@ class DataConfig:
                           choices=("auto", "dali", "pil"))
     crop_scale: tuple[float, float] = _field((0.9, 1.0), "RandomResizedCrop area range (LIFT: 0.9-1.0)")
     hflip: bool = _field(False, "random horizontal flip (off: it would flip left/right relations)")
-    num_workers: int = _field(1, "loader worker processes", min=0)
+    num_workers: int = _field(1, "PIL loader: worker processes (0: in the training process); DALI loader: CPU threads "
+                              "(at least 1; 4-8 per GPU on a GPU node)", min=0)
     shuffle_window: int = _field(32, "shards whose samples are mixed together in the training stream (memory: "
                                  "one permutation of their samples)", min=1)
     on_error: str = _field("error", "bad sample (corrupt image, no embedding): error or counted skip", choices=("error", "skip"))
