@@ -46,6 +46,17 @@ def accumulate_matmul(accumulator: torch.Tensor, left: torch.Tensor, right: torc
         accumulator += (left @ right).to(accumulator.dtype)
 
 
+def text_gradient(accumulated: torch.Tensor | None, text: torch.Tensor, like: torch.Tensor, rank: int,
+                  world_size: int) -> torch.Tensor:
+    """The backward's d text for this rank: its rows of the [N, D] sum over every rank's loss, in the
+    text's dtype; empty (like `like`) when no text gradient was accumulated (frozen texts)."""
+    if accumulated is None:
+        return like.new_empty(0)
+    if world_size > 1:
+        return sum_to_owner(accumulated, rank, world_size).to(text.dtype)
+    return accumulated.to(text.dtype)
+
+
 def similarity(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """rows @ columns.T as float32 (float64 for float64 inputs): [m, D] x [N, D] -> [m, N]."""
     return matmul_f32(rows, columns.T)

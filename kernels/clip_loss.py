@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import slab_ops
-from .chunking import accumulate_matmul, all_gather_rows, similarity, slab_rows, sum_to_owner
+from .chunking import accumulate_matmul, all_gather_rows, similarity, slab_rows, text_gradient
 from .reference import (
     as_scalar,
     check_process_group,
@@ -125,12 +125,7 @@ def clip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tens
         torch.mm(grad, texts, out=grad_image[start:start + step])
         if grad_texts is not None:
             accumulate_matmul(grad_texts, grad.T, rows)
-    if grad_texts is None:
-        grad_text = image.new_empty(0)
-    elif world_size > 1:
-        grad_text = sum_to_owner(grad_texts, rank, world_size).to(text.dtype)
-    else:
-        grad_text = grad_texts.to(text.dtype)
+    grad_text = text_gradient(grad_texts, text, image, rank, world_size)
     return grad_image, grad_text, grad_scale.to(scale.dtype)
 
 

@@ -36,6 +36,18 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if triton is not None:
 
     @triton.jit
+    def _slab_tile(sim_ptr, M, N, stride_sim, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's tile of the [M, N] slab: (rows [BLOCK_M], cols [BLOCK_N], row_ok, col_ok,
+        mask [BLOCK_M, BLOCK_N], sim [BLOCK_M, BLOCK_N] with 0 outside the slab)."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        mask = row_ok[:, None] & col_ok[None, :]
+        sim = tl.load(sim_ptr + rows[:, None] * stride_sim + cols[None, :], mask=mask, other=0.0)
+        return rows, cols, row_ok, col_ok, mask, sim
+
+    @triton.jit
     def _clip_stats_kernel(
         sim_ptr,  # [M, N] float32 similarities of this slab's rows against all columns
         row_max_ptr,  # [M, NB] out: max of scale * sim over each column block
@@ -48,12 +60,7 @@ if triton is not None:
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        col_ok = cols < N
-        mask = row_ok[:, None] & col_ok[None, :]
-        sim = tl.load(sim_ptr + rows[:, None] * stride_sim + cols[None, :], mask=mask, other=0.0)
+        rows, cols, row_ok, col_ok, mask, sim = _slab_tile(sim_ptr, M, N, stride_sim, BLOCK_M, BLOCK_N)
         logits = tl.where(mask, sim * scale, float("-inf"))
         # Every program holds at least one valid row and one valid column, so the maxima of valid
         # rows and columns are finite; the -inf maxima of rows/columns outside the slab become 0
@@ -83,12 +90,7 @@ if triton is not None:
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < M
-        col_ok = cols < N
-        mask = row_ok[:, None] & col_ok[None, :]
-        sim = tl.load(sim_ptr + rows[:, None] * stride_sim + cols[None, :], mask=mask, other=0.0)
+        rows, cols, row_ok, col_ok, mask, sim = _slab_tile(sim_ptr, M, N, stride_sim, BLOCK_M, BLOCK_N)
         row_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
         row_logsum = tl.load(row_logsum_ptr + rows, mask=row_ok, other=0.0)
         col_max = tl.load(col_max_ptr + cols, mask=col_ok, other=0.0)
@@ -121,10 +123,7 @@ if triton is not None:
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        sim = tl.load(sim_ptr + rows[:, None] * stride_sim + cols[None, :], mask=mask, other=0.0)
+        rows, cols, _, _, mask, sim = _slab_tile(sim_ptr, M, N, stride_sim, BLOCK_M, BLOCK_N)
         sign = tl.where(cols[None, :] == rows[:, None] + diag_offset, 1.0, -1.0)
         margin = sign * (sim * scale + bias)
         # -logsigmoid(t) = softplus(-t) = max(-t, 0) + log(1 + exp(-|t|)), stable for any t
