@@ -17,39 +17,26 @@ One round is one pass over the 384 images (6 batches); the time ratio is the spe
 
 from __future__ import annotations
 
-import io
-import math
-
 import numpy as np
 import pytest
 import torch
 from photos import photo_jpeg
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 IMAGES, BATCH, SIZE, WORKERS = 384, 64, 224, 2
 WIDTH, HEIGHT, QUALITY = 500, 375, 90
-SCALE, RATIO = (0.9, 1.0), (3 / 4, 4 / 3)  # DESIGN.md's RandomResizedCrop
+SCALE = (0.9, 1.0)  # DESIGN.md's RandomResizedCrop area range (aspect 3/4..4/3, lift_fast.data.augment)
 LEVEL = 1 / 255 / 0.26130258  # one uint8 level in normalised units (smallest CLIP std)
-
-
-def crop_box(rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop window (left, top, width, height) in a WIDTH x HEIGHT image."""
-    while True:
-        area = WIDTH * HEIGHT * rng.uniform(*SCALE)
-        aspect = math.exp(rng.uniform(math.log(RATIO[0]), math.log(RATIO[1])))
-        width, height = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if width <= WIDTH and height <= HEIGHT:
-            return int(rng.integers(0, WIDTH - width + 1)), int(rng.integers(0, HEIGHT - height + 1)), width, height
 
 
 @pytest.fixture(scope="module")
 def corpus() -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """(encoded JPEGs, boxes [N, 4], flips [N]), the same for both sides."""
-    rng = np.random.default_rng(0)
+    from lift_fast.data.augment import sample_uniforms, train_view
+
     encoded = [photo_jpeg(seed, WIDTH, HEIGHT, QUALITY) for seed in range(IMAGES)]
-    boxes = np.array([crop_box(rng) for _ in range(IMAGES)])
-    return encoded, boxes, rng.random(IMAGES) < 0.5
+    views = [train_view(WIDTH, HEIGHT, SCALE, True, draws) for draws in sample_uniforms(0, 0, np.arange(IMAGES))]
+    return encoded, np.array([box for box, _ in views]), np.array([flip for _, flip in views])
 
 
 class PilSamples(Dataset):
@@ -62,14 +49,11 @@ class PilSamples(Dataset):
         return len(self.encoded)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from lift_fast.data.loader import to_tensor
+        from lift_fast.data.augment import crop_resize, open_image, to_tensor
 
-        left, top, width, height = (int(v) for v in self.boxes[index])
-        image = Image.open(io.BytesIO(self.encoded[index])).convert("RGB")
-        image = image.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
-        if self.flips[index]:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(image)
+        where = f"image {index}"
+        box = tuple(int(v) for v in self.boxes[index])
+        return to_tensor(crop_resize(open_image(self.encoded[index], where), box, SIZE, bool(self.flips[index]), where))
 
 
 def one_pass(batches) -> int:

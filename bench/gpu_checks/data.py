@@ -18,7 +18,6 @@ CPU tests' 1-level match.
 
 from __future__ import annotations
 
-import io
 import math
 import time
 
@@ -35,29 +34,24 @@ LEVEL = 1 / 255 / 0.26130258  # one uint8 level in normalised units (smallest CL
 MEAN_LEVELS_BOUND = 3.0
 
 
-def crop_boxes(rng: np.random.Generator, count: int, width: int, height: int) -> np.ndarray:
-    """[count, 4] RandomResizedCrop windows (left, top, width, height), scale 0.9..1, aspect 3/4..4/3."""
-    boxes = []
-    while len(boxes) < count:
-        area = width * height * rng.uniform(0.9, 1.0)
-        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        box_w, box_h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-        if box_w <= width and box_h <= height:
-            boxes.append((int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1)), box_w, box_h))
-    return np.array(boxes)
+def views(step: int, batch: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """Crop windows [batch, 4] and flips [batch] for a step's samples, drawn as the training loader
+    draws them (RandomResizedCrop, scale 0.9..1, flip on)."""
+    from lift_fast.data.augment import sample_uniforms, train_view
+
+    drawn = [train_view(width, height, (0.9, 1.0), True, draws)
+             for draws in sample_uniforms(0, 0, np.arange(step * batch, (step + 1) * batch))]
+    return np.array([box for box, _ in drawn]), np.array([flip for _, flip in drawn])
 
 
 def pil_batch(encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
     """The PIL loader's result for these samples: [b, 3, size, size] float32 on the CPU."""
-    from PIL import Image
-
-    from lift_fast.data.loader import to_tensor
+    from lift_fast.data.augment import crop_resize, open_image, to_tensor
 
     out = []
-    for data, (left, top, width, height), flip in zip(encoded, boxes.tolist(), flips):
-        image = Image.open(io.BytesIO(data.tobytes())).convert("RGB")
-        image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + width, top + height))
-        out.append(to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image))
+    for i, (data, box, flip) in enumerate(zip(encoded, boxes.tolist(), flips)):
+        where = f"image {i}"
+        out.append(to_tensor(crop_resize(open_image(data.tobytes(), where), tuple(box), size, bool(flip), where)))
     return torch.stack(out)
 
 
@@ -80,13 +74,12 @@ def data_dali_mixed_224(ctx: Context) -> list[Row]:
     batches, warmup = (3, 1) if ctx.quick else (BATCHES, WARMUP)
 
     encoded = [np.frombuffer(photo_jpeg(seed, width, height), dtype=np.uint8) for seed in range(distinct)]
-    rng = np.random.default_rng(0)
 
     def jobs(count: int):
         for step in range(count):
             picks = [(step * batch + i) % distinct for i in range(batch)]
-            yield DecodeJob([encoded[i] for i in picks], crop_boxes(rng, batch, width, height),
-                            rng.random(batch) < 0.5, [f"{i:05d}" for i in picks])
+            yield DecodeJob([encoded[i] for i in picks], *views(step, batch, width, height),
+                            [f"{i:05d}" for i in picks])
 
     decoder = DaliDecoder(size, batch, device_id=device_id, num_threads=8 if device_id is not None else 2,
                           prefetch=2, resample="dali")

@@ -49,7 +49,7 @@ def _parts(cfg, ctx: Context, dim: int, batch: int):
     from lift_fast.models.flops import train_flops_per_sample
     from lift_fast.models.vit import build_model
     from lift_fast.train.device import peak_tflops, resolve_compile, resolve_precision
-    from lift_fast.train.distributed import Distributed
+    from lift_fast.train.distributed import Distributed, wrap_model
     from lift_fast.train.loop import Parts, build_loss
     from lift_fast.train.optim import build_optimizer, build_scheduler
 
@@ -58,7 +58,7 @@ def _parts(cfg, ctx: Context, dim: int, batch: int):
     model = build_model(cfg.model, cfg.data.image_size, dim, cfg.train.logit_scale_init).to(ctx.device)
     optimizer = build_optimizer(model, cfg.train)
     precision = resolve_precision(cfg.train.precision, ctx.device)
-    forward = torch.compile(model) if resolve_compile(cfg.train.compile, ctx.device) else model
+    forward = wrap_model(model, dist, cfg.train.parallel, compile=resolve_compile(cfg.train.compile, ctx.device))
     flops = train_flops_per_sample(model.visual.spec, cfg.data.image_size, dim, batch, pooling=cfg.model.pooling)
     parts = Parts(model, forward, build_loss(cfg, dist), optimizer, build_scheduler(optimizer, cfg.train), None,
                   precision, flops, peak_tflops(ctx.device, precision, cfg.train.peak_tflops))

@@ -401,12 +401,18 @@ def _record(parts: Parts, progress: Progress, speed: Throughput, grad_norm: floa
     return record
 
 
+def _write_checkpoint(ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress, step: int, keep: int) -> Path:
+    """save_checkpoint of step `step` with the run's extra state (non-finite count, loader position);
+    rank 0 writes, the others only take part in gathering a sharded model's state."""
+    return save_checkpoint(run_dir, step, parts.model, parts.optimizer, parts.scheduler,
+                           extra={"nonfinite_steps": progress.nonfinite, "loader": parts.loader.state(step)},
+                           keep=keep, write=ctx.is_main)
+
+
 def _save(ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress, step: int, keep: int) -> Path:
     """Rank 0 writes checkpoint `step` (weights, optimiser, schedule, RNG, loader position); all wait for it.
     Every rank takes part in gathering a sharded (fsdp) model's state."""
-    checkpoint = save_checkpoint(run_dir, step, parts.model, parts.optimizer, parts.scheduler,
-                                 extra={"nonfinite_steps": progress.nonfinite, "loader": parts.loader.state(step)},
-                                 keep=keep, write=ctx.is_main)
+    checkpoint = _write_checkpoint(ctx, run_dir, parts, progress, step, keep)
     distributed.barrier(ctx)
     progress.saved_step = step
     return checkpoint
@@ -446,10 +452,7 @@ def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, 
     if finished > progress.saved_step and (agreed or not sharded):
         checkpoint = checkpoint_path(run_dir, finished)
         if ctx.is_main or agreed:
-            checkpoint = save_checkpoint(run_dir, finished, parts.model, parts.optimizer, parts.scheduler,
-                                         extra={"nonfinite_steps": progress.nonfinite,
-                                                "loader": parts.loader.state(finished)}, keep=keep,
-                                         write=ctx.is_main)
+            checkpoint = _write_checkpoint(ctx, run_dir, parts, progress, finished, keep)
         if ctx.is_main:
             log.warning("interrupted: saved step %d in %s", finished, checkpoint)
         if agreed:
