@@ -119,10 +119,16 @@ def write_index(shard: str | Path) -> Path:
     return path
 
 
+def _announced(first_line: str) -> int | None:
+    """The sample count of an index's first line (`v1.2 N`), or None when it is not such a line."""
+    header = first_line.split()
+    return int(header[1]) if len(header) == 2 and header[0] == INDEX_VERSION and header[1].isdigit() else None
+
+
 def _parse(shard: Path, path: Path, text: str) -> list[list[tuple[str, int, int, str]]]:
     lines = text.splitlines()
-    header = lines[0].split() if lines else []
-    if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
+    announced = _announced(lines[0]) if lines else None
+    if announced is None:
         raise ShardError(f"index {path} is not a {INDEX_VERSION} webdataset index (first line {lines[:1]}); "
                          f"rewrite it with `lift-fast index {shard.parent}`")
     samples = []
@@ -132,8 +138,8 @@ def _parse(shard: Path, path: Path, text: str) -> list[list[tuple[str, int, int,
             raise ShardError(f"index {path} line {number} is malformed: {line[:80]!r}")
         samples.append([(fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
                         for i in range(0, len(fields), 4)])
-    if len(samples) != int(header[1]):
-        raise ShardError(f"index {path} announces {header[1]} samples but lists {len(samples)}; "
+    if len(samples) != announced:
+        raise ShardError(f"index {path} announces {announced} samples but lists {len(samples)}; "
                          f"rewrite it with `lift-fast index {shard.parent}`")
     return samples
 
@@ -188,9 +194,9 @@ def sample_count(shard: str | Path) -> int:
     path = index_path(shard)
     if path.is_file() and shard.is_file() and stale_reason(shard, path) is None:
         with open(path, encoding="utf-8") as f:
-            header = f.readline().split()
-        if len(header) == 2 and header[0] == INDEX_VERSION and header[1].isdigit():
-            return int(header[1])
+            announced = _announced(f.readline())
+        if announced is not None:
+            return announced
     return len(read_index(shard))
 
 
