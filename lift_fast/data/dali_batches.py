@@ -66,12 +66,8 @@ class DaliImageTextBatches:
                 sample, attempt, skipped = self.batches.with_stand_ins(
                     ref, lambda r, ref=ref, row=row: self._sample(r, True, row if r is ref else None), step)
             else:
-                try:
-                    sample, attempt, skipped = self._sample(ref, False), 0, 0
-                except ShardError:
-                    if self.batches.on_error != "skip":
-                        raise
-                    sample, skipped = None, 1
+                sample = self.batches.skippable(lambda r: self._sample(r, False), ref)
+                attempt, skipped = 0, int(sample is None)
             pending.skipped += skipped
             if sample is not None:
                 pending.refs.append(ref)

@@ -107,19 +107,26 @@ class ImageTextBatches(IterableDataset):
         epoch = refs[0].epoch if refs else 0
         return sample_uniforms(self.stream.seed, epoch, np.array([ref.position for ref in refs]))
 
+    def skippable(self, make: Callable[[SampleRef], T], ref: SampleRef) -> T | None:
+        """make(ref); None when it raises ShardError and on_error="skip" (the skip is logged)."""
+        try:
+            return make(ref)
+        except ShardError as err:
+            if self.on_error != "skip":
+                raise
+            log.warning("skipping: %s", err)
+            return None
+
     def with_stand_ins(self, ref: SampleRef, make: Callable[[SampleRef], T], step: int,
                        first_attempt: int = 0) -> tuple[T, int, int]:
         """make(ref), or with on_error="skip" make() of its stand-ins (stream.replacement) until one
         works: (result, the attempt that worked, samples skipped). Raises ShardError."""
         skipped = 0
         for attempt in range(first_attempt, MAX_REPLACEMENTS + 1):
-            try:
-                return make(ref if not attempt else self.stream.replacement(ref, attempt)), attempt, skipped
-            except ShardError as err:
-                if self.on_error != "skip":
-                    raise
-                skipped += 1
-                log.warning("skipping: %s", err)
+            result = self.skippable(make, ref if not attempt else self.stream.replacement(ref, attempt))
+            if result is not None:
+                return result, attempt, skipped
+            skipped += 1
         raise ShardError(f"step {step}: sample {self.reader.key(ref)!r} of {self.reader.shards[ref.shard]} and "
                          f"{MAX_REPLACEMENTS} stand-ins for it could not be used; is most of the data bad?")
 
@@ -134,16 +141,9 @@ class ImageTextBatches(IterableDataset):
         return {**self.collate(examples), "skipped": skipped, "step": step}
 
     def eval_batch(self, refs: list[SampleRef]) -> dict:
-        examples, skipped = [], 0
-        for ref in refs:
-            try:
-                examples.append(self.example(ref, False))
-            except ShardError as err:
-                if self.on_error != "skip":
-                    raise
-                skipped += 1
-                log.warning("skipping: %s", err)
-        return {**self.collate(examples), "skipped": skipped}
+        examples = [self.skippable(lambda r: self.example(r, False), ref) for ref in refs]
+        kept = [example for example in examples if example is not None]
+        return {**self.collate(kept), "skipped": len(examples) - len(kept)}
 
     def collate(self, examples: list[tuple[torch.Tensor, np.ndarray, str]]) -> dict:
         if not examples:
