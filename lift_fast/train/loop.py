@@ -276,7 +276,7 @@ def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: di
                           worker_init_fn=_ignore_stop_signals,
                           # DALI on a GPU hands over images in the compute dtype: half the copy and no cast
                           dtype=precision if precision is not None and device.type == "cuda" else torch.float32)
-    _check_batch_size(cfg, loader.stream.samples, loader.shards, embeddings_dir)
+    _check_batch_size(cfg, loader)
     if state is not None:
         _check_loader_position(state["extra"].get("loader"), loader.state(progress.step), start_ckpt)
     flops = train_flops_per_sample(model.visual.spec, cfg.data.image_size, dim, batch_size * ctx.world_size,
@@ -466,8 +466,9 @@ def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, 
     return TrainingInterrupted(signum, progress.saved_step if checkpoint is not None else 0, checkpoint)
 
 
-def _check_batch_size(cfg: Config, samples: int, shards: list[Path], embeddings_dir: str | Path) -> None:
+def _check_batch_size(cfg: Config, loader: Loader) -> None:
     """Refuse a batch larger than the training set: an epoch would have no step."""
+    samples, shards = loader.stream.samples, loader.shards
     if cfg.train.batch_size > samples:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {samples} training samples "
                           f"({len(shards)} shard(s) in {shards[0].parent}); use train.batch_size={samples} or less")
