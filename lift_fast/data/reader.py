@@ -73,10 +73,6 @@ class SampleReader:
             os.close(self._open.popitem(last=False)[1][2])
         return entry
 
-    def count(self, number: int) -> int:
-        """Samples in shard `number` (from its index)."""
-        return len(self._shard(number)[0])
-
     def key(self, ref: SampleRef) -> str:
         return self._shard(ref.shard)[0].keys[ref.row]
 
