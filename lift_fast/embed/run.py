@@ -41,6 +41,7 @@ from lift_fast.embed.quantize import (
     check_supported,
     quantize_encoder,
 )
+from lift_fast.train.device import resolve_compile
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +167,9 @@ def prepare_encoder(encoder: TextEncoder, cfg: EmbedConfig, shards: list[Path]) 
         encoder.quantize = cfg.quantize
         log.info("embed: %s encoder, cosine to the unquantized model mean %.5f min %.5f on %d captions",
                  cfg.quantize, report["cosine_mean"], report["cosine_min"], report["captions"])
-    if resolve_compile(cfg.compile, encoder.device) and not encoder.compiled:
+    if resolve_compile(cfg.compile, encoder.device, "embed.compile") and not encoder.compiled:
         encoder.compile()
     return {"fidelity": report, "precision_fidelity": mixed}
-
-
-def resolve_compile(compile: str, device: torch.device) -> bool:
-    """embed.compile with auto resolved: on for CUDA, off elsewhere."""
-    return compile == "on" or (compile == "auto" and torch.device(device).type == "cuda")
 
 
 def _resume(out_dir: Path, shard: Path, info: dict, manifest: dict, summary: dict) -> None:

@@ -1,5 +1,5 @@
 """The device switches of `lift-fast train`: bf16 autocast (train.precision) and torch.compile
-(train.compile).
+(train.compile, and embed.compile for the caption encoder).
 
 `auto` takes the fast path on CUDA (bf16 autocast, compiled model) and the plain one on CPU (fp32,
 eager), and logs which it took. An explicit choice is honoured where it can run, and is a
@@ -52,26 +52,27 @@ def _cpp_compiler() -> str | None:
     return None
 
 
-def resolve_compile(choice: str, device: torch.device) -> bool:
-    """Whether to torch.compile the model for train.compile on `device`.
+def resolve_compile(choice: str, device: torch.device, setting: str = "train.compile") -> bool:
+    """Whether to torch.compile for `setting` (train.compile, embed.compile) = choice on `device`.
 
-    Raises ConfigError for train.compile=on where the compiler cannot run: no Triton on CUDA, no
-    C++ compiler on CPU (inductor generates and builds code with them).
+    Raises ConfigError naming the setting for `on` where the compiler cannot run: no Triton on CUDA,
+    no C++ compiler on CPU (inductor generates and builds code with them).
     """
+    device = torch.device(device)
     cuda = device.type == "cuda"
     if choice == "off":
         return False
     if choice == "on":
         if cuda and importlib.util.find_spec("triton") is None:
-            raise ConfigError("train.compile=on: torch.compile on CUDA needs Triton, which is not installed; "
-                              "pip install triton, or use train.compile=off")
+            raise ConfigError(f"{setting}=on: torch.compile on CUDA needs Triton, which is not installed; "
+                              f"pip install triton, or use {setting}=off")
         if not cuda and _cpp_compiler() is None:
-            raise ConfigError("train.compile=on: torch.compile on CPU needs a C++ compiler (g++, clang++ or $CXX), "
-                              "and none is on PATH; install one or use train.compile=off")
+            raise ConfigError(f"{setting}=on: torch.compile on CPU needs a C++ compiler (g++, clang++ or $CXX), "
+                              f"and none is on PATH; install one or use {setting}=off")
         return True
     if choice != "auto":
-        raise ConfigError(f"train.compile={choice!r} is not one of auto, on, off")
-    log.info("train.compile=auto: %s on %s", "compiled" if cuda else "eager", device)
+        raise ConfigError(f"{setting}={choice!r} is not one of auto, on, off")
+    log.info("%s=auto: %s on %s", setting, "compiled" if cuda else "eager", device)
     return cuda
 
 
