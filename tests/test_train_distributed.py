@@ -122,8 +122,18 @@ def test_the_documented_torchrun_command(synth_data, stores, tmp_path):
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "lift_fast", "--", *args, "--run", str(tmp_path / "ddp"), "-q"],
                          check=True, capture_output=True, text=True, env=env, timeout=300)
-    results = [json.loads(line) for line in ddp.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 2 and {r["step"] for r in results} == {6}  # every rank prints its result line
+    assert len(_json_objects(ddp.stdout)) == 2  # every rank prints its result line
+    assert {result["step"] for result in _json_objects(ddp.stdout)} == {6}
     subprocess.run([sys.executable, "-m", "lift_fast", *args, "--run", str(tmp_path / "one"), "-q"],
                    check=True, capture_output=True, text=True, env=env, timeout=300)
     assert _metric(tmp_path / "ddp", "loss") == pytest.approx(_metric(tmp_path / "one", "loss"), rel=1e-5)
+
+
+def _json_objects(text: str) -> list[dict]:
+    """The JSON objects in the ranks' shared stdout (their lines may run together: one pipe, two writers)."""
+    decoder, objects, at = json.JSONDecoder(), [], text.find("{")
+    while at != -1:
+        obj, end = decoder.raw_decode(text, at)
+        objects.append(obj)
+        at = text.find("{", end)
+    return objects
