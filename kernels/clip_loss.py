@@ -55,8 +55,8 @@ def clip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, r
     b, dim = image.shape
     texts = all_gather_rows(text, world_size) if world_size > 1 else text  # [N, D]
     n = texts.shape[0]
-    s = float(scale)
     stat_dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    s = scale.to(stat_dtype)  # stays on the device: the kernels read it through a pointer
     row_stats = torch.empty(2, b, device=image.device, dtype=stat_dtype)  # max, log sum exp(logit - max)
     col_max = torch.full((n,), float("-inf"), device=image.device, dtype=stat_dtype)
     col_sum = torch.zeros(n, device=image.device, dtype=stat_dtype)  # sum of exp(logit - col_max)
@@ -104,13 +104,14 @@ def clip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tens
     b, dim = image.shape
     texts = gathered if world_size > 1 else text  # [N, D]
     n = texts.shape[0]
-    s = float(scale)
+    s = scale.to(row_stats.dtype)
+    # the coefficients stay device tensors: reading grad_loss on the host would wait for the GPU
+    row_coef = grad_loss.reshape(()).to(row_stats.dtype) / (2 * b)
     if world_size > 1:  # column j belongs to the loss of the rank that owns text j
-        owner_grads = all_gather_rows(grad_loss.reshape(1).to(row_stats.dtype), world_size)
-        col_coef = (owner_grads / (2 * b)).repeat_interleave(b)
+        owner_grads = all_gather_rows(row_coef.reshape(1), world_size)
+        col_coef = owner_grads.repeat_interleave(b)
     else:
-        col_coef = torch.full((n,), float(grad_loss) / (2 * b), device=image.device, dtype=row_stats.dtype)
-    row_coef = float(grad_loss) / (2 * b)
+        col_coef = row_coef.expand(n).contiguous()
     step = slab_rows(b, n, dim)
     slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
     grad_image = torch.empty_like(image)

@@ -26,12 +26,12 @@ def siglip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
     (an empty tensor when world_size is 1). image, text: [b, D]; scale, bias: 0-d."""
     b, dim = image.shape
     texts = all_gather_rows(text, world_size) if world_size > 1 else text  # [N, D]
-    s, t = float(scale), float(bias)
+    s, t = scale, bias  # device tensors: the kernels read them through pointers, no host sync
     total = torch.zeros((), device=image.device, dtype=scale.dtype)
     step = slab_rows(b, texts.shape[0], dim)
     for start in range(0, b, step):
         sim = similarity(image[start:start + step], texts)  # [m, N]
-        total += slab_ops.siglip_slab(sim, None, scale=s, bias=t, coef=0.0, diag_offset=rank * b + start,
+        total += slab_ops.siglip_slab(sim, None, scale=s, bias=t, coef=s, diag_offset=rank * b + start,
                                       use_triton=use_triton)[0].to(total.dtype)
     return total / b, texts if world_size > 1 else text.new_empty(0)
 
@@ -50,7 +50,7 @@ def siglip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Te
     b, dim = image.shape
     texts = gathered if world_size > 1 else text  # [N, D]
     n = texts.shape[0]
-    s, t, coef = float(scale), float(bias), float(grad_loss) / b
+    s, t, coef = scale, bias, grad_loss.reshape(()).to(scale.dtype) / b  # device tensors, no host sync
     step = slab_rows(b, n, dim)
     slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
     grad_image = torch.empty_like(image)

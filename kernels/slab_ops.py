@@ -29,6 +29,7 @@ except ImportError:  # triton is a Linux dependency; elsewhere only the torch tw
 # (one read of the slab, one write), so a modest tile keeps occupancy high; not tuned on a GPU yet.
 BLOCK_M = 64
 BLOCK_N = 64
+NUM_WARPS = 4
 # triton.jit builds interpreted kernels when this is set at import time; only then do they take CPU tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -54,13 +55,14 @@ if triton is not None:
         row_sum_ptr,  # [M, NB] out: sum of exp(scale * sim - row max) over each column block
         col_max_ptr,  # [MB, N] out: max over each row block
         col_sum_ptr,  # [MB, N] out: sum of exp over each row block
-        scale,  # logit scale (float)
+        scale_ptr,  # [] float32 logit scale, read on the device (no host sync)
         M, N, stride_sim, NB,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows, cols, row_ok, col_ok, mask, sim = _slab_tile(sim_ptr, M, N, stride_sim, BLOCK_M, BLOCK_N)
+        scale = tl.load(scale_ptr)
         logits = tl.where(mask, sim * scale, float("-inf"))
         # Every program holds at least one valid row and one valid column, so the maxima of valid
         # rows and columns are finite; the -inf maxima of rows/columns outside the slab become 0
@@ -84,7 +86,9 @@ if triton is not None:
         col_logsum_ptr,  # [N] float32 log of sum(exp(logit - column max)) of each column
         col_coef_ptr,  # [N] float32 weight of the column-softmax term of each column
         partial_ptr,  # [MB * NB] out: sum of d loss / d logit * sim over the tile (for d scale)
-        scale, row_coef, diag_offset,
+        scale_ptr,  # [] float32 logit scale
+        row_coef_ptr,  # [] float32 weight of the row-softmax term (grad_loss / 2b)
+        diag_offset,  # column of row 0's positive
         M, N, stride_sim, stride_grad, NB,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -96,6 +100,8 @@ if triton is not None:
         col_max = tl.load(col_max_ptr + cols, mask=col_ok, other=0.0)
         col_logsum = tl.load(col_logsum_ptr + cols, mask=col_ok, other=0.0)
         col_coef = tl.load(col_coef_ptr + cols, mask=col_ok, other=0.0)
+        scale = tl.load(scale_ptr)
+        row_coef = tl.load(row_coef_ptr)
         logits = sim * scale
         # d loss / d logit = row_coef * (softmax_row - onehot) + col_coef * (softmax_col - onehot);
         # the one-hot is taken off each softmax before they are added, as cross-entropy does, so
@@ -117,13 +123,17 @@ if triton is not None:
         sim_ptr,  # [M, N] float32 similarities of this slab (read)
         grad_ptr,  # [M, N] out: d loss / d sim in the GEMM dtype (only when WITH_GRAD)
         partial_ptr,  # [MB * NB, 3] out: sum of loss terms, of d/d logit * sim, of d/d logit
-        scale, bias, coef, diag_offset,
+        scale_ptr, bias_ptr,  # [] float32 logit scale and bias
+        coef_ptr,  # [] float32 weight of every loss term in the gradient (grad_loss / b)
+        diag_offset,  # column of row 0's positive
         M, N, stride_sim, stride_grad, NB,
         WITH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows, cols, _, _, mask, sim = _slab_tile(sim_ptr, M, N, stride_sim, BLOCK_M, BLOCK_N)
+        scale = tl.load(scale_ptr)
+        bias = tl.load(bias_ptr)
         sign = tl.where(cols[None, :] == rows[:, None] + diag_offset, 1.0, -1.0)
         margin = sign * (sim * scale + bias)
         # -logsigmoid(t) = softplus(-t) = max(-t, 0) + log(1 + exp(-|t|)), stable for any t
@@ -135,6 +145,7 @@ if triton is not None:
             # d/d logit of coef * softplus(-margin) = -coef * sign * sigmoid(-margin), with
             # sigmoid(-t) from exp(-|t|) so that no exp overflows
             small = tl.exp(-tl.abs(margin))
+            coef = tl.load(coef_ptr)
             sigmoid_neg = tl.where(margin >= 0, small / (1.0 + small), 1.0 / (1.0 + small))
             grad = -coef * sign * sigmoid_neg
             grad = tl.where(mask, grad, 0.0)
@@ -148,6 +159,11 @@ def _grid(sim: torch.Tensor) -> tuple[int, int]:
     return triton.cdiv(sim.shape[0], BLOCK_M), triton.cdiv(sim.shape[1], BLOCK_N)
 
 
+def _device_scalar(value: torch.Tensor) -> torch.Tensor:
+    """A 0-d float32 tensor for a kernel's scalar pointer (a no-op for the losses' float32 scalars)."""
+    return value.reshape(()).to(torch.float32).contiguous()
+
+
 def merge_stats(maxima: torch.Tensor, sums: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge per-block (max, sum of exp(x - max)) pairs along `dim` into one pair."""
     top = maxima.amax(dim=dim, keepdim=True)
@@ -158,11 +174,12 @@ def merge_stats(maxima: torch.Tensor, sums: torch.Tensor, dim: int) -> tuple[tor
 # ------------------------------------------------------------------------------------------ CLIP
 
 
-def clip_stats(sim: torch.Tensor, scale: float, use_triton: bool) -> tuple[torch.Tensor, ...]:
+def clip_stats(sim: torch.Tensor, scale: torch.Tensor, use_triton: bool) -> tuple[torch.Tensor, ...]:
     """Softmax statistics of logits = scale * sim: per row (max [m], log of sum(exp(logit - max)) [m])
     and per column over this slab's rows (max [N], sum(exp(logit - max)) [N], to be merged).
 
-    sim: [m, N] float32, contiguous rows. All results are in sim's dtype.
+    sim: [m, N] float32, contiguous rows; scale: 0-d tensor on sim's device (never read on the host).
+    All results are in sim's dtype.
     """
     if not use_triton or sim.dtype != torch.float32:
         logits = sim * scale  # in-place below: at most two slab-sized temporaries
@@ -176,21 +193,23 @@ def clip_stats(sim: torch.Tensor, scale: float, use_triton: bool) -> tuple[torch
     row_sum = sim.new_empty(m, grid_n)
     col_max = sim.new_empty(grid_m, n)
     col_sum = sim.new_empty(grid_m, n)
-    _clip_stats_kernel[(grid_m, grid_n)](sim, row_max, row_sum, col_max, col_sum, float(scale),
-                                         m, n, sim.stride(0), grid_n, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    _clip_stats_kernel[(grid_m, grid_n)](sim, row_max, row_sum, col_max, col_sum, _device_scalar(scale),
+                                         m, n, sim.stride(0), grid_n, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                         num_warps=NUM_WARPS)
     row_max, row_sum = merge_stats(row_max, row_sum, dim=1)
     return (row_max, torch.log(row_sum), *merge_stats(col_max, col_sum, dim=0))
 
 
 def clip_grad(sim: torch.Tensor, out: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
-              col_coef: torch.Tensor, *, scale: float, row_coef: float, diag_offset: int,
+              col_coef: torch.Tensor, *, scale: torch.Tensor, row_coef: torch.Tensor, diag_offset: int,
               use_triton: bool) -> torch.Tensor:
     """Write d loss / d sim of a CLIP slab into `out` [m, N]; return sum(d loss / d logit * sim) (0-d).
 
     d loss / d logit[i, j] = row_coef * (softmax_row[i, j] - 1[j = i + diag_offset])
                            + col_coef[j] * (softmax_col[i, j] - 1[j = i + diag_offset]).
     sim: [m, N] float32; row_stats [2, m] and col_stats [2, N] hold (max, log of sum(exp(logit - max)))
-    of the rows and (global) columns; col_coef [N] float32; out [m, N] in the GEMM dtype.
+    of the rows and (global) columns; col_coef [N] float32; scale, row_coef: 0-d tensors on the
+    device; out [m, N] in the GEMM dtype.
     """
     if not use_triton or sim.dtype != torch.float32:
         logits = sim * scale  # in-place below: at most two slab-sized temporaries
@@ -207,21 +226,22 @@ def clip_grad(sim: torch.Tensor, out: torch.Tensor, row_stats: torch.Tensor, col
     partial = sim.new_empty(grid_m * grid_n)
     row_max, row_logsum = row_stats.contiguous()
     _clip_grad_kernel[(grid_m, grid_n)](sim, out, row_max, row_logsum, col_stats[0], col_stats[1], col_coef,
-                                        partial, float(scale),
-                                        float(row_coef), int(diag_offset), sim.shape[0], sim.shape[1],
-                                        sim.stride(0), out.stride(0), grid_n, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+                                        partial, _device_scalar(scale), _device_scalar(row_coef), diag_offset,
+                                        sim.shape[0], sim.shape[1], sim.stride(0), out.stride(0), grid_n,
+                                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
     return partial.sum()
 
 
 # ---------------------------------------------------------------------------------------- SigLIP
 
 
-def siglip_slab(sim: torch.Tensor, out: torch.Tensor | None, *, scale: float, bias: float, coef: float,
-                diag_offset: int, use_triton: bool) -> torch.Tensor:
+def siglip_slab(sim: torch.Tensor, out: torch.Tensor | None, *, scale: torch.Tensor, bias: torch.Tensor,
+                coef: torch.Tensor, diag_offset: int, use_triton: bool) -> torch.Tensor:
     """SigLIP on one slab: returns [3] float32 = (sum of -logsigmoid(z * logit), sum of g * sim, sum of g)
     with g = coef * d(-logsigmoid(z * logit))/d logit; writes g * scale into `out` unless it is None.
 
-    z is +1 where j = i + diag_offset and -1 elsewhere; logit = scale * sim + bias.
+    z is +1 where j = i + diag_offset and -1 elsewhere; logit = scale * sim + bias. scale, bias and
+    coef are 0-d tensors on the device (coef is unused without `out`).
     """
     if not use_triton or sim.dtype != torch.float32:
         # margin = sign * logit with sign -1 off the positives: negate everything, flip the positives back
@@ -239,8 +259,51 @@ def siglip_slab(sim: torch.Tensor, out: torch.Tensor | None, *, scale: float, bi
     grid_m, grid_n = _grid(sim)
     partial = sim.new_zeros(grid_m * grid_n, 3)
     with_grad = out is not None
-    _siglip_kernel[(grid_m, grid_n)](sim, out if with_grad else sim, partial, float(scale), float(bias), float(coef),
-                                     int(diag_offset), sim.shape[0], sim.shape[1], sim.stride(0),
-                                     (out if with_grad else sim).stride(0), grid_n, WITH_GRAD=with_grad,
-                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    _siglip_kernel[(grid_m, grid_n)](sim, out if with_grad else sim, partial, _device_scalar(scale),
+                                     _device_scalar(bias), _device_scalar(coef), diag_offset, sim.shape[0],
+                                     sim.shape[1], sim.stride(0), (out if with_grad else sim).stride(0), grid_n,
+                                     WITH_GRAD=with_grad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
     return partial.sum(dim=0)
+
+
+# ------------------------------------------------------------------------- ahead-of-time compilation
+
+# What the host functions above can write into `out`: the GEMM dtypes of the losses.
+GRAD_DTYPES = ("fp32", "bf16", "fp16")
+# Integer arguments a real launch at a 16-multiple batch gets as multiples of 16 (triton specialises
+# them, as it does 16-byte aligned pointers): the slab's rows, columns and row strides.
+ALIGNED_INTS = ("M", "N", "stride_sim", "stride_grad")
+
+
+def kernel_launches() -> list[dict]:
+    """Every kernel configuration the host functions above can launch, for compiling them ahead of
+    time (bench/kernel_report.py): one dict per (kernel, constexprs, grad dtype) with
+    name, config (a short label), kernel, signature {argument: triton type}, constexprs, num_warps and
+    aligned (the arguments a real launch specialises as 16-divisible).
+
+    Raises:
+        RuntimeError: triton is not installed.
+    """
+    if triton is None:
+        raise RuntimeError("kernel_launches() needs triton installed")
+
+    def launch(kernel, config, grad_dtype="fp32", **constexprs):
+        constexprs = dict(constexprs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in constexprs:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                signature[arg] = f"*{grad_dtype}" if arg == "grad_ptr" else "*fp32"
+            else:
+                signature[arg] = "i32"
+        aligned = [arg for arg in kernel.arg_names if arg.endswith("_ptr") or arg in ALIGNED_INTS]
+        return dict(name=kernel.__name__, config=config, kernel=kernel, signature=signature,
+                    constexprs=constexprs, num_warps=NUM_WARPS, aligned=aligned)
+
+    launches = [launch(_clip_stats_kernel, "stats"),
+                launch(_siglip_kernel, "WITH_GRAD=False", WITH_GRAD=False)]
+    for dtype in GRAD_DTYPES:
+        launches.append(launch(_clip_grad_kernel, f"grad {dtype}", dtype))
+        launches.append(launch(_siglip_kernel, f"WITH_GRAD=True grad {dtype}", dtype, WITH_GRAD=True))
+    return launches

@@ -29,6 +29,7 @@ def random_sim(rows, columns, seed):
 @pytest.mark.parametrize("scale", [1.0, 100.0])
 def test_clip_stats_kernel_matches_torch(rows, columns, scale):
     sim = random_sim(rows, columns, seed=rows * columns)
+    scale = torch.tensor(scale)  # the scalars reach the kernels as device tensors
     expected = slab_ops.clip_stats(sim, scale, use_triton=False)
     got = slab_ops.clip_stats(sim, scale, use_triton=True)
     for name, a, b in zip(("row max", "row logsum", "col max", "col sum"), got, expected):
@@ -39,7 +40,7 @@ def test_clip_stats_kernel_matches_torch(rows, columns, scale):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
 def test_clip_grad_kernel_matches_torch(rows, columns, out_dtype):
     sim = random_sim(rows, columns, seed=7 + rows)
-    scale = 30.0
+    scale = torch.tensor(30.0)
     row_max, row_logsum, col_max, col_sum = slab_ops.clip_stats(sim, scale, use_triton=False)
     row_stats, col_stats = torch.stack([row_max, row_logsum]), torch.stack([col_max, col_sum.log()])
     col_coef = torch.rand(columns, generator=torch.Generator().manual_seed(3)) / columns
@@ -47,7 +48,7 @@ def test_clip_grad_kernel_matches_torch(rows, columns, out_dtype):
     outputs = []
     for use_triton in (False, True):
         out = torch.empty(rows, columns, dtype=out_dtype)
-        partial = slab_ops.clip_grad(sim, out, row_stats, col_stats, col_coef, scale=scale, row_coef=0.01,
+        partial = slab_ops.clip_grad(sim, out, row_stats, col_stats, col_coef, scale=scale, row_coef=torch.tensor(0.01),
                                      diag_offset=offset, use_triton=use_triton)
         outputs.append((out.float(), partial))
     (expected, expected_partial), (got, got_partial) = outputs
@@ -63,7 +64,8 @@ def test_siglip_kernel_matches_torch(rows, columns, with_grad):
     outputs = []
     for use_triton in (False, True):
         out = torch.empty(rows, columns) if with_grad else None
-        sums = slab_ops.siglip_slab(sim, out, scale=50.0, bias=-10.0, coef=1 / rows, diag_offset=0,
+        sums = slab_ops.siglip_slab(sim, out, scale=torch.tensor(50.0), bias=torch.tensor(-10.0),
+                                    coef=torch.tensor(1 / rows), diag_offset=0,
                                     use_triton=use_triton)
         outputs.append((out, sums))
     (expected, expected_sums), (got, got_sums) = outputs
