@@ -100,6 +100,9 @@ class ModelConfig:
     name: str = _field("vit_tiny_patch16", "ViT preset, vit_{tiny,small,base,large}_patch{8,14,16,32} or vit_b16")
     patch_size: int = _field(0, "override the preset's patch size (0 keeps it)", min=0)
     depth: int = _field(0, "override the preset's number of blocks (0 keeps it)", min=0)
+    init: str = _field("", "start the tower from a timm or open_clip checkpoint (.safetensors, or .pt/.pth read with "
+                       "weights_only): names mapped, position embedding resampled to data.image_size; a fresh run only, "
+                       "resume takes the checkpoint's weights ('': random weights)")
     pooling: str = _field("mean", "image feature: mean of patch tokens (LIFT) or class token", choices=("mean", "cls"))
     pos_embed: str = _field("learned", "position embedding", choices=("learned", "sincos"))
     head_hidden: int = _field(0, "hidden width of the LIFT head (0: the text dim)", min=0)
@@ -110,6 +113,20 @@ class ModelConfig:
                                   "training, in [0, 1) (0: off)", min=0.0)
     grad_checkpointing: bool = _field(False, "recompute each ViT block in backward (less activation memory, "
                                       "about a third more compute)")
+    fuse_projection: bool = _field(False, "compute the head's last Linear, the norm and the loss in one fused call "
+                                   "(lift_fast.kernels.fused_projection_clip_loss): no [B, D] features kept; not under fsdp")
+    text_tower: str = _field("frozen", "frozen: LIFT (caption embeddings from the store); transformer: the CLIP "
+                             "baseline, a text transformer trained jointly on the raw captions (models/text_tower.py; "
+                             "`lift-fast flops` counts it, training with it is not wired yet)",
+                             choices=("frozen", "transformer"))
+    text_width: int = _field(512, "text transformer width (CLIP ViT-B/16: 512)", min=8)
+    text_layers: int = _field(12, "text transformer blocks (CLIP: 12)", min=1)
+    text_heads: int = _field(8, "text transformer attention heads (CLIP: 8)", min=1)
+    text_context: int = _field(77, "tokens per caption for the text transformer, start and end of text included "
+                               "(CLIP: 77; longer captions are cut, keeping the end-of-text token)", min=2)
+    text_tokenizer: str = _field("wordpiece", "text transformer tokenizer: wordpiece (the bundled encoder's, "
+                                 "vocab 30,522) or clip_bpe (OpenAI CLIP's, vocab 49,408; needs open_clip)",
+                                 choices=("wordpiece", "clip_bpe"))
 
 
 @dataclass
@@ -121,6 +138,9 @@ class TrainConfig:
     lr: float = _field(1e-3, "peak learning rate", min=0.0)
     min_lr: float = _field(0.0, "learning rate at the end of the cosine", min=0.0)
     warmup_steps: int = _field(100, "linear warm-up steps", min=0)
+    schedule_steps: int = _field(0, "length of the cosine schedule (0: train.steps when the run starts); kept "
+                                 "when train.steps changes on resume, past it the lr stays at train.min_lr; set "
+                                 "it on resume to re-stretch the cosine on purpose", min=0)
     weight_decay: float = _field(0.2, "AdamW weight decay (not on biases, norms, logit scale)", min=0.0)
     betas: tuple[float, float] = _field((0.9, 0.98), "AdamW betas")
     eps: float = _field(1e-6, "AdamW epsilon", min=0.0)
@@ -146,10 +166,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out retrieval and compositional tests."""
+    """Held-out retrieval, zero-shot classification and compositional tests."""
 
     batch_size: int = _field(256, "images per forward pass", min=1)
     compositional: bool = _field(True, "run the SugarCrepe-style tests when their JSON files exist")
+    precision: str = _field("auto", "image tower precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32",
+                            choices=("auto", "bf16", "fp32"))
+    max_length: int = _field(0, "tokens kept of the eval tasks' own captions and prompts (0: the run's "
+                             "embed.max_length; a task's max_length wins); for long-caption retrieval", min=0)
 
 
 @dataclass

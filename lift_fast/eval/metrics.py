@@ -30,7 +30,8 @@ def unique_captions(captions: Sequence[str]) -> tuple[list[str], list[int]]:
     return list(position), caption_index
 
 
-def _check_features(name: str, features: torch.Tensor) -> None:
+def check_features(name: str, features: torch.Tensor) -> None:
+    """Raise TypeError/ValueError naming `name` unless features is a finite 2-D tensor with rows."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
     if features.ndim != 2:
@@ -88,8 +89,8 @@ def retrieval_metrics(
     `caption_index` is out of range, when features are not finite, or when a k is not a
     positive int.
     """
-    _check_features("image_features", image_features)
-    _check_features("text_features", text_features)
+    check_features("image_features", image_features)
+    check_features("text_features", text_features)
     num_images, dim = image_features.shape
     num_texts = text_features.shape[0]
     if text_features.shape[1] != dim:
@@ -166,7 +167,7 @@ def compositional_accuracy(
         ("positive_features", positive_features),
         ("negative_features", negative_features),
     ):
-        _check_features(name, features)
+        check_features(name, features)
     if not (image_features.shape == positive_features.shape == negative_features.shape):
         raise ValueError(
             "image_features, positive_features and negative_features must share one shape [N, D], got "
