@@ -108,8 +108,9 @@ def test_resume_auto_continues(trained_run, synth_data, stores, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run[0], run)
     saved = load_file(str(run / "checkpoints" / "step_000030" / "model.safetensors"))
-    result = train(tiny_config("train.steps=34"), synth_data / "train", stores / "train", run, resume="auto",
-                   progress=False)
+    # a deliberate re-stretch of the cosine: train.steps alone would go on at train.min_lr=0 (test_resume_schedule.py)
+    result = train(tiny_config("train.steps=34", "train.schedule_steps=34"), synth_data / "train", stores / "train", run,
+                   resume="auto", progress=False)
     assert result["step"] == 34
     records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, 35))  # steps 31.. follow on, none repeated

@@ -1,8 +1,11 @@
 """Checkpoints: `run/checkpoints/step_000100/` holding `model.safetensors` and `state.pt`.
 
-A checkpoint is written into a hidden temporary folder and renamed into place, so a crash never
-leaves a half-written checkpoint under a name that counts. Only folders with a `model.safetensors`
-and a `state.pt` count as complete. `state.pt` holds optimizer, scheduler, step and RNG states and
+A checkpoint is written into a hidden temporary folder (`.tmp_step_000100`), every file in it
+fsynced, renamed into place and the parent fsynced (`lift_fast.atomic.publish_dir`), so neither a
+crash nor a power loss leaves a half-written or empty checkpoint under a name that counts. Only
+folders named `step_N` with a `model.safetensors` and a `state.pt` count as complete. A write that
+fails (no space, a file-size limit) raises CheckpointWriteError naming the file; the previous
+checkpoints stay as they were. `state.pt` holds optimizer, scheduler, step and RNG states and
 is read with `torch.load(weights_only=True)`.
 
 The files hold full tensors whatever the run's train.parallel: an FSDP2-sharded model's weights and
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lift_fast.atomic import publish_dir
 from lift_fast.train import RunFolderError
 from lift_fast.train.distributed import is_sharded
 
@@ -39,6 +44,16 @@ GATHER_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 SCATTER_FULL = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 PATTERN = re.compile(r"step_(\d+)")
+# What a save leaves behind when it is killed: its temporary folder, or the replaced one set aside.
+LEFTOVERS = (".tmp_step_*", ".old_step_*")
+
+
+class CheckpointWriteError(RunFolderError, OSError):
+    """A checkpoint file could not be written (no space left, a file-size limit, an I/O error): an
+    OSError, and a RunFolderError so that the command line prints its message as one line.
+
+    The message names the file and the newest complete checkpoint, which is kept.
+    """
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -64,6 +79,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder, or None."""
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def checkpoint_step(folder: str | Path) -> int:
+    """The step a checkpoint folder was saved at, from its weights' metadata (any folder name).
+
+    Raises FileNotFoundError when the folder has no model.safetensors, RunFolderError when the file
+    records no step.
+    """
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint weights {path} do not exist")
+    with safe_open(str(path), framework="pt") as file:
+        step = (file.metadata() or {}).get("step")
+    if step is None or not step.isdigit():
+        raise RunFolderError(f"{path} records no step in its metadata (not a lift-fast checkpoint)")
+    return int(step)
 
 
 def rng_state() -> dict:
@@ -130,20 +161,41 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
         return final
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for pattern in LEFTOVERS:  # of a save that was killed (rank 0 alone writes, so none is in progress)
+        for leftover in root.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
     state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
              "rng": rng_state(), "extra": extra or {}}
-    torch.save(state, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    try:
+        _write_file(tmp / "model.safetensors", lambda path: save_file(weights, str(path), metadata={"step": str(step)}),
+                    run_dir, step)
+        _write_file(tmp / "state.pt", lambda path: torch.save(state, path), run_dir, step)
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_file(path: Path, write: Callable[[Path], object], run_dir: str | Path, step: int) -> None:
+    """write(path); any failure raised again as CheckpointWriteError naming `path`.
+
+    safetensors and torch.save report a full disk or a file-size limit without the file's name
+    (torch.save as "unexpected pos ..."), so the name and what is kept are added here.
+    """
+    try:
+        write(path)
+    except Exception as err:
+        kept = latest_checkpoint(run_dir)
+        raise CheckpointWriteError(
+            f"{path}: writing checkpoint step {step} failed ({type(err).__name__}: {err}); "
+            f"{f'the newest complete checkpoint {kept} is kept' if kept else 'the run has no complete checkpoint yet'}. "
+            "Free space on that file system (or raise its quota or file-size limit) and rerun with --resume auto") from err
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
@@ -202,10 +254,27 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler) 
         except ValueError as err:
             raise RunFolderError(f"{folder / 'state.pt'}: the optimizer state does not fit this model ({err})") from None
     scheduler.load_state_dict(state["scheduler"])
+    _apply_schedule(scheduler)
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
+
+
+def _apply_schedule(scheduler) -> None:
+    """Set the next step's learning rate from the schedule being resumed with, not the saved optimizer's.
+
+    The optimizer state holds the rate the old run's schedule chose for the next step; a resume that
+    re-stretches the cosine (train.schedule_steps) would run one step at it. LambdaLR's own formula,
+    so an unchanged schedule gives the very same floats.
+    """
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    rates = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs,
+                                                                          strict=True)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports
 
 
 def _load_sharded(folder: Path, model: nn.Module, optimizer) -> dict:

@@ -16,6 +16,7 @@ checkpoint. docs/training.md has the launch commands and what is logged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -46,6 +47,7 @@ from lift_fast.models.vit import build_model
 from lift_fast.train import NonFiniteLossError, distributed
 from lift_fast.train.checkpoint import (
     checkpoint_path,
+    checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -58,15 +60,16 @@ from lift_fast.train.device import (
 )
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.metrics import MetricsLog, RunLog, Throughput, utilisation
-from lift_fast.train.optim import build_optimizer, build_scheduler
+from lift_fast.train.optim import build_optimizer, build_scheduler, resumed_schedule
 
 log = logging.getLogger(__name__)
 
 # Settings a resumed run may change; any other would not fit the checkpoint or would silently make
-# the run a different one than its config.yaml says.
-RESUME_SETTINGS = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                   "train.threads", "data.num_workers", "data.backend", "train.precision", "train.compile",
-                   "train.tensorboard", "train.max_nonfinite", "train.parallel")
+# the run a different one than its config.yaml says. train.schedule_steps: a deliberate re-stretch of
+# the cosine (optim.resumed_schedule).
+RESUME_SETTINGS = ("train.steps", "train.schedule_steps", "train.log_every", "train.checkpoint_every",
+                   "train.keep_checkpoints", "train.threads", "data.num_workers", "data.backend", "train.precision",
+                   "train.compile", "train.tensorboard", "train.max_nonfinite", "train.parallel")
 
 # Signals that stop training after the current step, saving it: SIGTERM (preemption, scancel, the
 # end of a SLURM time limit) and SIGUSR1 (SLURM's --signal=USR1@SECONDS warning ahead of it).
@@ -202,7 +205,10 @@ def train(cfg: Config, data_dir: str | Path, embeddings_dir: str | Path, run_dir
     batch_size = local_batch_size(cfg, distributed.launch_world_size())
     start_ckpt = _resume_point(run_dir, resume)
     if start_ckpt is not None and (saved := _saved_config(run_dir, start_ckpt)) is not None:
-        check_changes(load_config(saved), cfg, RESUME_SETTINGS, source=saved, action="resuming a run")
+        saved_cfg = load_config(saved)
+        check_changes(saved_cfg, cfg, RESUME_SETTINGS, source=saved, action="resuming a run")
+        # the cosine keeps the length the run started with, whatever train.steps is now
+        cfg = dataclasses.replace(cfg, train=resumed_schedule(saved_cfg.train, cfg.train, checkpoint_step(start_ckpt)))
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     manifest = check_store(embeddings_dir, cfg)
