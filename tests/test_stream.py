@@ -77,6 +77,17 @@ def test_in_order_covers_everything_once():
     assert stream.in_order(1, 2) == [batches[1]]
 
 
+@pytest.mark.parametrize("counts, world_size", [([3, 5, 2], 1), ([1, 7, 4, 1, 6], 2), ([11], 3)])
+def test_in_order_positions_are_the_unshuffled_streams(counts, world_size):
+    """Each sample's position is its place in the pass (0, 1, 2, ...), where stream.sample finds it
+    again; positions once read a list as it grew (0, 2, 4, ... and past the end of the epoch)."""
+    stream = SampleStream(counts, batch_size=3, shuffle=False)
+    refs = [ref for rank in range(world_size) for batch in stream.in_order(rank, world_size) for ref in batch]
+    assert sorted(ref.position for ref in refs) == list(range(sum(counts)))
+    for ref in refs:
+        assert stream.sample(0, ref.position) == ref
+
+
 def test_replacements_come_from_other_steps():
     stream = SampleStream([40], batch_size=8, seed=0)
     ref = stream.batch(2)[3]

@@ -108,9 +108,10 @@ class SampleStream:
     def in_order(self, rank: int = 0, world_size: int = 1) -> list[list[SampleRef]]:
         """One pass over every sample in shard order (no shuffle, none dropped), in batches of
         batch_size; rank r takes every world_size-th batch."""
-        refs: list[SampleRef] = []
-        for shard, count in enumerate(self.counts):
-            refs.extend(SampleRef(shard, row, 0, len(refs) + row) for row in range(count))
+        # position: the sample's place in the unshuffled stream of epoch 0 (where stream.sample finds it)
+        starts = np.cumsum([0] + self.counts).tolist()
+        refs = [SampleRef(shard, row, 0, starts[shard] + row) for shard, count in enumerate(self.counts)
+                for row in range(count)]
         batches = [refs[i:i + self.batch_size] for i in range(0, len(refs), self.batch_size)]
         return batches[rank::world_size]
 
