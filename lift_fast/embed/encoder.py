@@ -93,16 +93,38 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def weights_sha256(folder: Path) -> str:
-    """One sha256 over the model's weight files (name and content hash of each), cached per process.
-
-    Raises FileNotFoundError when the folder holds no .safetensors/.bin weights.
-    """
+def _weight_files(folder: Path) -> list[Path]:
     files = sorted({p for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()})
     if not files:
         raise FileNotFoundError(f"model folder {folder} holds no weight files ({', '.join(WEIGHT_PATTERNS)})")
+    return files
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """A sha256 over the name, size and mtime of each weight file: what tells, without reading them,
+    that the weights are still the ones a store's manifest recorded the `weights_sha256` of.
+
+    Raises FileNotFoundError when the folder holds no .safetensors/.bin weights.
+    """
+    stats = ((p.name, p.stat()) for p in _weight_files(folder))
+    return hashlib.sha256("".join(f"{name}:{st.st_size}:{st.st_mtime_ns}\n" for name, st in stats).encode()).hexdigest()
+
+
+def weights_sha256(folder: Path, recorded: dict | None = None) -> str:
+    """One sha256 over the model's weight files (name and content hash of each), cached per process.
+
+    recorded: what a store's manifest holds for its encoder (`weights_sha256`, `weights_fingerprint`);
+    when the folder's `weights_fingerprint` is the recorded one, the recorded hash is returned without
+    reading the weights (GBs for an LLM embedder), else they are hashed.
+    Raises FileNotFoundError when the folder holds no .safetensors/.bin weights.
+    """
+    files = _weight_files(folder)
     stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     if stamp not in _weights_hash_cache:
+        known = (recorded or {}).get("weights_sha256")
+        if known and recorded.get("weights_fingerprint") == weights_fingerprint(folder):
+            _weights_hash_cache[stamp] = known
+            return known
         combined = hashlib.sha256()
         for p in files:
             combined.update(f"{p.name}:{_file_sha256(p)}\n".encode())
@@ -251,9 +273,10 @@ class TextEncoder:
         """What makes two runs of this encoder give the same rows; recorded in the store's manifest.
 
         model (as given), path (resolved folder), revision (hub snapshot or None), weights_sha256,
-        pooling, prompt, max_length, normalize, dim (of the rows), model_dim (before truncation),
-        append_eos, precision (how the rows were computed: `embed` does not add rows of another
-        precision to a store, readers accept any).
+        weights_fingerprint (names, sizes, mtimes of the weight files: see `weights_fingerprint`),
+        pooling, prompt, max_length, normalize, dim (of the rows), model_dim (before truncation), append_eos,
+        precision (how the rows were computed: `embed` does not add rows of another precision to a
+        store, readers accept any).
         """
         if self._identity is None:
             self._identity = {
@@ -261,6 +284,7 @@ class TextEncoder:
                 "path": str(self.path),
                 "revision": self.revision,
                 "weights_sha256": weights_sha256(self.path),
+                "weights_fingerprint": weights_fingerprint(self.path),
                 "pooling": self.cfg.pooling,
                 "prompt": self.cfg.prompt,
                 "max_length": self.cfg.max_length,

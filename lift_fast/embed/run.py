@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lift_fast.atomic import write_json
 from lift_fast.config import ConfigError, EmbedConfig
 from lift_fast.data.shards import ShardError, iter_samples, list_shards
 from lift_fast.embed import store
@@ -177,7 +178,7 @@ def _resume(out_dir: Path, shard: Path, info: dict, manifest: dict, summary: dic
     summary["shards_resumed"] += 1
     counts = store.shard_files(out_dir, shard.stem)[2]
     if json.loads(counts.read_text(encoding="utf-8")) != info:
-        store.write_json(counts, info)
+        write_json(counts, info)
     if manifest["shards"].get(shard.stem) != info:  # also when the run stopped before recording it
         store.record_shard(out_dir, shard.stem, info)
 
@@ -299,8 +300,9 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
                     "captions_sha256": shard_captions.sha256, "skipped": len(shard_captions.skipped),
                     "truncated": truncated, "duplicates": duplicates, "skipped_samples": shard_captions.skipped}
             stored, scales = store.store_rows(rows.numpy(), cfg.dtype)
-            store.write_shard(out_dir, shard.stem, shard_captions.keys, stored, info, shard_captions.captions, scales)
-            store.record_shard(out_dir, shard.stem, {**info, "count": len(shard_captions.keys)})
+            entry = store.write_shard(out_dir, shard.stem, shard_captions.keys, stored, info, shard_captions.captions,
+                                      scales)
+            store.record_shard(out_dir, shard.stem, entry)  # with the files' fingerprints, which readers check
             summary["shards_embedded"] += 1
             summary["captions"] += len(shard_captions.keys) + len(shard_captions.skipped)
             summary["rows"] += len(shard_captions.keys)

@@ -119,6 +119,8 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, embeddings
         flat, objects = run_task(spec, dataset, model, max_length=cfg.eval.max_length, progress=progress)
         results.update(flat)
         standard += objects
+    if standard:
+        (run_dir / "clip_benchmark").mkdir(exist_ok=True)
     for result in standard:
         slug = f"{result['dataset']}_{result['task']}".replace("/", "_")
         write_json(run_dir / "clip_benchmark" / f"{slug}.json", result, indent=2)
