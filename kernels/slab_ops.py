@@ -25,9 +25,14 @@ try:
 except ImportError:  # triton is a Linux dependency; elsewhere only the torch twins exist
     triton = None
 
-# Tile of the element-wise kernels. 64x64 fp32 = 16 KiB per program: the kernels are memory-bound
-# (one read of the slab, one write), so a modest tile keeps occupancy high; not tuned on a GPU yet.
-BLOCK_M = 64
+# Tile of the element-wise kernels, chosen from the kernel report (bench/kernel_report.py, triton 3.8,
+# sm_90a/sm_100a; compiled, not yet timed on a GPU). The kernels are memory-bound (one read of the
+# slab, at most one write), so what counts is bytes in flight: resident warps and 128-bit loads.
+# BLOCK_M=32, BLOCK_N=64, NUM_WARPS=4: 16 elements per thread as four 128-bit loads; _siglip_kernel
+# WITH_GRAD at 80-85 registers (20-24 warps per SM) and _clip_grad_kernel at 64-70 (28-32), where
+# 64x64 at 4 warps took 166 and 128 registers (12 and 16 warps), 64x64 at 8 warps 84-98 (16) and
+# 32x128 at 4 warps 185 (8). No configuration spills.
+BLOCK_M = 32
 BLOCK_N = 64
 NUM_WARPS = 4
 # triton.jit builds interpreted kernels when this is set at import time; only then do they take CPU tensors.
@@ -136,19 +141,18 @@ if triton is not None:
         bias = tl.load(bias_ptr)
         sign = tl.where(cols[None, :] == rows[:, None] + diag_offset, 1.0, -1.0)
         margin = sign * (sim * scale + bias)
-        # -logsigmoid(t) = softplus(-t) = max(-t, 0) + log(1 + exp(-|t|)), stable for any t
-        loss = tl.maximum(-margin, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(margin)))
-        loss = tl.where(mask, loss, 0.0)
+        # -logsigmoid(t) = softplus(-t) = max(-t, 0) + log(1 + exp(-|t|)), stable for any t; the one
+        # exp(-|t|) also gives the gradient's sigmoid (fewer live values: see the kernel report)
+        small = tl.exp(-tl.abs(margin))
+        loss = tl.where(mask, tl.maximum(-margin, 0.0) + tl.log(1.0 + small), 0.0)
         base = (pid_m * NB + pid_n) * 3
         tl.store(partial_ptr + base, tl.sum(tl.sum(loss, axis=1), axis=0))
         if WITH_GRAD:
             # d/d logit of coef * softplus(-margin) = -coef * sign * sigmoid(-margin), with
             # sigmoid(-t) from exp(-|t|) so that no exp overflows
-            small = tl.exp(-tl.abs(margin))
             coef = tl.load(coef_ptr)
-            sigmoid_neg = tl.where(margin >= 0, small / (1.0 + small), 1.0 / (1.0 + small))
-            grad = -coef * sign * sigmoid_neg
-            grad = tl.where(mask, grad, 0.0)
+            sigmoid_neg = tl.where(margin >= 0, small, 1.0) / (1.0 + small)
+            grad = tl.where(mask, -coef * sign * sigmoid_neg, 0.0)
             tl.store(partial_ptr + base + 1, tl.sum(tl.sum(grad * sim, axis=1), axis=0))
             tl.store(partial_ptr + base + 2, tl.sum(tl.sum(grad, axis=1), axis=0))
             tl.store(grad_ptr + rows[:, None] * stride_grad + cols[None, :],
