@@ -28,7 +28,8 @@ _BLOCK_KEY = re.compile(r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc
 _TOWER_KEYS = {"patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias", "pos_embed", "cls_token"}
 
 
-def _tower(model: nn.Module) -> VisionTransformer:
+def image_tower(model: nn.Module) -> VisionTransformer:
+    """The ViT of a LiftImageEncoder (its `visual`), or `model` itself when it is one."""
     return model.visual if isinstance(model, LiftImageEncoder) else model
 
 
@@ -39,7 +40,7 @@ def timm_kwargs(model: nn.Module) -> dict:
     Mean pooling maps to global_pool="avg" with fc_norm=False: timm then applies `norm` to every token
     before the mean, as this tower does (its default for "avg", fc_norm=True, normalises after pooling).
     """
-    tower = _tower(model)
+    tower = image_tower(model)
     spec = tower.spec
     grid = math.isqrt(tower.pos_embed.shape[1])
     return dict(img_size=grid * spec.patch_size, patch_size=spec.patch_size, embed_dim=spec.width, depth=spec.depth,
@@ -54,7 +55,7 @@ def to_timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     a VisionTransformer. A fixed sincos position embedding is written as timm's `pos_embed` too.
     Returns new tensors for pos_embed and cls_token, and the tower's own tensors (detached) otherwise.
     """
-    tower = _tower(model)
+    tower = image_tower(model)
     state = {name: tensor.detach() for name, tensor in tower.state_dict().items()}
     pos_embed = tower.pos_embed.detach()  # [1, N, W]; a buffer outside state_dict when sincos
     if tower.cls_token is not None:
@@ -63,6 +64,13 @@ def to_timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state["cls_token"] = tower.cls_token.detach().clone()
     state["pos_embed"] = pos_embed
     return state
+
+
+def keys_without_counterpart(state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of a timm VisionTransformer state dict that this tower has no place for (sorted): register
+    tokens, layer scale, fc_norm, norm_pre, attention pooling ...; the classifier is not among them (dropped)."""
+    return sorted(key for key in state if key not in _TOWER_KEYS and key not in TIMM_CLASSIFIER_KEYS
+                  and not _BLOCK_KEY.fullmatch(key))
 
 
 def from_timm_state_dict(state: dict[str, torch.Tensor], *, class_token: bool | None = None) -> dict[str, torch.Tensor]:
@@ -79,8 +87,7 @@ def from_timm_state_dict(state: dict[str, torch.Tensor], *, class_token: bool | 
     fc_norm after pooling, a pre-norm ...), a pos_embed whose length is not a square grid (plus one
     class-token row), or class_token=True for a state without one.
     """
-    unknown = sorted(key for key in state if key not in _TOWER_KEYS and key not in TIMM_CLASSIFIER_KEYS
-                     and not _BLOCK_KEY.fullmatch(key))
+    unknown = keys_without_counterpart(state)
     if unknown:
         raise ValueError(f"timm state dict has keys with no counterpart in lift-fast's ViT: {', '.join(unknown)} "
                          "(supported: plain pre-norm ViT blocks, patch_embed.proj, pos_embed, cls_token, norm; "

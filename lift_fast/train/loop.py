@@ -238,6 +238,10 @@ def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: di
     torch.manual_seed(cfg.train.seed)
     dim = int(manifest["dim"])
     model = build_model(cfg.model, cfg.data.image_size, dim, cfg.train.logit_scale_init).to(device)
+    if cfg.model.init and start_ckpt is None:  # a resumed run takes the checkpoint's weights instead
+        from lift_fast.models.pretrained import init_tower
+
+        init_tower(model, cfg.model.init)
     if cfg.train.loss == "siglip":
         model.register_parameter("logit_bias", nn.Parameter(torch.tensor(-10.0, device=device)))
     # Sharded (fsdp) before the optimiser is built over the shards and the checkpoint loads into them.
