@@ -103,9 +103,6 @@ class ModelConfig:
     init: str = _field("", "start the tower from a timm or open_clip checkpoint (.safetensors, or .pt/.pth read with "
                        "weights_only): names mapped, position embedding resampled to data.image_size; a fresh run only, "
                        "resume takes the checkpoint's weights ('': random weights)")
-    init: str = _field("", "start the tower from a timm or open_clip checkpoint (.safetensors, or .pt/.pth read with "
-                       "weights_only): names mapped, position embedding resampled to data.image_size; a fresh run only, "
-                       "resume takes the checkpoint's weights ('': random weights)")
     pooling: str = _field("mean", "image feature: mean of patch tokens (LIFT) or class token", choices=("mean", "cls"))
     pos_embed: str = _field("learned", "position embedding", choices=("learned", "sincos"))
     head_hidden: int = _field(0, "hidden width of the LIFT head (0: the text dim)", min=0)
@@ -377,3 +374,4 @@ def describe(section: type) -> list[tuple[str, Any, str]]:
     """(field, default, doc) for each field of a config section, for --help output and docs."""
     return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(), f.metadata.get("doc", ""))
             for f in dataclasses.fields(section)]
+
