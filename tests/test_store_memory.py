@@ -1,0 +1,105 @@
+"""A pass over thousands of store shards keeps the reader's memory and memory maps flat in the number
+of shards (the store keeps at most `open_shards` open), and the same pass with an unbounded cache
+shows the growth the bound prevents (so the measurement can see it)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lift_fast.embed.manifest import FORMAT, FORMAT_VERSION
+from lift_fast.embed.shard_files import HASH_DTYPE, fingerprint_bytes
+from lift_fast.embed.store import OPEN_SHARDS, open_store
+from lift_fast.embed.store_writer import _npy_bytes
+
+SHARDS = 2500
+ROWS = 200  # keys per shard: what the cache holds per shard is mostly these strings
+DIM = 8
+
+
+def write_tiny_store(folder, shards: int, rows: int, dim: int) -> list[str]:
+    """A store of `shards` shards written directly (no fsync: thousands of files in a few seconds),
+    with the manifest a real embed run would write (fingerprints included). Returns the shard names."""
+    folder.mkdir()
+    names = [f"{i:06d}" for i in range(shards)]
+    entries = {}
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((rows, dim)).astype(np.float16)
+    for name in names:
+        contents = {f"{name}.keys.txt": "".join(f"{name}-{row:05d}\n" for row in range(rows)).encode(),
+                    f"{name}.caption_hash.npy": _npy_bytes(np.arange(rows, dtype=HASH_DTYPE)),
+                    f"{name}.npy": _npy_bytes(block)}
+        for file_name, data in contents.items():
+            (folder / file_name).write_bytes(data)
+        entries[name] = {"count": rows, "files": {n: fingerprint_bytes(d) for n, d in contents.items()}}
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "encoder": {"model": "tiny", "dim": dim},
+                "dtype": "float16", "dim": dim, "normalized": False, "data_dir": str(folder),
+                "data_shards": names, "shards": entries}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return names
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def maps_of(folder) -> int:
+    """Memory maps of files in `folder` held by this process."""
+    with open("/proc/self/maps") as f:
+        return sum(str(folder) in line for line in f)
+
+
+def walk(store, names) -> float:
+    """What the data reader does when it opens a shard: key -> row map, caption hash and row of a sample."""
+    total = 0.0
+    for name in names:
+        row = store.row_index(name)[f"{name}-00003"]
+        assert int(store.caption_hashes(name)[row]) == 3
+        total += float(np.asarray(store.embeddings(name)[row], dtype=np.float32).sum())
+    return total
+
+
+@pytest.mark.slow  # ~6 s of CPU (2,500 shards written and walked twice), more on a loaded machine
+def test_a_pass_over_thousands_of_shards_keeps_memory_and_maps_flat(tmp_path):
+    folder = tmp_path / "store"
+    names = write_tiny_store(folder, SHARDS, ROWS, DIM)
+
+    store = open_store(folder)
+    warm = SHARDS // 10
+    walk(store, names[:warm])  # the cache fills to its bound, the allocator to its working size
+    rss_warm, maps_warm = resident_bytes(), maps_of(folder)
+    walk(store, names[warm:])
+    rss_end, maps_end = resident_bytes(), maps_of(folder)
+    assert maps_warm <= OPEN_SHARDS and maps_end <= OPEN_SHARDS
+    assert len(store._open) == OPEN_SHARDS
+    bounded_growth = rss_end - rss_warm
+    assert bounded_growth < 4 << 20, f"RSS grew {bounded_growth / 2**20:.1f} MiB over {SHARDS - warm} shards"
+    del store
+    assert maps_of(folder) == 0  # dropping the store unmaps what it held
+
+    # The same pass with no bound: every shard stays mapped and its keys stay in memory.
+    unbounded = open_store(folder, open_shards=SHARDS + 1)
+    rss_start = resident_bytes()
+    walk(unbounded, names)
+    assert maps_of(folder) == SHARDS
+    unbounded_growth = resident_bytes() - rss_start
+    per_shard = unbounded_growth / SHARDS
+    assert per_shard > ROWS * 40, f"only {per_shard:.0f} bytes per shard: the measurement does not see the cache"
+    assert unbounded_growth > 5 * max(bounded_growth, 1 << 20)
+
+
+def test_a_store_sent_to_a_worker_carries_no_open_shards(tmp_path):
+    """Pickled into a loader worker, the store brings its manifest, not the parent's memory maps."""
+    import pickle
+
+    folder = tmp_path / "store"
+    names = write_tiny_store(folder, 3, 5, 4)
+    store = open_store(folder, open_shards=2)
+    walk(store, names)
+    copy = pickle.loads(pickle.dumps(store))
+    assert len(pickle.dumps(store)) < 4096 and not copy._open and copy.open_shards == 2
+    np.testing.assert_array_equal(np.asarray(copy.embeddings(names[0])), np.asarray(store.embeddings(names[0])))
