@@ -19,13 +19,14 @@ from lift_fast.config import Config, ConfigError, describe, load_config
 from lift_fast.data.shards import ShardError
 from lift_fast.data.synth import MINIMUM as SYNTH_MINIMUM
 from lift_fast.embed.store import StoreError
+from lift_fast.eval.formats import DatasetError
 from lift_fast.eval.sugarcrepe import SugarCrepeError
 from lift_fast.train import DistributedSetupError, NonFiniteLossError, RunFolderError
 
 # Errors that mean "bad input or settings": printed as one clear line, without a traceback. Each is
 # raised on purpose with a message naming the file, key or setting; anything else is a bug and
 # keeps its traceback.
-USER_ERRORS = (ConfigError, ShardError, StoreError, SugarCrepeError, RunFolderError, NonFiniteLossError,
+USER_ERRORS = (ConfigError, ShardError, StoreError, SugarCrepeError, DatasetError, RunFolderError, NonFiniteLossError,
                DistributedSetupError, FileNotFoundError, FileExistsError)
 
 
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=_at_least(SYNTH_MINIMUM["samples_per_shard"]), default=2000,
                    help="images per .tar shard (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical shards")
+    p.add_argument("--num-zeroshot", type=_at_least(SYNTH_MINIMUM["num_zeroshot"]), default=480,
+                   help="images of the zero-shot classification set, CLIP_benchmark's wds layout (default 480)")
+    p.add_argument("--num-retrieval", type=_at_least(SYNTH_MINIMUM["num_retrieval"]), default=200,
+                   help="images of the multi-caption retrieval set, wds and Karpathy JSON (default 200)")
 
     p = command("index", "write a DALI webdataset index (.idx) beside every shard of a folder")
     p.add_argument("data", type=Path, help="folder of .tar shards")
@@ -89,10 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint folder")
     _settings(p)
 
-    p = command("eval", "retrieval and compositional accuracy of a trained run")
+    p = command("eval", "retrieval and compositional accuracy of a trained run on its eval shards, and "
+                "zero-shot, retrieval and SugarCrepe tasks in the field's formats (docs/evaluation.md)")
     p.add_argument("--run", type=Path, required=True, help="run folder")
-    p.add_argument("--data", type=Path, required=True, help="folder of eval .tar shards (with sugarcrepe/ beside)")
-    p.add_argument("--embeddings", type=Path, required=True, help="embedding store of the eval shards")
+    p.add_argument("--data", type=Path, default=None, help="folder of eval .tar shards (with sugarcrepe/ beside)")
+    p.add_argument("--embeddings", type=Path, default=None, help="embedding store of the eval shards")
+    p.add_argument("--tasks", type=Path, default=None, help="YAML file of tasks (kind, format, path, ...)")
+    p.add_argument("--task", action="append", default=[], metavar="kind=K,format=F,path=P[,name=N,...]",
+                   help="one task (repeatable), fields as in a tasks file")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the newest)")
     _settings(p)  # on top of the run's config.yaml; only eval.* and data loading settings may differ
 
@@ -116,7 +125,8 @@ def run_command(args) -> None:
 
         summary = write_synthetic(args.out, num_train=args.num_train, num_eval=args.num_eval,
                                   image_size=args.image_size, seed=args.seed,
-                                  samples_per_shard=args.samples_per_shard, progress=progress)
+                                  samples_per_shard=args.samples_per_shard, num_zeroshot=args.num_zeroshot,
+                                  num_retrieval=args.num_retrieval, progress=progress)
         print(json.dumps(summary))
     elif args.command == "index":
         from lift_fast.data.index import index_shards
@@ -139,8 +149,10 @@ def run_command(args) -> None:
         print(json.dumps(train(cfg, args.data, args.embeddings, args.run, resume=args.resume, progress=progress)))
     elif args.command == "eval":
         from lift_fast.eval.run import evaluate
+        from lift_fast.eval.tasks import load_task_file, parse_task
 
-        print(json.dumps(evaluate(args.run, args.data, args.embeddings, config_path=args.config,
+        tasks = (load_task_file(args.tasks) if args.tasks else []) + [parse_task(text) for text in args.task]
+        print(json.dumps(evaluate(args.run, args.data, args.embeddings, tasks=tasks, config_path=args.config,
                                   overrides=args.overrides, checkpoint=args.checkpoint, progress=progress)))
     elif args.command == "demo":
         from lift_fast.demo import run_demo

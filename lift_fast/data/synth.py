@@ -5,6 +5,12 @@
     out/eval/00000.tar ...           the same, from another random stream, keys eval-00000000, ...
     out/eval/sugarcrepe/<cat>.json   hard negatives in SugarCrepe's format, one file per category
                                      (a category with no items, as in a tiny set, gets none)
+    out/zeroshot/                    zero-shot classification in CLIP_benchmark's webdataset layout:
+                                     test/nshards.txt, test/0.tar ... (KEY.jpg + KEY.cls), classnames.txt
+                                     (the 24 colour-shape pairs, "red circle" ...), zeroshot_classification_templates.txt
+    out/retrieval/                   two-object scenes with three true captions each, twice: CLIP_benchmark's
+                                     retrieval webdataset (test/*.tar with KEY.txt one caption per line,
+                                     dataset_type.txt) and a Karpathy JSON (karpathy.json) over images/
     out/synth.json                   the settings it was written with
 
 The categories follow SugarCrepe: `replace_att` (one colour replaced by one not in the image),
@@ -42,11 +48,15 @@ SHAPES = ("circle", "square", "triangle", "star")
 RELATIONS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 CATEGORIES = ("replace_att", "swap_att", "replace_rel", "swap_obj")
+ZEROSHOT_CLASSES = [f"{color} {shape}" for color in COLORS for shape in SHAPES]
+ZEROSHOT_TEMPLATES = ("a {c}", "a picture of a {c}", "a {c} on a plain background")
 SETTINGS_FILE = "synth.json"
 SETTINGS_FORMAT = "lift-fast-synth/2"  # 2: keys carry the split (train-00000000)
 # The smallest value of each write_synthetic setting (checked there and by `lift-fast synth`); below
 # 16 px the shapes are a few pixels wide and colours blur into each other in the JPEG.
-MINIMUM = {"num_train": 1, "num_eval": 1, "samples_per_shard": 1, "image_size": 16}
+MINIMUM = {"num_train": 1, "num_eval": 1, "samples_per_shard": 1, "image_size": 16, "num_zeroshot": 1,
+           "num_retrieval": 1}
+EXTRA_SETS = ("zeroshot", "retrieval")  # written beside train/ and eval/; older synth.json files lack their counts
 
 
 @dataclass
@@ -190,12 +200,81 @@ def write_negatives(folder: Path, negatives: dict[str, list[dict]]) -> None:
             (folder / f"{category}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
 
 
+def _jpeg(scene: Scene, image_size: int) -> bytes:
+    buffer = io.BytesIO()
+    render(scene, image_size).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _wds_writer(folder: Path, samples_per_shard: int):
+    """CLIP_benchmark's shard names (0.tar, 1.tar, ...), member times fixed for byte-identical output."""
+    import webdataset as wds
+
+    (folder / "test").mkdir(parents=True, exist_ok=True)
+    return wds.ShardWriter(str(folder / "test" / "%d.tar"), maxcount=samples_per_shard, verbose=0, mtime=0)
+
+
+def _finish_wds(folder: Path) -> None:
+    count = len(list((folder / "test").glob("*.tar")))
+    (folder / "test" / "nshards.txt").write_text(f"{count}\n", encoding="utf-8")
+
+
+def write_zeroshot(folder: Path, count: int, *, image_size: int, seed: int, samples_per_shard: int,
+                   progress: bool = True) -> None:
+    """One shape per image, its class one of ZEROSHOT_CLASSES in turn, in CLIP_benchmark's wds layout."""
+    rng = np.random.default_rng([seed, 2])
+    with _wds_writer(folder, samples_per_shard) as writer:
+        for index in tqdm(range(count), desc="synth zeroshot", unit="img", disable=not progress):
+            label = index % len(ZEROSHOT_CLASSES)
+            color, shape = ZEROSHOT_CLASSES[label].split(" ")
+            background = tuple(int(v) for v in rng.integers(200, 256, size=3))
+            x, y = rng.uniform(0.25, 0.75, size=2)
+            scene = Scene([Shape(color, shape, float(x), float(y), float(rng.uniform(0.14, 0.22)))], None, background)
+            writer.write({"__key__": f"zeroshot-{index:08d}", "jpg": _jpeg(scene, image_size), "cls": str(label)})
+    _finish_wds(folder)
+    (folder / "classnames.txt").write_text("\n".join(ZEROSHOT_CLASSES) + "\n", encoding="utf-8")
+    (folder / "zeroshot_classification_templates.txt").write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n",
+                                                                  encoding="utf-8")
+
+
+def retrieval_captions(scene: Scene) -> list[str]:
+    """Three true captions of a two-object scene: as trained, the inverse relation, and a longer one."""
+    first, second = scene.objects
+    inverse = f"{second.phrase()} {INVERSE[scene.relation]} {first.phrase()}"
+    long = (f"a picture of two shapes on a plain light background: {first.phrase()} and {second.phrase()}, "
+            f"where {scene.caption()}")
+    return [scene.caption(), inverse, long]
+
+
+def write_retrieval(folder: Path, count: int, *, image_size: int, seed: int, samples_per_shard: int,
+                    progress: bool = True) -> None:
+    """Two-object scenes with three captions each, as a CLIP_benchmark retrieval wds and as a Karpathy
+    JSON over an image folder (the same images)."""
+    rng = np.random.default_rng([seed, 3])
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    with _wds_writer(folder, samples_per_shard) as writer:
+        for index in tqdm(range(count), desc="synth retrieval", unit="img", disable=not progress):
+            key = f"retrieval-{index:08d}"
+            scene = sample_scene(rng, two_object_fraction=1.0)
+            image, captions = _jpeg(scene, image_size), retrieval_captions(scene)
+            writer.write({"__key__": key, "jpg": image, "txt": "\n".join(captions)})
+            (folder / "images" / f"{key}.jpg").write_bytes(image)
+            entries.append({"filename": f"{key}.jpg", "split": "test", "imgid": index,
+                            "sentences": [{"raw": caption} for caption in captions]})
+    _finish_wds(folder)
+    (folder / "dataset_type.txt").write_text("retrieval\n", encoding="utf-8")
+    (folder / "karpathy.json").write_text(json.dumps({"images": entries, "dataset": "lift-fast-synth"}, indent=1),
+                                          encoding="utf-8")
+
+
 def _check_out_folder(out_dir: Path, settings: dict) -> None:
     """Refuse a folder holding other data, or a synthetic set written with other settings."""
     recorded = out_dir / SETTINGS_FILE
     if recorded.is_file():
         found = json.loads(recorded.read_text(encoding="utf-8"))
-        differ = [f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in settings.items() if found.get(k) != v]
+        differ = [f"{k}: {found.get(k)!r} there, {v!r} asked" for k, v in settings.items()
+                  if found.get(k) != v and not (k.removeprefix("num_") in EXTRA_SETS and k not in found)]
         if differ:
             raise FileExistsError(f"{out_dir / 'train'} already holds shards of a synthetic set written with other "
                                   f"settings ({'; '.join(differ)}); choose another --out folder")
@@ -210,25 +289,28 @@ def _check_out_folder(out_dir: Path, settings: dict) -> None:
 
 
 def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: int = 1000, image_size: int = 64,
-                    seed: int = 0, samples_per_shard: int = 2000, progress: bool = True) -> dict:
-    """Write the synthetic set (train and eval shards, SugarCrepe-style negatives) under out_dir.
+                    seed: int = 0, samples_per_shard: int = 2000, num_zeroshot: int = 480, num_retrieval: int = 200,
+                    progress: bool = True) -> dict:
+    """Write the synthetic set (train and eval shards, SugarCrepe-style negatives, a zero-shot set of
+    num_zeroshot images and a multi-caption retrieval set of num_retrieval) under out_dir.
 
     Each split is written into a hidden `.SPLIT.partial` folder and renamed when complete, so an
     interrupted run leaves no half split behind; run again with the same settings and the
     complete splits are kept (`synth.json` records the settings).
-    Returns {"out", "train", "eval", "reused": [splits kept], "negatives": {category: n}}.
+    Returns {"out", "train", "eval", "zeroshot", "retrieval", "reused": [sets kept], "negatives": {category: n}}.
     Raises ValueError naming the setting when a count or size is below its MINIMUM, and
     FileExistsError if out_dir holds other shards or a set made with other settings (nothing is
     overwritten).
     """
     sizes = {"num_train": num_train, "num_eval": num_eval, "samples_per_shard": samples_per_shard,
-             "image_size": image_size}
+             "image_size": image_size, "num_zeroshot": num_zeroshot, "num_retrieval": num_retrieval}
     for name, value in sizes.items():
         if value < MINIMUM[name]:
             raise ValueError(f"{name}={value}: must be at least {MINIMUM[name]}")
     out_dir = Path(out_dir)
     settings = {"format": SETTINGS_FORMAT, "num_train": num_train, "num_eval": num_eval, "image_size": image_size,
-                "seed": seed, "samples_per_shard": samples_per_shard}
+                "seed": seed, "samples_per_shard": samples_per_shard, "num_zeroshot": num_zeroshot,
+                "num_retrieval": num_retrieval}
     _check_out_folder(out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
@@ -245,6 +327,16 @@ def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: in
         if split == "eval":
             write_negatives(partial / "sugarcrepe", negatives)
         partial.rename(final)
+    for name, count, write in (("zeroshot", num_zeroshot, write_zeroshot), ("retrieval", num_retrieval, write_retrieval)):
+        final = out_dir / name
+        if final.is_dir():
+            reused.append(name)
+            continue
+        partial = out_dir / f".{name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write(partial, count, image_size=image_size, seed=seed, samples_per_shard=samples_per_shard, progress=progress)
+        partial.rename(final)
     counts = {path.stem: len(json.loads(path.read_text(encoding="utf-8")))
               for path in sorted((out_dir / "eval" / "sugarcrepe").glob("*.json"))}
-    return {"out": str(out_dir), "train": num_train, "eval": num_eval, "reused": reused, "negatives": counts}
+    return {"out": str(out_dir), "train": num_train, "eval": num_eval, "zeroshot": num_zeroshot,
+            "retrieval": num_retrieval, "reused": reused, "negatives": counts}

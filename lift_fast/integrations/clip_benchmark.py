@@ -1,0 +1,150 @@
+"""CLIP_benchmark as a client: a lift-fast run as a CLIP-like model with encode_image / encode_text.
+
+    python -m lift_fast.integrations.clip_benchmark eval --model_type lift_fast --pretrained RUN_DIR \
+        --model lift --dataset wds/NAME --dataset_root DIR --task zeroshot_classification --output out.json
+
+takes clip_benchmark's own `eval` (and `build`) arguments: it registers `lift_fast` in
+clip_benchmark's model types (TYPE2FUNC, MODEL_TYPES) and then runs clip_benchmark's command line.
+`--pretrained` is a run folder (its newest complete checkpoint) or one checkpoint folder
+(RUN/checkpoints/step_N); `--model` is free (it names the row in `clip_benchmark build`).
+
+In Python, `load_lift_fast(model_name, pretrained, cache_dir, device)` returns what clip_benchmark's
+loaders return, `(model, transform, tokenizer)`. The text side is the run's frozen encoder with the
+run's embed settings (prompt, pooling, max length, dim, normalisation), so encode_text gives the
+rows the embedding store holds (before the store's fp16 rounding); it runs outside any autocast the
+caller opened, in the encoder's own precision. The image side runs under the caller's autocast
+(clip_benchmark's --no_amp turns it off), with the run's attention backend where it can run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lift_fast.config import load_config
+from lift_fast.eval.model import EvalModel, load_run_model, preprocess
+from lift_fast.train.checkpoint import PATTERN
+
+MODEL_TYPE = "lift_fast"
+
+
+class CaptionTokens:
+    """What the tokenizer gives clip_benchmark: the encoder's token ids of a list of captions.
+
+    clip_benchmark calls `.to(device)` on it and hands it to `encode_text`; the ids go to the
+    encoder's own batching (longest first, length buckets), so nothing is padded here."""
+
+    def __init__(self, tokenized):
+        self.tokenized = tokenized
+
+    def to(self, device) -> CaptionTokens:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.tokenized.ids)
+
+
+class LiftTokenizer:
+    """captions (a string or a list of strings) -> CaptionTokens, with the run's prompt and max length."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    def __call__(self, texts) -> CaptionTokens:
+        return CaptionTokens(self.encoder.tokenize([texts] if isinstance(texts, str) else list(texts)))
+
+
+class LiftClipModel(nn.Module):
+    """A lift-fast image tower and its frozen text encoder behind open_clip's model interface."""
+
+    def __init__(self, eval_model: EvalModel):
+        super().__init__()
+        self.eval_model = eval_model
+        self.visual = eval_model.model
+        self.encoder = eval_model.text_encoder()
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.visual.logit_scale
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """images [B, 3, S, S] (the transform's output) -> features [B, D] float32 (L2-normalised:
+        LIFT's head output is normalised in the model)."""
+        return self.visual(images.to(self.eval_model.device)).float()
+
+    def encode_text(self, tokens: CaptionTokens, normalize: bool = False) -> torch.Tensor:
+        """CaptionTokens -> the frozen encoder's embeddings [B, D] float32 on the model's device."""
+        with torch.autocast(self.eval_model.device.type, enabled=False):
+            rows = self.encoder.encode_tokenized(tokens.tokenized)
+        return rows.to(self.eval_model.device)
+
+    def forward(self, images: torch.Tensor, tokens: CaptionTokens):
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+
+
+def _run_and_checkpoint(pretrained: str | Path) -> tuple[Path, Path | None]:
+    path = Path(pretrained)
+    if PATTERN.fullmatch(path.name) and path.parent.name == "checkpoints":
+        return path.parent.parent, path
+    if (path / "config.yaml").is_file():
+        return path, None
+    raise FileNotFoundError(f"--pretrained {path}: not a lift-fast run folder (no config.yaml) nor a checkpoint "
+                            "folder RUN/checkpoints/step_N")
+
+
+def load_lift_fast(model_name: str = "lift", pretrained: str = "", cache_dir: str | None = None,
+                   device: str | torch.device = "cuda"):
+    """clip_benchmark's loader for `--model_type lift_fast`: (model, transform, tokenizer).
+
+    pretrained: a run folder or a checkpoint folder of one; model_name and cache_dir are not used.
+    transform: PIL image -> [3, S, S] (the eval loader's view); tokenizer: captions -> CaptionTokens.
+    Raises FileNotFoundError for a path that is neither, and what load_run_model raises."""
+    run_dir, checkpoint = _run_and_checkpoint(pretrained)
+    cfg = load_config(run_dir / "config.yaml")
+    eval_model = load_run_model(run_dir, cfg, checkpoint, device=torch.device(device))
+    model = LiftClipModel(eval_model).eval()
+
+    def transform(image):
+        return preprocess(image, cfg.data.image_size)
+
+    return model, transform, LiftTokenizer(model.encoder)
+
+
+def _topk_accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[float]:
+    """clip_benchmark's zeroshot_classification.accuracy, with its counts read by .sum() into a 0-d
+    tensor: clip_benchmark 1.6.2 calls float() on a 1-element array, which NumPy 2.4 refuses."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
+
+
+def register() -> None:
+    """Add `lift_fast` to clip_benchmark's model types (before its argument parser is built), and
+    mend its top-k accuracy where this NumPy breaks it (the same arithmetic, see _topk_accuracy)."""
+    from clip_benchmark import models
+    from clip_benchmark.metrics import zeroshot_classification
+
+    models.TYPE2FUNC[MODEL_TYPE] = load_lift_fast
+    if MODEL_TYPE not in models.MODEL_TYPES:
+        models.MODEL_TYPES.append(MODEL_TYPE)  # the list clip_benchmark.cli took its --model_type choices from
+    try:
+        zeroshot_classification.accuracy(torch.eye(2), torch.arange(2))
+    except TypeError:
+        zeroshot_classification.accuracy = _topk_accuracy
+
+
+def main(argv: list[str] | None = None) -> int:
+    """clip_benchmark's command line (`eval ...`, `build ...`) with `--model_type lift_fast` available."""
+    register()
+    from clip_benchmark import cli
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    return cli.main() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
