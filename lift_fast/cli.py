@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the newest)")
     _settings(p)  # on top of the run's config.yaml; only eval.* and data loading settings may differ
 
+    p = command("flops", "FLOPs per sample and per step, LIFT vs CLIP, of a config (and, with --memory-batch, "
+                "peak memory per step measured here)")
+    p.add_argument("--global-batch", type=_at_least(1), default=None, help="samples per step (default train.batch_size)")
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="samples seen / captions, over which LIFT's one-off embedding pass is spread (default 1; "
+                   "inf leaves it out)")
+    p.add_argument("--memory-batch", type=_at_least(1), default=None,
+                   help="also measure peak memory of a training step of each mode at this batch")
+    p.add_argument("--device", default=None, help="for --memory-batch: cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    _settings(p)
+
     p = command("demo", "synth -> embed -> train -> eval on this machine, with a report")
     p.add_argument("--out", type=Path, required=True, help="folder for data, store, run and report")
     p.add_argument("--quick", action="store_true", help="a tiny version that finishes in well under a minute")
@@ -146,6 +158,10 @@ def run_command(args) -> None:
         from lift_fast.train.loop import run_config, train
 
         cfg = run_config(args.run, args.resume, args.config, args.overrides)  # the saved one when resuming
+        if cfg.model.text_tower != "frozen":  # until the loop, loader and eval take the text tower (issue 12)
+            raise ConfigError("model.text_tower=transformer (the CLIP baseline) cannot be trained yet: the text "
+                              "tower (lift_fast/models/text_tower.py) and `lift-fast flops` exist, the training loop "
+                              "does not use them; use model.text_tower=frozen")
         print(json.dumps(train(cfg, args.data, args.embeddings, args.run, resume=args.resume, progress=progress)))
     elif args.command == "eval":
         from lift_fast.eval.run import evaluate
@@ -154,6 +170,11 @@ def run_command(args) -> None:
         tasks = (load_task_file(args.tasks) if args.tasks else []) + [parse_task(text) for text in args.task]
         print(json.dumps(evaluate(args.run, args.data, args.embeddings, tasks=tasks, config_path=args.config,
                                   overrides=args.overrides, checkpoint=args.checkpoint, progress=progress)))
+    elif args.command == "flops":
+        from lift_fast.flops import run_flops
+
+        run_flops(_load(args), global_batch=args.global_batch, epochs=args.epochs, memory_batch=args.memory_batch,
+                  device=args.device or ("cuda" if _cuda() else "cpu"), as_json=args.json)
     elif args.command == "demo":
         from lift_fast.demo import run_demo
 
