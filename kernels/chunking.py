@@ -14,6 +14,12 @@ MIN_SLAB_ELEMENTS = 2**20
 SLAB_DIVISOR = 8
 
 
+def autocast_off(device: torch.device):
+    """A context with autocast disabled on `device`: inside the losses' custom ops every GEMM runs in
+    the dtype the inputs were cast to at the call (reference.gemm_dtype), in forward and backward."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def slab_rows(rows: int, columns: int, dim: int) -> int:
     """How many rows of the [rows, columns] similarity matrix to hold at once."""
     budget = max(MIN_SLAB_ELEMENTS, columns * dim // SLAB_DIVISOR)

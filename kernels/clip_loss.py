@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import slab_ops
-from .chunking import accumulate_matmul, all_gather_rows, similarity, slab_rows, text_gradient
+from .chunking import accumulate_matmul, all_gather_rows, autocast_off, similarity, slab_rows, text_gradient
 from .reference import (
     as_scalar,
     check_process_group,
@@ -31,12 +31,13 @@ from .reference import (
     clip_loss_torch,
     compute_dtype,
     gather_rows,
+    gemm_dtype,
     loss_implementation,
     normalize_rows,
     prepare_loss_inputs,
     project_and_normalize,
 )
-from .siglip_loss import siglip_loss
+from .siglip_loss import chunked_siglip_loss
 
 FUSED_LOSSES = ("clip", "siglip")
 
@@ -52,35 +53,36 @@ def clip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, r
     image, text: [b, D] (unit rows); scale: 0-d. The gathered texts [N, D] are returned for the
     backward when world_size > 1, else an empty tensor (the texts themselves are used).
     """
-    b, dim = image.shape
-    texts = all_gather_rows(text, world_size) if world_size > 1 else text  # [N, D]
-    n = texts.shape[0]
-    stat_dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
-    s = scale.to(stat_dtype)  # stays on the device: the kernels read it through a pointer
-    row_stats = torch.empty(2, b, device=image.device, dtype=stat_dtype)  # max, log sum exp(logit - max)
-    col_max = torch.full((n,), float("-inf"), device=image.device, dtype=stat_dtype)
-    col_sum = torch.zeros(n, device=image.device, dtype=stat_dtype)  # sum of exp(logit - col_max)
-    step = slab_rows(b, n, dim)
-    positives = torch.empty(b, device=image.device, dtype=stat_dtype)  # scale * <image i, text i>
-    for start in range(0, b, step):
-        sim = similarity(image[start:start + step], texts)  # [m, N]
-        # the positives come from the same similarities as the softmaxes, so a pair that wins by
-        # a margin of 0 in the GEMM's rounding scores exactly log(N), whatever the dtype
-        positives[start:start + step] = s * sim.diagonal(offset=rank * b + start)
-        row_max, row_logsum, slab_col_max, slab_col_sum = slab_ops.clip_stats(sim, s, use_triton)
-        row_stats[0, start:start + step] = row_max
-        row_stats[1, start:start + step] = row_logsum
-        col_max, col_sum = slab_ops.merge_stats(torch.stack([col_max, slab_col_max]),
-                                                torch.stack([col_sum, slab_col_sum]), dim=0)
-    if world_size > 1:  # merge the column statistics of every rank's rows: an all-gather of [2, N]
-        merged = all_gather_rows(torch.stack([col_max, col_sum])[None], world_size)  # [W, 2, N]
-        col_max, col_sum = slab_ops.merge_stats(merged[:, 0], merged[:, 1], dim=0)
-    col_stats = torch.stack([col_max, torch.log(col_sum)])  # [2, N]
-    own = col_stats[:, rank * b:(rank + 1) * b]
-    # lse - positive = (max - positive) + log sum: small terms, no large lse cancelling a large positive
-    loss = ((row_stats[0] - positives + row_stats[1]).sum() + (own[0] - positives + own[1]).sum()) / (2 * b)
-    gathered = texts if world_size > 1 else text.new_empty(0)
-    return loss, row_stats, col_stats, gathered
+    with autocast_off(image.device):  # one GEMM dtype: the one the inputs were cast to
+        b, dim = image.shape
+        texts = all_gather_rows(text, world_size) if world_size > 1 else text  # [N, D]
+        n = texts.shape[0]
+        stat_dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+        s = scale.to(stat_dtype)  # stays on the device: the kernels read it through a pointer
+        row_stats = torch.empty(2, b, device=image.device, dtype=stat_dtype)  # max, log sum exp(logit - max)
+        col_max = torch.full((n,), float("-inf"), device=image.device, dtype=stat_dtype)
+        col_sum = torch.zeros(n, device=image.device, dtype=stat_dtype)  # sum of exp(logit - col_max)
+        step = slab_rows(b, n, dim)
+        positives = torch.empty(b, device=image.device, dtype=stat_dtype)  # scale * <image i, text i>
+        for start in range(0, b, step):
+            sim = similarity(image[start:start + step], texts)  # [m, N]
+            # the positives come from the same similarities as the softmaxes, so a pair that wins by
+            # a margin of 0 in the GEMM's rounding scores exactly log(N), whatever the dtype
+            positives[start:start + step] = s * sim.diagonal(offset=rank * b + start)
+            row_max, row_logsum, slab_col_max, slab_col_sum = slab_ops.clip_stats(sim, s, use_triton)
+            row_stats[0, start:start + step] = row_max
+            row_stats[1, start:start + step] = row_logsum
+            col_max, col_sum = slab_ops.merge_stats(torch.stack([col_max, slab_col_max]),
+                                                    torch.stack([col_sum, slab_col_sum]), dim=0)
+        if world_size > 1:  # merge the column statistics of every rank's rows: an all-gather of [2, N]
+            merged = all_gather_rows(torch.stack([col_max, col_sum])[None], world_size)  # [W, 2, N]
+            col_max, col_sum = slab_ops.merge_stats(merged[:, 0], merged[:, 1], dim=0)
+        col_stats = torch.stack([col_max, torch.log(col_sum)])  # [2, N]
+        own = col_stats[:, rank * b:(rank + 1) * b]
+        # lse - positive = (max - positive) + log sum: small terms, no large lse cancelling a large positive
+        loss = ((row_stats[0] - positives + row_stats[1]).sum() + (own[0] - positives + own[1]).sum()) / (2 * b)
+        gathered = texts if world_size > 1 else text.new_empty(0)
+        return loss, row_stats, col_stats, gathered
 
 
 @clip_forward.register_fake
@@ -101,33 +103,34 @@ def clip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tens
     Under torch.distributed these are the gradients of the sum of all ranks' losses, each rank's
     weighted by its own grad_loss: what open_clip's gather-with-grad all_gather gives.
     """
-    b, dim = image.shape
-    texts = gathered if world_size > 1 else text  # [N, D]
-    n = texts.shape[0]
-    s = scale.to(row_stats.dtype)
-    # the coefficients stay device tensors: reading grad_loss on the host would wait for the GPU
-    row_coef = grad_loss.reshape(()).to(row_stats.dtype) / (2 * b)
-    if world_size > 1:  # column j belongs to the loss of the rank that owns text j
-        owner_grads = all_gather_rows(row_coef.reshape(1), world_size)
-        col_coef = owner_grads.repeat_interleave(b)
-    else:
-        col_coef = row_coef.expand(n).contiguous()
-    step = slab_rows(b, n, dim)
-    slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
-    grad_image = torch.empty_like(image)
-    grad_texts = torch.zeros(n, dim, device=image.device, dtype=row_stats.dtype) if text_grad else None
-    grad_scale = torch.zeros((), device=image.device, dtype=row_stats.dtype)
-    for start in range(0, b, step):
-        rows = image[start:start + step]
-        sim = similarity(rows, texts)  # [m, N], recomputed
-        grad = slab_grad[:rows.shape[0]]
-        grad_scale += slab_ops.clip_grad(sim, grad, row_stats[:, start:start + step], col_stats, col_coef, scale=s,
-                                         row_coef=row_coef, diag_offset=rank * b + start, use_triton=use_triton)
-        torch.mm(grad, texts, out=grad_image[start:start + step])
-        if grad_texts is not None:
-            accumulate_matmul(grad_texts, grad.T, rows)
-    grad_text = text_gradient(grad_texts, text, image, rank, world_size)
-    return grad_image, grad_text, grad_scale.to(scale.dtype)
+    with autocast_off(image.device):  # one GEMM dtype: the one the inputs were cast to
+        b, dim = image.shape
+        texts = gathered if world_size > 1 else text  # [N, D]
+        n = texts.shape[0]
+        s = scale.to(row_stats.dtype)
+        # the coefficients stay device tensors: reading grad_loss on the host would wait for the GPU
+        row_coef = grad_loss.reshape(()).to(row_stats.dtype) / (2 * b)
+        if world_size > 1:  # column j belongs to the loss of the rank that owns text j
+            owner_grads = all_gather_rows(row_coef.reshape(1), world_size)
+            col_coef = owner_grads.repeat_interleave(b)
+        else:
+            col_coef = row_coef.expand(n).contiguous()
+        step = slab_rows(b, n, dim)
+        slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
+        grad_image = torch.empty_like(image)
+        grad_texts = torch.zeros(n, dim, device=image.device, dtype=row_stats.dtype) if text_grad else None
+        grad_scale = torch.zeros((), device=image.device, dtype=row_stats.dtype)
+        for start in range(0, b, step):
+            rows = image[start:start + step]
+            sim = similarity(rows, texts)  # [m, N], recomputed
+            grad = slab_grad[:rows.shape[0]]
+            grad_scale += slab_ops.clip_grad(sim, grad, row_stats[:, start:start + step], col_stats, col_coef, scale=s,
+                                             row_coef=row_coef, diag_offset=rank * b + start, use_triton=use_triton)
+            torch.mm(grad, texts, out=grad_image[start:start + step])
+            if grad_texts is not None:
+                accumulate_matmul(grad_texts, grad.T, rows)
+        grad_text = text_gradient(grad_texts, text, image, rank, world_size)
+        return grad_image, grad_text, grad_scale.to(scale.dtype)
 
 
 @clip_backward.register_fake
@@ -204,32 +207,59 @@ def clip_loss(
 
 class _FusedProjectionClip(torch.autograd.Function):
     """CLIP loss of normalize(hidden @ weight.T + bias) against unit texts, keeping neither the
-    projection nor the normalised features for the backward (both are recomputed from hidden)."""
+    projection nor the normalised features for the backward (both are recomputed from hidden).
+    hidden, weight, bias and text come in one GEMM dtype; autocast is off inside, forward and backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, text, scale, use_triton):
-        projected = F.linear(hidden, weight, bias).to(scale.dtype)  # [B, D], float32 or float64
-        inv_norm = torch.rsqrt(projected.pow(2).sum(dim=1).clamp_min(1e-24))  # [B]
-        image = (projected * inv_norm[:, None]).to(hidden.dtype)
-        loss, row_stats, col_stats, _ = clip_forward(image, text, scale, 0, 1, use_triton)
-        ctx.save_for_backward(hidden, weight, bias, text, scale, inv_norm, row_stats, col_stats)
-        ctx.use_triton = use_triton
+    def forward(ctx, hidden, weight, bias, text, scale, rank, world_size, use_triton):
+        with autocast_off(hidden.device):
+            projected = F.linear(hidden, weight, bias).to(scale.dtype)  # [B, D], float32 or float64
+            inv_norm = torch.rsqrt(projected.pow(2).sum(dim=1).clamp_min(1e-24))  # [B]
+            image = (projected * inv_norm[:, None]).to(hidden.dtype)
+            loss, row_stats, col_stats, gathered = clip_forward(image, text, scale, rank, world_size, use_triton)
+        ctx.save_for_backward(hidden, weight, bias, text, gathered, scale, inv_norm, row_stats, col_stats)
+        ctx.config = (rank, world_size, use_triton)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, bias, text, scale, inv_norm, row_stats, col_stats = ctx.saved_tensors
-        image = (F.linear(hidden, weight, bias).to(inv_norm.dtype) * inv_norm[:, None]).to(hidden.dtype)
-        grad_image, grad_text, grad_scale = clip_backward(grad_loss, image, text, text.new_empty(0), scale, row_stats,
-                                                          col_stats, 0, 1, ctx.needs_input_grad[3], ctx.use_triton)
-        # through the L2 norm: d projected = (d image - image * <image, d image>) / |projected|
-        unit, grad_unit = image.to(inv_norm.dtype), grad_image.to(inv_norm.dtype)
-        grad_projected = ((grad_unit - unit * (unit * grad_unit).sum(1, keepdim=True)) * inv_norm[:, None]).to(hidden.dtype)
-        grad_hidden = grad_projected @ weight
-        grad_weight = grad_projected.T @ hidden
-        grad_bias = grad_projected.sum(0) if bias is not None else None
+        hidden, weight, bias, text, gathered, scale, inv_norm, row_stats, col_stats = ctx.saved_tensors
+        rank, world_size, use_triton = ctx.config
+        with autocast_off(hidden.device):
+            image = (F.linear(hidden, weight, bias).to(inv_norm.dtype) * inv_norm[:, None]).to(hidden.dtype)
+            grad_image, grad_text, grad_scale = clip_backward(grad_loss, image, text, gathered, scale, row_stats,
+                                                              col_stats, rank, world_size, ctx.needs_input_grad[3],
+                                                              use_triton)
+            # through the L2 norm: d projected = (d image - image * <image, d image>) / |projected|
+            unit, grad_unit = image.to(inv_norm.dtype), grad_image.to(inv_norm.dtype)
+            grad_projected = ((grad_unit - unit * (unit * grad_unit).sum(1, keepdim=True))
+                              * inv_norm[:, None]).to(hidden.dtype)
+            grad_hidden = grad_projected @ weight
+            grad_weight = grad_projected.T @ hidden
+            grad_bias = grad_projected.sum(0) if bias is not None else None
         return (grad_hidden, grad_weight, grad_bias, grad_text if ctx.needs_input_grad[3] else None,
-                grad_scale, None)
+                grad_scale, None, None, None)
+
+
+def check_fused_world(rank: int, world_size: int) -> None:
+    """fused_projection_clip_loss's distributed arguments against the process group.
+
+    Raises:
+        ValueError: a bad rank/world_size, one that disagrees with the process group, or
+            world_size=1 left as it is under a process group of several processes (the loss would
+            silently be a local-batch loss).
+        RuntimeError: world_size > 1 without torch.distributed initialised.
+    """
+    import torch.distributed as dist
+
+    check_rank(rank, world_size, "fused_projection_clip_loss")
+    if world_size > 1:
+        check_process_group(rank, world_size, "fused_projection_clip_loss")
+    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            f"fused_projection_clip_loss(world_size=1) under torch.distributed with {dist.get_world_size()} "
+            "processes would be a local-batch loss: pass rank=torch.distributed.get_rank(), "
+            "world_size=torch.distributed.get_world_size()")
 
 
 def fused_projection_clip_loss(
@@ -240,27 +270,37 @@ def fused_projection_clip_loss(
     logit_scale: torch.Tensor | float,
     logit_bias: torch.Tensor | float | None = None,
     loss: str = "clip",
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.Tensor:
     """Contrastive loss of the head's last linear layer output, projection and loss in one call.
 
     Computes `clip_loss` (or `siglip_loss`) of normalize(image_hidden @ weight.T + bias) against
     normalize(text_features). For "clip" the projection and the norm are recomputed in the backward
     instead of being kept: the only [B, D] tensors held between forward and backward are the inputs.
+    The GEMMs run in one dtype: the autocast dtype under autocast, else the promotion of
+    image_hidden's and weight's dtypes (text_features are cast to it).
 
     Args:
-        image_hidden: [B, H] hidden states entering the head's last linear layer.
+        image_hidden: [B, H] hidden states entering the head's last linear layer (this rank's rows).
         weight: [D, H] that layer's weight; bias: [D] or None.
         text_features: [B, D] caption embeddings (normalised here; already unit rows are fine).
         logit_scale: the already-exponentiated scale; logit_bias: optional additive bias.
         loss: "clip" or "siglip".
+        rank, world_size: this process's place in the default process group. With world_size > 1,
+            "clip" is `ClipLoss(local_loss=True, gather_with_grad=True, rank, world_size)` and
+            "siglip" is `SigLipLoss(rank=rank, world_size=world_size)` of the projected features.
 
     Returns:
         0-d loss, as `clip_loss`/`siglip_loss` return it.
 
     Raises:
-        ValueError: an unknown `loss`, or shapes that do not chain ([B, H] x [D, H] -> [B, D] against
-            [B, D] text features), named in the message.
-        TypeError, RuntimeError: as `clip_loss`.
+        ValueError: an unknown `loss`, shapes that do not chain ([B, H] x [D, H] -> [B, D] against
+            [B, D] text features), named in the message; rank/world_size that do not match the
+            process group, or world_size=1 under a process group of several processes.
+        TypeError, RuntimeError: as `clip_loss`; RuntimeError: world_size > 1 without
+            torch.distributed initialised.
     """
     if loss not in FUSED_LOSSES:
         raise ValueError(f"loss={loss!r} is not supported; use one of {', '.join(FUSED_LOSSES)}")
@@ -278,16 +318,24 @@ def fused_projection_clip_loss(
             f"({image_hidden.shape[0]}, {weight.shape[0]}) to match image_hidden "
             f"{tuple(image_hidden.shape)} and weight {tuple(weight.shape)}"
         )
-    text_features = normalize_rows(text_features)  # [B, D]
+    check_fused_world(rank, world_size)
+    dtype = gemm_dtype(image_hidden, weight)
+    image_hidden, weight = image_hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    text_features = normalize_rows(text_features).to(dtype)  # [B, D]
     if loss == "siglip":
-        return siglip_loss(project_and_normalize(image_hidden, weight, bias), text_features, logit_scale, logit_bias)
-    text_features = text_features.to(image_hidden.dtype)
+        with autocast_off(image_hidden.device):
+            image_features = project_and_normalize(image_hidden, weight, bias)
+        image_features, text_features, scale, logit_bias = prepare_loss_inputs(
+            image_features, text_features, logit_scale, logit_bias)
+        return chunked_siglip_loss(image_features, text_features, scale, logit_bias, rank=rank,
+                                   world_size=world_size)
     stat_dtype = compute_dtype(image_hidden)
     scale = as_scalar(logit_scale, "logit_scale", image_hidden.device, stat_dtype)
     logit_bias = None if logit_bias is None else as_scalar(logit_bias, "logit_bias", image_hidden.device, stat_dtype)
     use_triton = loss_implementation(image_hidden.device) == "triton"
     value = _FusedProjectionClip.apply(image_hidden.contiguous(), weight, bias, text_features.contiguous(), scale,
-                                       use_triton)
+                                       rank, world_size, use_triton)
     return value if logit_bias is None else value + 0 * logit_bias
 
 

@@ -116,6 +116,21 @@ def common_feature_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def gemm_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The one dtype every GEMM of a loss call runs in, forward and backward, decided at the call.
+
+    Under autocast enabled for the tensors' device, its dtype (bf16 or fp16), as autocast would cast
+    the GEMMs' float32 inputs; float64 stays float64, as autocast leaves float64 alone. Without
+    autocast, the promotion of the tensors' dtypes. The losses cast their inputs to it and run their
+    custom ops with autocast off inside, so the backward's recompute meets the same dtype.
+    """
+    dtype = common_feature_dtype(*tensors)
+    device_type = tensors[0].device.type
+    if dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def as_scalar(value, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Turn `logit_scale` or `logit_bias` (float or one-element tensor) into a 0-d tensor.
 
@@ -136,14 +151,14 @@ def prepare_loss_inputs(image_features, text_features, logit_scale, logit_bias):
     """Check a loss's inputs and bring them to the form the plain-torch losses take.
 
     Returns:
-        (image_features, text_features) in one (promoted) dtype, and logit_scale, logit_bias
-        (or None) as 0-d tensors in the compute dtype on the features' device.
+        (image_features, text_features) in the call's GEMM dtype (`gemm_dtype`), and logit_scale,
+        logit_bias (or None) as 0-d tensors in the compute dtype on the features' device.
 
     Raises:
         as `check_feature_pair` and `as_scalar`.
     """
     check_feature_pair(image_features, text_features)
-    feature_dtype = common_feature_dtype(image_features, text_features)
+    feature_dtype = gemm_dtype(image_features, text_features)
     image_features = image_features.to(feature_dtype)
     text_features = text_features.to(feature_dtype)
     device, dtype = image_features.device, compute_dtype(image_features)

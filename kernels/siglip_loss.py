@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import slab_ops
-from .chunking import accumulate_matmul, all_gather_rows, similarity, slab_rows, text_gradient
+from .chunking import accumulate_matmul, all_gather_rows, autocast_off, similarity, slab_rows, text_gradient
 from .reference import check_process_group, check_rank, loss_implementation, prepare_loss_inputs
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -24,16 +24,17 @@ def siglip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
                    world_size: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of this rank's images against all texts (divided by b), and the gathered texts [N, D]
     (an empty tensor when world_size is 1). image, text: [b, D]; scale, bias: 0-d."""
-    b, dim = image.shape
-    texts = all_gather_rows(text, world_size) if world_size > 1 else text  # [N, D]
-    s, t = scale, bias  # device tensors: the kernels read them through pointers, no host sync
-    total = torch.zeros((), device=image.device, dtype=scale.dtype)
-    step = slab_rows(b, texts.shape[0], dim)
-    for start in range(0, b, step):
-        sim = similarity(image[start:start + step], texts)  # [m, N]
-        total += slab_ops.siglip_slab(sim, None, scale=s, bias=t, coef=s, diag_offset=rank * b + start,
-                                      use_triton=use_triton)[0].to(total.dtype)
-    return total / b, texts if world_size > 1 else text.new_empty(0)
+    with autocast_off(image.device):  # one GEMM dtype: the one the inputs were cast to
+        b, dim = image.shape
+        texts = all_gather_rows(text, world_size) if world_size > 1 else text  # [N, D]
+        s, t = scale, bias  # device tensors: the kernels read them through pointers, no host sync
+        total = torch.zeros((), device=image.device, dtype=scale.dtype)
+        step = slab_rows(b, texts.shape[0], dim)
+        for start in range(0, b, step):
+            sim = similarity(image[start:start + step], texts)  # [m, N]
+            total += slab_ops.siglip_slab(sim, None, scale=s, bias=t, coef=s, diag_offset=rank * b + start,
+                                          use_triton=use_triton)[0].to(total.dtype)
+        return total / b, texts if world_size > 1 else text.new_empty(0)
 
 
 @siglip_forward.register_fake
@@ -47,25 +48,26 @@ def siglip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Te
                     scale: torch.Tensor, bias: torch.Tensor, rank: int, world_size: int, text_grad: bool,
                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """d image [b, D], d text [b, D] (empty unless text_grad; summed over every rank's loss), d scale, d bias."""
-    b, dim = image.shape
-    texts = gathered if world_size > 1 else text  # [N, D]
-    n = texts.shape[0]
-    s, t, coef = scale, bias, grad_loss.reshape(()).to(scale.dtype) / b  # device tensors, no host sync
-    step = slab_rows(b, n, dim)
-    slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
-    grad_image = torch.empty_like(image)
-    grad_texts = torch.zeros(n, dim, device=image.device, dtype=scale.dtype) if text_grad else None
-    sums = torch.zeros(3, device=image.device, dtype=scale.dtype)  # loss, d scale, d bias
-    for start in range(0, b, step):
-        rows = image[start:start + step]
-        grad = slab_grad[:rows.shape[0]]
-        sums += slab_ops.siglip_slab(similarity(rows, texts), grad, scale=s, bias=t, coef=coef,
-                                     diag_offset=rank * b + start, use_triton=use_triton).to(sums.dtype)
-        torch.mm(grad, texts, out=grad_image[start:start + step])
-        if grad_texts is not None:
-            accumulate_matmul(grad_texts, grad.T, rows)
-    grad_text = text_gradient(grad_texts, text, image, rank, world_size)
-    return grad_image, grad_text, sums[1].clone(), sums[2].clone()
+    with autocast_off(image.device):  # one GEMM dtype: the one the inputs were cast to
+        b, dim = image.shape
+        texts = gathered if world_size > 1 else text  # [N, D]
+        n = texts.shape[0]
+        s, t, coef = scale, bias, grad_loss.reshape(()).to(scale.dtype) / b  # device tensors, no host sync
+        step = slab_rows(b, n, dim)
+        slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
+        grad_image = torch.empty_like(image)
+        grad_texts = torch.zeros(n, dim, device=image.device, dtype=scale.dtype) if text_grad else None
+        sums = torch.zeros(3, device=image.device, dtype=scale.dtype)  # loss, d scale, d bias
+        for start in range(0, b, step):
+            rows = image[start:start + step]
+            grad = slab_grad[:rows.shape[0]]
+            sums += slab_ops.siglip_slab(similarity(rows, texts), grad, scale=s, bias=t, coef=coef,
+                                         diag_offset=rank * b + start, use_triton=use_triton).to(sums.dtype)
+            torch.mm(grad, texts, out=grad_image[start:start + step])
+            if grad_texts is not None:
+                accumulate_matmul(grad_texts, grad.T, rows)
+        grad_text = text_gradient(grad_texts, text, image, rank, world_size)
+        return grad_image, grad_text, sums[1].clone(), sums[2].clone()
 
 
 @siglip_backward.register_fake
