@@ -90,6 +90,19 @@ def test_train_and_eval_check_a_real_store_without_reading_the_weights(stores, h
     assert eval_run.check_store is loop.check_store is store_check.check_store
 
 
+def test_embed_into_an_existing_store_takes_the_recorded_hash(synth_data, stores, tmp_path, hashed):
+    """A rerun (or another rank of the embed job) with a freshly loaded encoder reads no weights for its identity."""
+    import shutil
+
+    from lift_fast.config import EmbedConfig
+    from lift_fast.embed import embed_shards, load_encoder
+
+    store = shutil.copytree(stores / "eval", tmp_path / "store")
+    fresh = load_encoder(EmbedConfig())
+    summary = embed_shards(synth_data / "eval", store, EmbedConfig(), encoder=fresh, progress=False)
+    assert summary["shards_resumed"] == summary["shards"] and hashed == []
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -36,6 +36,7 @@ from lift_fast.embed.encoder import (
     Tokenized,
     load_encoder,
     resolve_precision,
+    weights_sha256,
 )
 from lift_fast.embed.quantize import (
     check_mixed_precision,
@@ -256,6 +257,8 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     load_seconds = time.perf_counter() - start
     # A store of another encoder, setting or data folder is refused before anything is created in it,
     # and a refused quantization (fidelity) leaves no store behind.
+    if (out_dir / store.MANIFEST).is_file():  # a rerun, or another rank: the recorded hash, while the weights are unchanged
+        weights_sha256(encoder.path, store.read_manifest(out_dir)["encoder"])
     identity = {**encoder.identity, "quantize": cfg.quantize, "on_long": cfg.on_long}
     store.check_for_writing(out_dir, identity, cfg.dtype, data_dir)
     todo, finished = _todo(mine, out_dir)
