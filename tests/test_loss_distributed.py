@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, chunking
+from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, chunking, fused_projection_clip_loss
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 7
@@ -120,3 +120,73 @@ def test_two_ranks_match_the_global_batch(tmp_path, setting):
         for position, expected_grad in ((3, expected_scale), (4, expected_bias)):
             mean_grad = torch.stack([results[name][position] for results in per_rank]).mean()
             torch.testing.assert_close(mean_grad, expected_grad, msg=name, **(tolerance or dict(atol=1e-12, rtol=1e-9)))
+
+
+# ---------------------------------------------------------------------- fused projection under DDP
+
+HIDDEN = 12
+FUSED_LOSSES = ("clip", "siglip")
+
+
+def _fused_loss_and_grads(loss_name, hidden, weight, proj_bias, text, scale, bias, **world):
+    leaves = [tensor.clone().requires_grad_() for tensor in (hidden, weight, proj_bias, text, scale, bias)]
+    loss = fused_projection_clip_loss(*leaves, loss=loss_name, **world)
+    loss.backward()
+    return [loss.detach()] + [leaf.grad for leaf in leaves]
+
+
+def _fused_worker(rank, port, inputs, results_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        hidden, weight, proj_bias, text, scale, bias = inputs
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        results = {}
+        for loss_name in FUSED_LOSSES:
+            results[loss_name] = _fused_loss_and_grads(loss_name, hidden[rows], weight, proj_bias, text[rows], scale,
+                                                       bias, rank=rank, world_size=WORLD_SIZE)
+        try:  # world_size left at 1 under two processes: a clear error, not a local-batch loss
+            fused_projection_clip_loss(hidden[rows], weight, proj_bias, text[rows], scale)
+            results["left at 1"] = "no error"
+        except ValueError as error:
+            results["left at 1"] = str(error)
+        torch.save(results, f"{results_path}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fused_projection_on_two_ranks_matches_the_global_batch(tmp_path, setting):
+    """fused_projection_clip_loss(rank=, world_size=) is ClipLoss(local_loss=True, gather_with_grad=True)
+    (and SigLipLoss) of the projected features: per-row feature gradients / world_size, and the mean
+    over ranks of the loss and of the weight, bias, scale gradients (what DDP averages), equal the
+    global batch's."""
+    dtype, tolerance = setting
+    generator = torch.Generator().manual_seed(1)
+    batch = WORLD_SIZE * LOCAL_BATCH
+    hidden = torch.randn(batch, HIDDEN, generator=generator, dtype=torch.float64)
+    weight = torch.randn(DIM, HIDDEN, generator=generator, dtype=torch.float64) / math.sqrt(HIDDEN)
+    proj_bias = torch.randn(DIM, generator=generator, dtype=torch.float64) / 10
+    text = F.normalize(hidden @ weight.T + torch.randn(batch, DIM, generator=generator, dtype=torch.float64), dim=1)
+    scale, bias = torch.tensor(12.0, dtype=torch.float64), torch.tensor(-4.0, dtype=torch.float64)
+    inputs = (hidden, weight, proj_bias, text, scale, bias)
+
+    results_path = tmp_path / "fused"
+    rank_inputs = tuple(tensor.to(dtype) for tensor in inputs)
+    mp.start_processes(_fused_worker, args=(_free_port(), rank_inputs, str(results_path)), nprocs=WORLD_SIZE,
+                       join=True, start_method="fork")
+    per_rank = [torch.load(f"{results_path}.rank{rank}") for rank in range(WORLD_SIZE)]
+    for results in per_rank:
+        assert "world_size=torch.distributed.get_world_size()" in results["left at 1"]
+    for loss_name in FUSED_LOSSES:
+        expected = _fused_loss_and_grads(loss_name, *inputs)
+        got = [[value.double() for value in results[loss_name]] for results in per_rank]
+        for position, what in ((0, "loss"), (2, "weight"), (3, "projection bias"), (5, "scale"), (6, "bias")):
+            mean = torch.stack([values[position] for values in got]).mean(dim=0)
+            torch.testing.assert_close(mean, expected[position], msg=f"{loss_name} {what}",
+                                       **(tolerance or dict(atol=1e-12, rtol=1e-9)))
+        for rank, values in enumerate(got):
+            rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+            for position, what in ((1, "hidden"), (4, "text")):
+                torch.testing.assert_close(values[position] / WORLD_SIZE, expected[position][rows],
+                                           msg=f"{loss_name} {what} rank {rank}", **tolerance)
