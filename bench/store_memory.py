@@ -4,14 +4,15 @@
 
 Writes SHARDS shards of ROWS keys (9-character keys, as img2dataset names them) into a temporary
 store, walks them as the data reader does (key -> row map, one caption hash and one row per shard),
-first with the default bound (lift_fast.embed.store.OPEN_SHARDS), then with the cache unbounded
-(every shard stays open, as before the bound), and prints one JSON object: resident bytes and memory
+with the default bound (lift_fast.embed.store.OPEN_SHARDS) and with the cache unbounded (every
+shard stays open, as before the bound), each in a forked child of its own, and prints one JSON object: resident bytes and memory
 maps per open shard, and both per process at 1.28B samples (128,000 shards of 10,000).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
 import tempfile
 from pathlib import Path
@@ -19,34 +20,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_store_memory import maps_of, resident_bytes  # noqa: E402
+from test_store_memory import maps_of, resident_bytes, write_tiny_store  # noqa: E402
 
-from lift_fast.embed.manifest import FORMAT, FORMAT_VERSION  # noqa: E402
-from lift_fast.embed.shard_files import HASH_DTYPE, fingerprint_bytes  # noqa: E402
 from lift_fast.embed.store import OPEN_SHARDS, open_store  # noqa: E402
-from lift_fast.embed.store_writer import _npy_bytes  # noqa: E402
 
 SCALE_SHARDS, SCALE_ROWS = 128_000, 10_000  # 1.28B samples
 DIM = 8  # rows are mapped, not read: their width does not change what stays resident
-
-
-def write_store(folder: Path, shards: int, rows: int) -> list[str]:
-    folder.mkdir()
-    names = [f"{i:05d}" for i in range(shards)]
-    entries = {}
-    block = np.zeros((rows, DIM), dtype=np.float16)
-    for number, name in enumerate(names):
-        contents = {f"{name}.keys.txt": "".join(f"{number * rows + row:09d}\n" for row in range(rows)).encode(),
-                    f"{name}.caption_hash.npy": _npy_bytes(np.arange(rows, dtype=HASH_DTYPE)),
-                    f"{name}.npy": _npy_bytes(block)}
-        for file_name, data in contents.items():
-            (folder / file_name).write_bytes(data)
-        entries[name] = {"count": rows, "files": {n: fingerprint_bytes(d) for n, d in contents.items()}}
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "encoder": {"model": "bench", "dim": DIM},
-                "dtype": "float16", "dim": DIM, "normalized": False, "data_dir": str(folder),
-                "data_shards": names, "shards": entries}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return names
 
 
 def walk(store, names: list[str], rows: int) -> None:
@@ -56,25 +35,32 @@ def walk(store, names: list[str], rows: int) -> None:
         np.asarray(store.embeddings(name)[row], dtype=np.float32)
 
 
+def measure(folder: Path, names: list[str], rows: int, open_shards: int, results) -> None:
+    """In a forked child (a heap the other measurement has not used): resident bytes and maps a pass adds."""
+    store = open_store(folder, open_shards=open_shards)
+    start = resident_bytes()
+    walk(store, names, rows)
+    results.put((resident_bytes() - start, maps_of(folder)))
+
+
 def main(shards: int = 100, rows: int = SCALE_ROWS) -> dict:
+    context = multiprocessing.get_context("fork")
+    measured = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "store"
-        names = write_store(folder, shards, rows)
-        bounded = open_store(folder)  # first, in a fresh heap: what the bound keeps over a pass
-        start = resident_bytes()
-        walk(bounded, names, rows)
-        bounded_growth = resident_bytes() - start
-        bounded_maps = maps_of(folder)
-        del bounded
-        unbounded = open_store(folder, open_shards=shards + 1)
-        start = resident_bytes()
-        walk(unbounded, names, rows)
-        per_shard = (resident_bytes() - start) / shards
-        maps_per_shard = maps_of(folder) / shards
+        names = write_tiny_store(folder, shards, rows, DIM, key=lambda shard, row: f"{shard * rows + row:09d}")
+        for mode, open_shards in (("bounded", OPEN_SHARDS), ("unbounded", shards + 1)):
+            results = context.Queue()
+            child = context.Process(target=measure, args=(folder, names, rows, open_shards, results))
+            child.start()
+            measured[mode] = results.get()
+            child.join()
+    per_shard = measured["unbounded"][0] / shards
+    maps_per_shard = measured["unbounded"][1] / shards
     max_maps = int(Path("/proc/sys/vm/max_map_count").read_text())
     return {"shards": shards, "rows_per_shard": rows, "bytes_per_open_shard": round(per_shard),
             "maps_per_open_shard": maps_per_shard, "open_shards_bound": OPEN_SHARDS,
-            "bounded_pass_growth_bytes": bounded_growth, "bounded_pass_maps": bounded_maps,
+            "bounded_pass_growth_bytes": measured["bounded"][0], "bounded_pass_maps": measured["bounded"][1],
             "at_1.28B_before_bytes": round(per_shard * SCALE_SHARDS * rows / SCALE_ROWS),
             "at_1.28B_before_maps": round(maps_per_shard * SCALE_SHARDS), "vm.max_map_count": max_maps,
             "at_1.28B_after_bytes": round(per_shard * OPEN_SHARDS * rows / SCALE_ROWS),

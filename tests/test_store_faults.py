@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from test_atomic import events  # noqa: F401  (the fixture: every fsync and rename, in order)
 
 from lift_fast.atomic import write_json
 from lift_fast.embed import store as store_module
@@ -141,20 +142,7 @@ def test_manifest_and_shard_files_record_the_same_fingerprints(tmp_path):
         assert fingerprint["bytes"] == (folder / name).stat().st_size
 
 
-def test_every_store_write_is_fsynced_then_renamed_then_the_folder_fsynced(tmp_path, monkeypatch):
-    events: list[tuple] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(("rename", str(src), str(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+def test_every_store_write_is_fsynced_then_renamed_then_the_folder_fsynced(tmp_path, events):  # noqa: F811
     folder = make_store(tmp_path / "store", {"00000": rows_of(3, 0)}, "int8")
     renames = [i for i, event in enumerate(events) if event[0] == "rename"]
     written = [os.path.basename(events[i][2]) for i in renames]

@@ -20,16 +20,16 @@ ROWS = 200  # keys per shard: what the cache holds per shard is mostly these str
 DIM = 8
 
 
-def write_tiny_store(folder, shards: int, rows: int, dim: int) -> list[str]:
-    """A store of `shards` shards written directly (no fsync: thousands of files in a few seconds),
-    with the manifest a real embed run would write (fingerprints included). Returns the shard names."""
+def write_tiny_store(folder, shards: int, rows: int, dim: int, key=lambda shard, row: f"{shard:06d}-{row:05d}") -> list[str]:
+    """A store of `shards` float16 shards written directly (no fsync: thousands of files in a few seconds),
+    with the manifest a real embed run would write (fingerprints included); key(shard number, row)
+    names each sample. Returns the shard names."""
     folder.mkdir()
     names = [f"{i:06d}" for i in range(shards)]
     entries = {}
-    rng = np.random.default_rng(0)
-    block = rng.standard_normal((rows, dim)).astype(np.float16)
-    for name in names:
-        contents = {f"{name}.keys.txt": "".join(f"{name}-{row:05d}\n" for row in range(rows)).encode(),
+    block = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float16)
+    for number, name in enumerate(names):
+        contents = {f"{name}.keys.txt": "".join(f"{key(number, row)}\n" for row in range(rows)).encode(),
                     f"{name}.caption_hash.npy": _npy_bytes(np.arange(rows, dtype=HASH_DTYPE)),
                     f"{name}.npy": _npy_bytes(block)}
         for file_name, data in contents.items():
