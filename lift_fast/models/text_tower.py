@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lift_fast.config import ConfigError
+from lift_fast.models.attention import Attention
 from lift_fast.models.vit import Mlp
 
 LAYER_NORM_EPS = 1e-5  # CLIP's and open_clip's (torch's default); the ViT uses timm's 1e-6
@@ -39,20 +40,18 @@ class TextSpec:
     mlp_ratio: float = 4.0
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where token i attends to tokens 0..i.
+class CausalSelfAttention(Attention):
+    """The ViT's multi-head self-attention (its `qkv` and `proj` layers), where token i attends to tokens 0..i.
 
     math=True writes softmax(q k^T / sqrt(d) + mask) v out, the form torch.utils.flop_counter counts
     on a CPU (it counts nothing for CPU SDPA); otherwise torch's scaled_dot_product_attention.
     """
 
     def __init__(self, width: int, heads: int):
-        super().__init__()
         if width % heads:
             raise ValueError(f"text tower width {width} is not divisible by its {heads} heads")
-        self.heads, self.math = heads, False
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        super().__init__(width, heads, "sdpa")
+        self.math = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape  # x: [B, L, W]
