@@ -34,6 +34,12 @@ def test_quick_run_reports_every_side_at_every_size(quick_report):
 
     checks = {check["name"]: check for check in quick_report["checks"]}
     assert [name for name in checks if name.startswith("clip_loss")] == list(LOSS_CHECKS)
+    # the dtype and host-sync contract runs before the loss timings
+    names = list(checks)
+    assert names.index("loss_dtypes_syncs") < names.index(LOSS_CHECKS[0])
+    assert checks["loss_dtypes_syncs"]["status"] == "ok"
+    (contract,) = checks["loss_dtypes_syncs"]["rows"]
+    assert contract["value"] == 12 and "all bf16; 0 aten::_local_scalar_dense" in contract["notes"]
     assert all(checks[name]["status"] == "ok" for name in LOSS_CHECKS)
 
     (guard,) = checks["clip_loss_guard_fp32"]["rows"]
@@ -104,3 +110,26 @@ def test_ceiling_comes_from_the_earlier_check_or_is_measured_here(gpu_check):
     gpu_check.run_checks(checks, ctx, 60.0, log=lambda line: None)
     assert seen == [(123.0, "matmul_bf16 in this run")]
     assert ctx.earlier_value("matmul_bf16", "GB/s") is None and ctx.earlier_value("absent", "TFLOP/s") is None
+
+
+@pytest.mark.parametrize("broken", ["host sync", "fp32 gemm"])
+def test_contract_check_fails_on_a_host_sync_or_a_gemm_outside_bf16(gpu_check, monkeypatch, broken):
+    import lift_fast.kernels
+    from gpu_checks import Context
+    from gpu_checks.loss import loss_dtypes_syncs
+
+    right = lift_fast.kernels.clip_loss
+
+    def with_sync(image, text, scale):
+        loss = right(image, text, scale)
+        return loss * (1 + 0 * float(loss))
+
+    def with_fp32_gemm(image, text, scale):
+        return right(image, text, scale) + 0 * (image.float() @ text.float().T).sum()
+
+    monkeypatch.setattr(lift_fast.kernels, "clip_loss", with_sync if broken == "host sync" else with_fp32_gemm)
+    with pytest.raises(AssertionError) as raised:
+        loss_dtypes_syncs(Context(torch.device("cpu"), quick=True))
+    message = str(raised.value)
+    assert "clip_loss" in message and ("_local_scalar_dense" if broken == "host sync" else "not in bf16") in message
+    assert "siglip_loss" not in message  # only the broken loss is named

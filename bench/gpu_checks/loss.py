@@ -235,6 +235,87 @@ def inf_cl_rows(ctx: Context, inf_cl: LossFn | None, why: str) -> list[Row]:
     return []
 
 
+# ------------------------------------------------------------- the dtype and host-sync contract
+
+CONTRACT_EST_S = 20  # 5 losses x 2 settings x forward + backward at B=4096, D=768, and Triton compiles
+CONTRACT_SIZE, QUICK_CONTRACT_SIZE = (4096, 768), (64, 32)
+GEMM_OPERANDS = {"aten::mm": (0, 1), "aten::matmul": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2)}
+HOST_SYNC = "aten::_local_scalar_dense"  # what float(tensor), .item() and .tolist() dispatch to
+BF16_NAME = "c10::BFloat16"  # how torch's profiler names bf16 in input_dtypes
+
+
+def gemm_operand_dtypes(prof) -> list[tuple[str, str, str]]:
+    """(op, left dtype, right dtype) of every mm/addmm/matmul/bmm a torch.profiler run recorded
+    (record_shapes=True); it sees inside the losses' custom ops."""
+    return [(event.name, *(event.input_dtypes[i] for i in GEMM_OPERANDS[event.name]))
+            for event in prof.events() if event.name in GEMM_OPERANDS]
+
+
+def host_syncs(prof) -> int:
+    """How many device-to-host scalar reads a torch.profiler run recorded."""
+    return sum(event.name == HOST_SYNC for event in prof.events())
+
+
+def contract_losses() -> dict[str, Callable]:
+    """name -> fn(image [B, D], text [B, D], scale, bias, hidden [B, D], weight [D, D]) per public loss."""
+    from lift_fast.kernels import ClipLoss, SigLipLoss, clip_loss, fused_projection_clip_loss, siglip_loss
+
+    return {
+        "clip_loss": lambda i, t, s, b, h, w: clip_loss(i, t, s),
+        "ClipLoss": lambda i, t, s, b, h, w: ClipLoss()(i, t, s),
+        "siglip_loss": lambda i, t, s, b, h, w: siglip_loss(i, t, s, b),
+        "SigLipLoss": lambda i, t, s, b, h, w: SigLipLoss()(i, t, s, b),
+        "fused_projection_clip_loss": lambda i, t, s, b, h, w: fused_projection_clip_loss(h, w, None, t, s),
+        "fused_projection siglip": lambda i, t, s, b, h, w: fused_projection_clip_loss(h, w, None, t, s, b,
+                                                                                     loss="siglip"),
+    }
+
+
+@gpu_check("loss_dtypes_syncs", est_seconds=CONTRACT_EST_S)
+def loss_dtypes_syncs(ctx: Context) -> list[Row]:
+    """Before the timings: every public loss, fp32 features under bf16 autocast and bf16 features
+    without, runs every GEMM of forward and backward in bf16 and reads nothing back to the host.
+
+    Raises:
+        AssertionError: a GEMM in another dtype or an aten::_local_scalar_dense, each one named.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, dim = QUICK_CONTRACT_SIZE if ctx.quick else CONTRACT_SIZE
+    image, text, scale = make_features(ctx, batch, dim, torch.float32)
+    bias = torch.tensor(-10.0, device=ctx.device, requires_grad=True)
+    hidden = torch.randn(batch, dim, device=ctx.device, requires_grad=True)
+    weight = (torch.randn(dim, dim, device=ctx.device) / math.sqrt(dim)).requires_grad_()
+    settings = {"fp32 under autocast(bf16)": (torch.float32, True), "bf16": (torch.bfloat16, False)}
+    problems, gemms = [], 0
+    for setting, (dtype, autocast) in settings.items():
+        inputs = [tensor.detach().to(dtype).requires_grad_() if tensor.dim() else tensor
+                  for tensor in (image, text, scale, bias, hidden, weight)]
+        for name, loss_fn in contract_losses().items():
+            loss_fn(*inputs).backward()  # warm-up: Triton compiles outside the profiled calls
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as forward:
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = loss_fn(*inputs)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as backward:
+                loss.backward()
+            for phase, prof in (("forward", forward), ("backward", backward)):
+                found = gemm_operand_dtypes(prof)
+                gemms += len(found)
+                wrong = sorted({gemm for gemm in found if gemm[1:] != (BF16_NAME, BF16_NAME)})
+                if not found:
+                    problems.append(f"{name} {setting} {phase}: no GEMM recorded")
+                if wrong:
+                    problems.append(f"{name} {setting} {phase}: GEMMs not in bf16: {wrong}")
+                if host_syncs(prof):
+                    problems.append(f"{name} {setting} {phase}: {host_syncs(prof)} x {HOST_SYNC}")
+    if problems:
+        raise AssertionError(f"loss contract broken on {ctx.device.type}: " + "; ".join(problems))
+    cases = len(settings) * len(contract_losses())
+    return [Row(f"loss GEMM dtypes and host syncs B={batch} D={dim} {ctx.device.type}", cases, "losses ok",
+                f"{gemms} GEMMs of forward and backward all bf16; 0 {HOST_SYNC}; "
+                f"{', '.join(contract_losses())} x {', '.join(settings)}")]
+
+
 @gpu_check("clip_loss_guard_fp32", est_seconds=GUARD_EST_S)
 def clip_loss_guard_fp32(ctx: Context) -> list[Row]:
     """lift_fast's loss and gradients against the naive loss's, fp32, at the sweep's smallest size.
