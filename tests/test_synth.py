@@ -16,7 +16,8 @@ from lift_fast.data.shards import iter_samples, list_shards
 from lift_fast.data.synth import COLORS, SHAPES, write_synthetic
 from lift_fast.eval.sugarcrepe import load_sugarcrepe
 
-SMALL = {"num_train": 24, "num_eval": 40, "image_size": 32, "samples_per_shard": 10, "progress": False}
+SMALL = {"num_train": 24, "num_eval": 40, "image_size": 32, "samples_per_shard": 10, "num_zeroshot": 24,
+         "num_retrieval": 10, "progress": False}
 # Written out here rather than taken from synth.py: image y grows downwards, so "above" is a smaller y.
 TRUE_OF = {
     "to the left of": lambda a, b: a["x"] < b["x"],
@@ -195,7 +196,7 @@ def test_interrupted_run_is_completed_and_keeps_finished_split(tmp_path):
     (out / ".eval.partial" / "00000.tar").write_bytes(b"half a shard")
     train_before = snapshot(out / "train")
     summary = write_synthetic(out, **settings)
-    assert summary["reused"] == ["train"]
+    assert summary["reused"] == ["train", "zeroshot", "retrieval"]
     assert snapshot(out / "train") == train_before
     assert not (out / ".eval.partial").exists()
     for path in (reference / "eval").rglob("*"):
@@ -227,3 +228,45 @@ def test_bad_sizes_are_refused_naming_the_setting(tmp_path, setting, value):
     with pytest.raises(ValueError, match=f"{setting}={value}: must be at least"):
         write_synthetic(tmp_path / "out", **{**SMALL, setting: value})
     assert not (tmp_path / "out").exists()
+
+
+def test_zeroshot_and_retrieval_sets(small_set):
+    """The zero-shot images show their class; the retrieval captions are true and no two images share one."""
+    from lift_fast.eval.formats import read_wds_retrieval, read_wds_zeroshot
+
+    out, summary = small_set
+    assert summary["zeroshot"] == 24 and summary["retrieval"] == 10
+    zeroshot = read_wds_zeroshot("z", out / "zeroshot")
+    for ref, label in zip(zeroshot.images, zeroshot.labels):
+        color, shape = zeroshot.classnames[label].split(" ")
+        pixels = np.asarray(Image.open(io.BytesIO(ref.read())).convert("RGB"), dtype=float).reshape(-1, 3)
+        distance = np.abs(pixels - np.array(COLORS[color])).sum(axis=1)
+        assert (distance < 60).sum() > 10, f"class {color} {shape}: too few pixels of its colour"
+    assert {template.format(c="x") for template in zeroshot.templates} >= {"a x"}
+    retrieval = read_wds_retrieval("r", out / "retrieval")
+    firsts = [captions[0] for captions in retrieval.captions]
+    assert len(set(firsts)) == len(firsts)
+    for first, inverse, long in retrieval.captions:
+        a1, c1, s1, relation, a2, c2, s2 = CAPTION.fullmatch(first).groups()
+        assert inverse == f"{a2} {c2} {s2} {INVERSE[relation]} {a1} {c1} {s1}"
+        assert long.endswith(first) and len(long) > len(first)
+
+
+def test_retrieval_set_size_is_bounded_by_the_distinct_scenes(tmp_path):
+    from lift_fast.data.synth import RETRIEVAL_SCENES
+
+    with pytest.raises(ValueError, match=f"num_retrieval={RETRIEVAL_SCENES + 1}: must be at most {RETRIEVAL_SCENES}"):
+        write_synthetic(tmp_path / "out", **{**SMALL, "num_retrieval": RETRIEVAL_SCENES + 1})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_from_before_the_extra_sets_gets_them(tmp_path):
+    out = tmp_path / "out"
+    write_synthetic(out, **{**SMALL, "num_train": 2, "num_eval": 2})
+    settings = json.loads((out / "synth.json").read_text())
+    for name in ("zeroshot", "retrieval"):
+        del settings[f"num_{name}"]
+        shutil.rmtree(out / name)
+    (out / "synth.json").write_text(json.dumps(settings))
+    summary = write_synthetic(out, **{**SMALL, "num_train": 2, "num_eval": 2})
+    assert summary["reused"] == ["train", "eval"] and (out / "zeroshot" / "test" / "0.tar").is_file()

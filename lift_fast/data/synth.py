@@ -49,6 +49,8 @@ RELATIONS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, 
 INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 CATEGORIES = ("replace_att", "swap_att", "replace_rel", "swap_obj")
 ZEROSHOT_CLASSES = [f"{color} {shape}" for color in COLORS for shape in SHAPES]
+# colour pairs (the first in COLORS order is named first) x shape pairs x relations
+RETRIEVAL_SCENES = len(COLORS) * (len(COLORS) - 1) // 2 * len(SHAPES) ** 2 * len(RELATIONS)
 ZEROSHOT_TEMPLATES = ("a {c}", "a picture of a {c}", "a {c} on a plain background")
 SETTINGS_FILE = "synth.json"
 SETTINGS_FORMAT = "lift-fast-synth/2"  # 2: keys carry the split (train-00000000)
@@ -249,14 +251,21 @@ def retrieval_captions(scene: Scene) -> list[str]:
 def write_retrieval(folder: Path, count: int, *, image_size: int, seed: int, samples_per_shard: int,
                     progress: bool = True) -> None:
     """Two-object scenes with three captions each, as a CLIP_benchmark retrieval wds and as a Karpathy
-    JSON over an image folder (the same images)."""
+    JSON over an image folder (the same images); no two images share a caption. Raises ValueError
+    for more than RETRIEVAL_SCENES images."""
+    if count > RETRIEVAL_SCENES:
+        raise ValueError(f"num_retrieval={count}: the synthetic world has {RETRIEVAL_SCENES} distinct two-object "
+                         "captions, and every retrieval image gets its own")
     rng = np.random.default_rng([seed, 3])
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    entries = []
+    entries, seen = [], set()
     with _wds_writer(folder, samples_per_shard) as writer:
         for index in tqdm(range(count), desc="synth retrieval", unit="img", disable=not progress):
             key = f"retrieval-{index:08d}"
             scene = sample_scene(rng, two_object_fraction=1.0)
+            while scene.caption() in seen:  # a caption shared by two images would tie, which recall@K reads either way
+                scene = sample_scene(rng, two_object_fraction=1.0)
+            seen.add(scene.caption())
             image, captions = _jpeg(scene, image_size), retrieval_captions(scene)
             writer.write({"__key__": key, "jpg": image, "txt": "\n".join(captions)})
             (folder / "images" / f"{key}.jpg").write_bytes(image)
@@ -307,6 +316,9 @@ def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: in
     for name, value in sizes.items():
         if value < MINIMUM[name]:
             raise ValueError(f"{name}={value}: must be at least {MINIMUM[name]}")
+    if num_retrieval > RETRIEVAL_SCENES:
+        raise ValueError(f"num_retrieval={num_retrieval}: must be at most {RETRIEVAL_SCENES}, the distinct two-object "
+                         "captions of the synthetic world (every retrieval image gets its own)")
     out_dir = Path(out_dir)
     settings = {"format": SETTINGS_FORMAT, "num_train": num_train, "num_eval": num_eval, "image_size": image_size,
                 "seed": seed, "samples_per_shard": samples_per_shard, "num_zeroshot": num_zeroshot,
