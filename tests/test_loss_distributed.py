@@ -65,20 +65,25 @@ def _loss_and_grads(module, image, text, scale, bias):
     return [loss.detach()] + [leaf.grad for leaf in leaves]
 
 
-def _worker(rank, port, inputs, results_path):
+def _worker(rank, port, compute, inputs, results_path):
+    """One rank: join the gloo group, save compute(rank, inputs) for the test to read."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
     torch.set_num_threads(1)
     try:
-        image, text, scale, bias = inputs
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        results = {}
-        for name, (module_class, arguments) in CASES.items():
-            module = module_class(rank=rank, world_size=WORLD_SIZE, **arguments)
-            results[name] = _loss_and_grads(module, image[rows], text[rows], scale, bias)
-        torch.save(results, f"{results_path}.rank{rank}")
+        torch.save(compute(rank, inputs), f"{results_path}.rank{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _module_results(rank, inputs):
+    image, text, scale, bias = inputs
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    results = {}
+    for name, (module_class, arguments) in CASES.items():
+        module = module_class(rank=rank, world_size=WORLD_SIZE, **arguments)
+        results[name] = _loss_and_grads(module, image[rows], text[rows], scale, bias)
+    return results
 
 
 def test_two_ranks_match_the_global_batch(tmp_path, setting):
@@ -94,7 +99,7 @@ def test_two_ranks_match_the_global_batch(tmp_path, setting):
     results_path = tmp_path / "results"
     # fork: the children inherit the imported torch instead of importing it again (seconds each)
     rank_inputs = tuple(tensor.to(dtype) for tensor in inputs)
-    mp.start_processes(_worker, args=(_free_port(), rank_inputs, str(results_path)), nprocs=WORLD_SIZE,
+    mp.start_processes(_worker, args=(_free_port(), _module_results, rank_inputs, str(results_path)), nprocs=WORLD_SIZE,
                        join=True, start_method="fork")
     per_rank = [{name: [value.double() for value in values] for name, values in torch.load(f"{results_path}.rank{rank}").items()}
                 for rank in range(WORLD_SIZE)]
@@ -135,25 +140,19 @@ def _fused_loss_and_grads(loss_name, hidden, weight, proj_bias, text, scale, bia
     return [loss.detach()] + [leaf.grad for leaf in leaves]
 
 
-def _fused_worker(rank, port, inputs, results_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
-    torch.set_num_threads(1)
-    try:
-        hidden, weight, proj_bias, text, scale, bias = inputs
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        results = {}
-        for loss_name in FUSED_LOSSES:
-            results[loss_name] = _fused_loss_and_grads(loss_name, hidden[rows], weight, proj_bias, text[rows], scale,
-                                                       bias, rank=rank, world_size=WORLD_SIZE)
-        try:  # world_size left at 1 under two processes: a clear error, not a local-batch loss
-            fused_projection_clip_loss(hidden[rows], weight, proj_bias, text[rows], scale)
-            results["left at 1"] = "no error"
-        except ValueError as error:
-            results["left at 1"] = str(error)
-        torch.save(results, f"{results_path}.rank{rank}")
-    finally:
-        dist.destroy_process_group()
+def _fused_results(rank, inputs):
+    hidden, weight, proj_bias, text, scale, bias = inputs
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    results = {}
+    for loss_name in FUSED_LOSSES:
+        results[loss_name] = _fused_loss_and_grads(loss_name, hidden[rows], weight, proj_bias, text[rows], scale,
+                                                   bias, rank=rank, world_size=WORLD_SIZE)
+    try:  # world_size left at 1 under two processes: a clear error, not a local-batch loss
+        fused_projection_clip_loss(hidden[rows], weight, proj_bias, text[rows], scale)
+        results["left at 1"] = "no error"
+    except ValueError as error:
+        results["left at 1"] = str(error)
+    return results
 
 
 def test_fused_projection_on_two_ranks_matches_the_global_batch(tmp_path, setting):
@@ -173,7 +172,7 @@ def test_fused_projection_on_two_ranks_matches_the_global_batch(tmp_path, settin
 
     results_path = tmp_path / "fused"
     rank_inputs = tuple(tensor.to(dtype) for tensor in inputs)
-    mp.start_processes(_fused_worker, args=(_free_port(), rank_inputs, str(results_path)), nprocs=WORLD_SIZE,
+    mp.start_processes(_worker, args=(_free_port(), _fused_results, rank_inputs, str(results_path)), nprocs=WORLD_SIZE,
                        join=True, start_method="fork")
     per_rank = [torch.load(f"{results_path}.rank{rank}") for rank in range(WORLD_SIZE)]
     for results in per_rank:
