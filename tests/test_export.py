@@ -141,7 +141,6 @@ def test_preprocess_is_the_eval_loaders_view(synth_data, stores):
     torch.testing.assert_close(ours, batch["images"], rtol=0, atol=1e-6)
 
 
-@pytest.mark.slow
 def test_export_command_records_the_run(synth_data, stores, tmp_path, capsys):
     run = tmp_path / "run"
     train(load_config(overrides=RUN + ["train.steps=2", "train.checkpoint_every=0"]), synth_data / "train",

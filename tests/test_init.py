@@ -105,6 +105,15 @@ def random_open_clip_visual(**kwargs) -> open_clip.transformer.VisionTransformer
     return visual
 
 
+def test_init_keeps_a_fixed_sincos_position_embedding(tmp_path):
+    ours = lift_model("model.pos_embed=sincos")
+    fixed = ours.visual.pos_embed.clone()
+    reference = random_timm(**timm_kwargs(ours))
+    init_tower(ours, save_timm(reference, tmp_path / "timm.safetensors"))
+    torch.testing.assert_close(ours.visual.pos_embed, fixed, rtol=0, atol=0)  # not learned: not loaded
+    torch.testing.assert_close(ours.visual.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight, rtol=0, atol=0)
+
+
 def test_init_from_open_clip_vision_transformer(tmp_path):
     visual = random_open_clip_visual(no_ln_pre=True, pool_type="tok")
     # as the `visual.` part of a whole CLIP checkpoint, with text-tower keys beside it (ignored)
@@ -156,7 +165,6 @@ def test_read_state_dict_kinds_and_refusals(tmp_path):
         init_tower(lift_model(), tmp_path / "other.safetensors")
 
 
-@pytest.mark.slow
 def test_training_starts_from_model_init_and_resume_ignores_it(synth_data, stores, tmp_path):
     reference = random_timm(**timm_kwargs(lift_model()))
     path = save_timm(reference, tmp_path / "init.safetensors")
