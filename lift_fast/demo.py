@@ -1,6 +1,7 @@
 """`lift-fast demo`: synth -> embed -> train -> eval on this machine, then a report.
 
     out/data/{train,eval}/          synthetic shards (+ eval/sugarcrepe/ negatives)
+    out/data/{zeroshot,retrieval}/  the zero-shot (24 colour-shape classes) and 3-caption retrieval sets
     out/embeddings/{train,eval}/    caption embedding stores (all-MiniLM-L6-v2 by default)
     out/run/                        config.yaml, metrics.jsonl, checkpoints/, eval.json
     out/loss_curve.png, out/demo_metrics.json
@@ -30,11 +31,11 @@ DEMO_SETTINGS = [
     "train.log_every=20",
     "data.num_workers=1",
 ]
-DEMO_DATA = {"num_train": 12000, "num_eval": 1000}
+DEMO_DATA = {"num_train": 12000, "num_eval": 1000, "num_zeroshot": 480, "num_retrieval": 200}
 
 QUICK_SETTINGS = ["model.depth=1", "data.image_size=32", "train.steps=30", "train.batch_size=32",
                   "train.warmup_steps=5", "train.log_every=5", "data.num_workers=0", "data.shuffle_window=4"]
-QUICK_DATA = {"num_train": 400, "num_eval": 96}
+QUICK_DATA = {"num_train": 400, "num_eval": 96, "num_zeroshot": 48, "num_retrieval": 24}
 
 
 def demo_config(config_path: str | Path | None, overrides: list[str], quick: bool) -> Config:
@@ -64,11 +65,19 @@ def plot_loss(records: list[dict], out_path: Path) -> None:
 
 
 def report_table(results: dict, timings: dict) -> str:
-    """The final table: retrieval against chance, compositional accuracy per category, stage times."""
+    """The final table: retrieval against chance, zero-shot top-1, compositional accuracy per category,
+    stage times."""
     lines = ["", "lift-fast demo results", "-" * 44]
     for name in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
         lines.append(f"{name:<28}{results[name] * 100:>8.1f} %")
     lines.append(f"{'chance_r1 (i2t)':<28}{results['chance_r1'] * 100:>8.2f} %")
+    if "zeroshot/zeroshot/top1" in results:
+        classes = results["zeroshot/zeroshot/num_classes"]
+        lines.append(f"{'zeroshot top1':<28}{results['zeroshot/zeroshot/top1'] * 100:>8.1f} %   "
+                     f"(chance {100 / classes:.1f} %, {classes} classes)")
+    if "retrieval/retrieval/i2t_r1" in results:
+        lines.append(f"{'3-caption i2t_r1 / t2i_r1':<28}{results['retrieval/retrieval/i2t_r1'] * 100:>8.1f} % / "
+                     f"{results['retrieval/retrieval/t2i_r1'] * 100:.1f} %")
     for name, value in sorted(results.items()):
         if name.startswith("compositional/"):
             lines.append(f"{name:<28}{value * 100:>8.1f} %   (chance 50 %)")
@@ -84,6 +93,7 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, overrides: 
     from lift_fast.data.synth import write_synthetic
     from lift_fast.embed import embed_shards
     from lift_fast.eval.run import evaluate
+    from lift_fast.eval.tasks import TaskSpec
     from lift_fast.train.checkpoint import latest_checkpoint
     from lift_fast.train.loop import train
 
@@ -109,7 +119,8 @@ def run_demo(out: str | Path, config_path: str | Path | None = None, overrides: 
     timings["train"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    results = evaluate(run, data / "eval", stores / "eval", cfg=cfg, progress=progress)
+    tasks = [TaskSpec("zeroshot", "wds", str(data / "zeroshot")), TaskSpec("retrieval", "wds", str(data / "retrieval"))]
+    results = evaluate(run, data / "eval", stores / "eval", tasks=tasks, cfg=cfg, progress=progress)
     timings["eval"] = time.perf_counter() - started
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
