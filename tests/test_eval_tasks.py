@@ -195,3 +195,24 @@ def test_tasks_add_to_an_eval_json_of_the_same_checkpoint(tiny_run, synth_data, 
     with pytest.raises(DatasetError, match="no image has split 'val'"):
         eval_run.evaluate(run, tasks=[parse_task(f"kind=retrieval,format=karpathy,path={sets / 'retrieval' / 'karpathy.json'},"
                                                  f"images={sets / 'retrieval' / 'images'},split=val")], progress=False)
+
+
+def test_clip_benchmark_takes_a_lift_export_and_checks_its_store(tiny_run, synth_data, stores, tmp_path):
+    import torch
+
+    from lift_fast.embed import StoreMismatchError
+    from lift_fast.export import export_run
+
+    export = tmp_path / "export"
+    export_run(tiny_run, export, "lift", embeddings=stores / "train")
+    from_run, transform, tokenizer = integration.load_lift_fast("lift", str(tiny_run), device="cpu")
+    from_export, _, _ = integration.load_lift_fast("lift", str(export), device="cpu")
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(from_export.encode_image(images), from_run.encode_image(images), atol=1e-6, rtol=0)
+    tokens = tokenizer(["a red circle", "a blue star above a green square"])
+    torch.testing.assert_close(from_export.encode_text(tokens), from_run.encode_text(tokens))
+    record = json.loads((export / "lift_export.json").read_text())
+    record["store_manifest"]["encoder"]["max_length"] = 16  # as if the store had been made with another cut
+    (export / "lift_export.json").write_text(json.dumps(record))
+    with pytest.raises(StoreMismatchError, match="max_length"):
+        integration.load_lift_fast("lift", str(export), device="cpu")

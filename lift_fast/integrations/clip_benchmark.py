@@ -5,8 +5,10 @@
 
 takes clip_benchmark's own `eval` (and `build`) arguments: it registers `lift_fast` in
 clip_benchmark's model types (TYPE2FUNC, MODEL_TYPES) and then runs clip_benchmark's command line.
-`--pretrained` is a run folder (its newest complete checkpoint) or one checkpoint folder
-(RUN/checkpoints/step_N); `--model` is free (it names the row in `clip_benchmark build`).
+`--pretrained` is a run folder (its newest complete checkpoint), one checkpoint folder
+(RUN/checkpoints/step_N), or a `lift-fast export --format lift` folder; `--model` is free (it names
+the row in `clip_benchmark build`). Where the export (or the run folder's store_manifest.json)
+records the store the run was trained on, the text encoder is checked against it first.
 
 In Python, `load_lift_fast(model_name, pretrained, cache_dir, device)` returns what clip_benchmark's
 loaders return, `(model, transform, tokenizer)`. The text side is the run's frozen encoder with the
@@ -18,13 +20,15 @@ caller opened, in the encoder's own precision. The image side runs under the cal
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lift_fast.config import load_config
+from lift_fast.config import Config, load_config
+from lift_fast.embed import check_manifest
 from lift_fast.eval.model import EvalModel, load_run_model, preprocess
 from lift_fast.train.checkpoint import PATTERN
 
@@ -85,27 +89,46 @@ class LiftClipModel(nn.Module):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
 
 
-def _run_and_checkpoint(pretrained: str | Path) -> tuple[Path, Path | None]:
+EXPORT_RECORD = "lift_export.json"  # lift_fast.export.PROVENANCE
+
+
+def resolve_pretrained(pretrained: str | Path) -> tuple[Path, Config, Path | None, dict | None]:
+    """(run or export folder, its config, the checkpoint folder or None for the newest, the store
+    manifest it records or None) of a run folder, a checkpoint folder of one, or a lift export.
+    Raises FileNotFoundError for anything else, naming what was looked for."""
     path = Path(pretrained)
+    if (path / EXPORT_RECORD).is_file():
+        record = json.loads((path / EXPORT_RECORD).read_text(encoding="utf-8"))
+        if record.get("format") != "lift":
+            raise FileNotFoundError(f"--pretrained {path}: a {record.get('format')!r} export; clip_benchmark reads "
+                                    "lift-fast's own (`lift-fast export --format lift`), with the head")
+        cfg = load_config(overrides={f"{section}.{name}": value for section, fields in record["config"].items()
+                                     for name, value in fields.items()})
+        return path, cfg, path, record.get("store_manifest")
+    run_dir, checkpoint = path, None
     if PATTERN.fullmatch(path.name) and path.parent.name == "checkpoints":
-        return path.parent.parent, path
-    if (path / "config.yaml").is_file():
-        return path, None
-    raise FileNotFoundError(f"--pretrained {path}: not a lift-fast run folder (no config.yaml) nor a checkpoint "
-                            "folder RUN/checkpoints/step_N")
+        run_dir, checkpoint = path.parent.parent, path
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"--pretrained {path}: not a lift-fast run folder (config.yaml), a checkpoint folder "
+                                f"RUN/checkpoints/step_N, nor a lift export ({EXPORT_RECORD})")
+    manifest_file = run_dir / "store_manifest.json"
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8")) if manifest_file.is_file() else None
+    return run_dir, load_config(run_dir / "config.yaml"), checkpoint, manifest
 
 
 def load_lift_fast(model_name: str = "lift", pretrained: str = "", cache_dir: str | None = None,
                    device: str | torch.device = "cuda"):
     """clip_benchmark's loader for `--model_type lift_fast`: (model, transform, tokenizer).
 
-    pretrained: a run folder or a checkpoint folder of one; model_name and cache_dir are not used.
-    transform: PIL image -> [3, S, S] (the eval loader's view); tokenizer: captions -> CaptionTokens.
-    Raises FileNotFoundError for a path that is neither, and what load_run_model raises."""
-    run_dir, checkpoint = _run_and_checkpoint(pretrained)
-    cfg = load_config(run_dir / "config.yaml")
-    eval_model = load_run_model(run_dir, cfg, checkpoint, device=torch.device(device))
+    pretrained: a run folder, a checkpoint folder of one, or a lift export; model_name and cache_dir
+    are not used. transform: PIL image -> [3, S, S] (the eval loader's view); tokenizer: captions ->
+    CaptionTokens. Raises FileNotFoundError for a path that is none of these, StoreMismatchError when
+    the text encoder is not the one of the recorded store, and what load_run_model raises."""
+    folder, cfg, checkpoint, manifest = resolve_pretrained(pretrained)
+    eval_model = load_run_model(folder, cfg, checkpoint, device=torch.device(device))
     model = LiftClipModel(eval_model).eval()
+    if manifest is not None:
+        check_manifest(manifest, model.encoder.identity, Path(pretrained))
 
     def transform(image):
         return preprocess(image, cfg.data.image_size)
