@@ -104,6 +104,8 @@ class ModelConfig:
                        "weights_only): names mapped, position embedding resampled to data.image_size; a fresh run only, "
                        "resume takes the checkpoint's weights ('': random weights)")
     pooling: str = _field("mean", "image feature: mean of patch tokens (LIFT) or class token", choices=("mean", "cls"))
+    pre_norm: bool = _field(False, "a LayerNorm on the tokens before the first block (timm's pre_norm, open_clip's "
+                            "ln_pre, which OpenAI and LAION CLIP towers have): for model.init from such a tower")
     pos_embed: str = _field("learned", "position embedding", choices=("learned", "sincos"))
     head_hidden: int = _field(0, "hidden width of the LIFT head (0: the text dim)", min=0)
     attention: str = _field("auto", "attention kernel: auto (flash-attn on CUDA in fp16/bf16 where installed, "

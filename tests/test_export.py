@@ -54,9 +54,9 @@ def images(size: int = 32, count: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_timm_export_loads_strictly_with_the_same_features(tmp_path, pooling):
-    run, model = make_run(tmp_path / "run", f"model.pooling={pooling}")
+@pytest.mark.parametrize("settings", [["model.pooling=mean"], ["model.pooling=cls"], ["model.pre_norm=true"]])
+def test_timm_export_loads_strictly_with_the_same_features(tmp_path, settings):
+    run, model = make_run(tmp_path / "run", *settings)
     record = export_run(run, tmp_path / "timm", "timm")
     assert sorted(record["files"]) == ["config.json", "model.safetensors"]
     with torch.no_grad():

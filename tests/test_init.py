@@ -105,6 +105,17 @@ def random_open_clip_visual(**kwargs) -> open_clip.transformer.VisionTransformer
     return visual
 
 
+def test_init_from_timm_pre_norm(tmp_path):
+    ours = lift_model("model.pre_norm=true")
+    assert timm_kwargs(ours)["pre_norm"] is True and "pre_norm" not in timm_kwargs(lift_model())
+    reference = random_timm(**timm_kwargs(ours))
+    init_tower(ours, save_timm(reference, tmp_path / "timm.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.visual(images()), timm_features(reference, images()), rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"missing: norm_pre\.weight, norm_pre\.bias\)\. Choose model\.pre_norm=false"):
+        init_tower(ours, save_timm(random_timm(**timm_kwargs(lift_model())), tmp_path / "plain.safetensors"))
+
+
 def test_init_keeps_a_fixed_sincos_position_embedding(tmp_path):
     ours = lift_model("model.pos_embed=sincos")
     fixed = ours.visual.pos_embed.clone()
@@ -126,10 +137,15 @@ def test_init_from_open_clip_vision_transformer(tmp_path):
     with torch.no_grad():
         pooled, _ = visual._pool(visual.transformer(visual._embeds(images())))
         torch.testing.assert_close(ours.visual(images()), pooled, rtol=0, atol=1e-5)
-    # OpenAI/LAION towers have ln_pre, which this tower has no place for: named, not dropped
+    # OpenAI/LAION towers have ln_pre: model.pre_norm=true holds it, a tower without one names it
     with_ln_pre = random_open_clip_visual(pool_type="tok")
     save_file({k: v.contiguous() for k, v in with_ln_pre.state_dict().items()}, str(tmp_path / "ln_pre.safetensors"))
-    with pytest.raises(ConfigError, match=r"unexpected: ln_pre\.bias, ln_pre\.weight"):
+    pre_norm = lift_model("model.pooling=cls", "model.pre_norm=true")
+    init_tower(pre_norm, tmp_path / "ln_pre.safetensors")
+    with torch.no_grad():
+        pooled, _ = with_ln_pre._pool(with_ln_pre.transformer(with_ln_pre._embeds(images())))
+        torch.testing.assert_close(pre_norm.visual(images()), pooled, rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"unexpected: norm_pre\.bias, norm_pre\.weight\)\. Choose model\.pre_norm=true"):
         init_tower(lift_model("model.pooling=cls"), tmp_path / "ln_pre.safetensors")
 
 

@@ -11,7 +11,7 @@ Layouts read (found from the key names, a `module.`/`model.`/`state_dict` wrappe
 - open_clip's own VisionTransformer (`conv1.weight`, `transformer.resblocks.i...`), alone or as the
   `visual.` part of a whole CLIP checkpoint (the text tower, logit scale and `proj` are dropped: the
   LIFT head takes the projection's place). open_clip's patch convolution has no bias (zero here), and
-  a tower with `ln_pre` (OpenAI CLIP, LAION) has no counterpart here: the tower has no pre-norm.
+  its `ln_pre` (OpenAI CLIP, LAION towers) is the tower's `norm_pre`, present with model.pre_norm=true.
 
 The position embedding is resampled bicubically (as timm's `resample_abs_pos_embed`) when the
 checkpoint's grid differs from the run's data.image_size / patch size.
@@ -125,8 +125,10 @@ def from_open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
             out["pos_embed"] = value.reshape(1, -1, value.shape[-1])
         elif key.startswith("ln_post."):
             out["norm." + key.removeprefix("ln_post.")] = value
+        elif key.startswith("ln_pre."):
+            out["norm_pre." + key.removeprefix("ln_pre.")] = value  # for a model.pre_norm=true tower
         elif key not in _OPEN_CLIP_DROPPED:
-            out[key] = value  # ln_pre.*, attn_pool.* ...: no counterpart, reported by the fit check
+            out[key] = value  # attn_pool.*, ls_1 ...: no counterpart, reported by the fit check
     return out
 
 
@@ -193,9 +195,15 @@ def check_fit(tower: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     if missing or unexpected or reshaped:
         parts = [f"{label}: {', '.join(names)}" for label, names in
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", reshaped)) if names]
+        pre_norm = ""
+        if "norm_pre.weight" in unexpected:
+            pre_norm = "model.pre_norm=true (the checkpoint normalises the tokens before the first block), "
+        elif "norm_pre.weight" in missing:
+            pre_norm = "model.pre_norm=false, "
         raise ConfigError(f"{source} does not fit the tower built from model.* and data.image_size "
-                          f"({'; '.join(parts)}). Choose model.name, model.depth, model.patch_size and model.pooling "
-                          "to match the checkpoint (the position embedding alone is resampled to the image size)")
+                          f"({'; '.join(parts)}). Choose {pre_norm}model.name, model.depth, model.patch_size and "
+                          "model.pooling to match the checkpoint (the position embedding alone is resampled to the "
+                          "image size)")
 
 
 def init_tower(model: nn.Module, path: str | Path) -> dict[str, int]:

@@ -25,7 +25,8 @@ from lift_fast.models.vit import LiftImageEncoder, VisionTransformer
 # timm keys with no counterpart in the tower that are dropped on the way in: the ImageNet classifier
 TIMM_CLASSIFIER_KEYS = ("head.weight", "head.bias")
 _BLOCK_KEY = re.compile(r"blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)")
-_TOWER_KEYS = {"patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias", "pos_embed", "cls_token"}
+_TOWER_KEYS = {"patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias", "pos_embed", "cls_token",
+               "norm_pre.weight", "norm_pre.bias"}  # norm_pre: model.pre_norm (timm's pre_norm=True)
 
 
 def image_tower(model: nn.Module) -> VisionTransformer:
@@ -43,9 +44,12 @@ def timm_kwargs(model: nn.Module) -> dict:
     tower = image_tower(model)
     spec = tower.spec
     grid = math.isqrt(tower.pos_embed.shape[1])
-    return dict(img_size=grid * spec.patch_size, patch_size=spec.patch_size, embed_dim=spec.width, depth=spec.depth,
-                num_heads=spec.heads, mlp_ratio=spec.mlp_ratio, num_classes=0, class_token=tower.cls_token is not None,
-                global_pool="token" if tower.cls_token is not None else "avg", fc_norm=False, no_embed_class=False)
+    kwargs = dict(img_size=grid * spec.patch_size, patch_size=spec.patch_size, embed_dim=spec.width, depth=spec.depth,
+                  num_heads=spec.heads, mlp_ratio=spec.mlp_ratio, num_classes=0, class_token=tower.cls_token is not None,
+                  global_pool="token" if tower.cls_token is not None else "avg", fc_norm=False, no_embed_class=False)
+    if isinstance(getattr(tower, "norm_pre", None), nn.LayerNorm):
+        kwargs["pre_norm"] = True  # model.pre_norm; timm's default (False) otherwise, so left out
+    return kwargs
 
 
 def to_timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -53,11 +57,15 @@ def to_timm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     model: a LiftImageEncoder (its `visual` tower is taken; the LIFT head and logit scale are left out) or
     a VisionTransformer. A fixed sincos position embedding is written as timm's `pos_embed` too.
+    With model.pre_norm, timm's patch convolution has no bias (CLIP's layout): the bias is added to the
+    patches' position embeddings instead, which is the same sum before norm_pre.
     Returns new tensors for pos_embed and cls_token, and the tower's own tensors (detached) otherwise.
     """
     tower = image_tower(model)
     state = {name: tensor.detach() for name, tensor in tower.state_dict().items()}
     pos_embed = tower.pos_embed.detach()  # [1, N, W]; a buffer outside state_dict when sincos
+    if isinstance(getattr(tower, "norm_pre", None), nn.LayerNorm):
+        pos_embed = pos_embed + state.pop("patch_embed.proj.bias")  # [1, N, W] + [W]
     if tower.cls_token is not None:
         # timm adds pos_embed row 0 to its class token; this tower's class token has no position
         pos_embed = torch.cat([torch.zeros_like(pos_embed[:, :1]), pos_embed], dim=1)  # [1, 1+N, W]
@@ -77,7 +85,8 @@ def from_timm_state_dict(state: dict[str, torch.Tensor], *, class_token: bool | 
     """A timm VisionTransformer state dict as this tower's state dict, for `model.visual.load_state_dict`.
 
     state: timm names, with or without a class token (`cls_token`, pos_embed with or without its row 0,
-    as timm's no_embed_class), with or without the classifier (`head.*`, dropped).
+    as timm's no_embed_class), with or without the classifier (`head.*`, dropped), with or without a
+    patch-convolution bias (zero when absent: timm's pre_norm towers have none).
     class_token: None keeps the class token when the state has one (for model.pooling=cls); False drops
     it (for LIFT's mean pooling: the patch tokens keep their position embeddings, and the network no
     longer sees the class token, so it is a starting point for training, not the same function).
@@ -90,7 +99,7 @@ def from_timm_state_dict(state: dict[str, torch.Tensor], *, class_token: bool | 
     unknown = keys_without_counterpart(state)
     if unknown:
         raise ValueError(f"timm state dict has keys with no counterpart in lift-fast's ViT: {', '.join(unknown)} "
-                         "(supported: plain pre-norm ViT blocks, patch_embed.proj, pos_embed, cls_token, norm; "
+                         "(supported: plain pre-norm ViT blocks, patch_embed.proj, pos_embed, cls_token, norm_pre, norm; "
                          "timm's fc_norm normalises after pooling, which this tower does not)")
     if "pos_embed" not in state:
         raise ValueError("timm state dict has no pos_embed (a model made with pos_embed='none' does not fit this tower)")
@@ -105,6 +114,10 @@ def from_timm_state_dict(state: dict[str, torch.Tensor], *, class_token: bool | 
                          f"{', plus one row for the class token' if has_class_token else ''}")
     out = {key: tensor for key, tensor in state.items() if key not in TIMM_CLASSIFIER_KEYS and key != "cls_token"}
     out["pos_embed"] = pos_embed[:, prefix:]
+    if "patch_embed.proj.weight" in state and "patch_embed.proj.bias" not in state:
+        # timm's pre_norm (CLIP-style) towers have a bias-free patch convolution
+        weight = state["patch_embed.proj.weight"]
+        out["patch_embed.proj.bias"] = weight.new_zeros(weight.shape[0])
     if has_class_token and class_token is not False:
         # row 0 (when there is one) moves onto the class token
         out["cls_token"] = state["cls_token"] + pos_embed[:, :1] if prefix else state["cls_token"]

@@ -124,11 +124,13 @@ class VisionTransformer(nn.Module):
     """ViT returning one pooled feature per image: the mean of patch tokens (LIFT) or the class token.
 
     attention: model.attention (auto|flash|sdpa|math); patch_dropout: FLIP's fraction of patch tokens
-    dropped in training; grad_checkpointing: recompute each block in backward instead of storing it.
+    dropped in training; grad_checkpointing: recompute each block in backward instead of storing it;
+    pre_norm: a LayerNorm on the tokens before the first block (model.pre_norm).
     """
 
     def __init__(self, spec: ViTSpec, image_size: int, *, pooling: str = "mean", pos_embed: str = "learned",
-                 attention: str = "sdpa", patch_dropout: float = 0.0, grad_checkpointing: bool = False):
+                 attention: str = "sdpa", patch_dropout: float = 0.0, grad_checkpointing: bool = False,
+                 pre_norm: bool = False):
         super().__init__()
         if image_size % spec.patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {spec.patch_size}")
@@ -142,6 +144,8 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = nn.Parameter(torch.randn(1, grid * grid, spec.width) * 0.02)
         self.patch_dropout = PatchDropout(patch_dropout)
+        # timm's pre_norm, open_clip's ln_pre: CLIP towers normalise the tokens before the first block
+        self.norm_pre = nn.LayerNorm(spec.width, eps=1e-6) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[Block(spec.width, spec.heads, spec.mlp_ratio, attention) for _ in range(spec.depth)])
         self.norm = nn.LayerNorm(spec.width, eps=1e-6)
         self.apply(_init_weights)
@@ -150,6 +154,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_dropout(self.patch_embed(images) + self.pos_embed)  # [B, N, W]; N kept in training
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+N, W]
+        x = self.norm_pre(x)
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
@@ -217,5 +222,5 @@ def build_model(model_cfg, image_size: int, text_dim: int, logit_scale_init: flo
                           "(pip install 'lift-fast[gpu]'), or use model.attention=auto (sdpa where flash cannot run)")
     tower = VisionTransformer(spec, image_size, pooling=model_cfg.pooling, pos_embed=model_cfg.pos_embed,
                               attention=model_cfg.attention, patch_dropout=model_cfg.patch_dropout,
-                              grad_checkpointing=model_cfg.grad_checkpointing)
+                              grad_checkpointing=model_cfg.grad_checkpointing, pre_norm=model_cfg.pre_norm)
     return LiftImageEncoder(tower, text_dim, model_cfg.head_hidden, logit_scale_init)
