@@ -1,6 +1,7 @@
 """Fault injection for the data (issue 14, docs/reliability.md): a shard truncated in the middle of an
 epoch, while training reads it. With data.on_error=skip its lost samples are counted skips and
-training goes on; without, the run stops with an error naming the shard and the key."""
+training goes on; without, the run stops with an error naming the shard and the key. And the reader
+that opens a shard only after it was cut or replaced (a new worker, an evicted shard)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import shutil
 import threading
 
 import pytest
+from shard_tools import read_members, write_members
 
 from lift_fast.config import load_config
 from lift_fast.data import build_loader
 from lift_fast.data.dali import dali_available
-from lift_fast.data.index import read_index
+from lift_fast.data.index import index_path, read_index, write_index
 from lift_fast.data.reader import SampleReader
 from lift_fast.data.shards import ShardError
+from lift_fast.data.stream import SampleRef
+from lift_fast.embed import open_store
 from lift_fast.train.loop import train
 
 STEPS, CUT_STEP = 8, 2  # the shard is cut when step CUT_STEP (0-based) starts reading
@@ -123,3 +127,47 @@ def test_shard_truncated_mid_epoch_without_skip_names_shard_and_key(data_copy, s
     # the run folder keeps the steps done before the cut
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) >= CUT_STEP
+
+
+# ------------------------------------------------- the reader meets a shard that changed after it was counted
+
+
+def fresh_reader(data, stores) -> SampleReader:
+    """A reader that has opened nothing yet, as a loader worker that starts (or reopens an evicted
+    shard) after the change would."""
+    return SampleReader(sorted(data.glob("*.tar")), open_store(stores / "train"))
+
+
+def ref_of(row: int) -> SampleRef:
+    return SampleRef(shard=1, row=row, epoch=0, position=16 + row)
+
+
+def test_reader_opening_a_cut_shard_names_it_and_the_last_whole_member(data_copy, stores):
+    data, victim, lost = data_copy
+    os.truncate(victim, victim.stat().st_size // 2)
+    with pytest.raises(ShardError) as caught:
+        fresh_reader(data, stores).read(ref_of(0))
+    message = str(caught.value)
+    assert str(victim) in message and "truncated or corrupt after member" in message
+    last_whole = message.split("after member ")[1].split("'")[1]
+    assert last_whole.split(".")[0] not in lost  # the samples up to it are whole, the lost ones follow
+
+
+def test_reader_opening_a_cut_shard_with_its_old_index_names_the_index(data_copy, stores):
+    data, victim, _ = data_copy
+    write_index(victim)
+    os.truncate(victim, victim.stat().st_size // 2)
+    os.utime(victim, ns=(index_path(victim).stat().st_mtime_ns + 10**9,) * 2)  # cut after it was indexed
+    with pytest.raises(ShardError, match="stale") as caught:
+        fresh_reader(data, stores).read(ref_of(0))
+    assert str(index_path(victim)) in str(caught.value)
+
+
+def test_reader_opening_a_shorter_replacement_names_the_shard(data_copy, stores):
+    data, victim, _ = data_copy
+    write_members(victim, read_members(victim)[: 3 * 8])  # 8 of its 16 samples (jpg, txt, json each)
+    reader = fresh_reader(data, stores)
+    assert reader.read(ref_of(7)).key == read_index(victim).keys[7]
+    with pytest.raises(ShardError, match="holds 8 samples now") as caught:
+        reader.read(ref_of(12))
+    assert str(victim) in str(caught.value)

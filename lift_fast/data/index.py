@@ -79,7 +79,10 @@ def scan_members(shard: Path) -> list[tuple[str, int, int]]:
                     members.append((member.name, member.offset_data, member.size))
             require_end_block(shard, tar.offset)
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise ShardError(f"shard {shard} is truncated or corrupt: {err}") from None
+        # where it stops: the samples after the last whole member are lost, and their keys with them
+        whole = [name for name, offset, length in members if offset + length <= size]
+        after = f" after member {whole[-1]!r}" if whole else ""
+        raise ShardError(f"shard {shard} is truncated or corrupt{after} ({size} bytes): {err}") from None
     if members and members[-1][1] + members[-1][2] > size:
         raise ShardError(f"shard {shard} is truncated: member {members[-1][0]} ends past byte {size}")
     return members

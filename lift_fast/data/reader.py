@@ -80,9 +80,14 @@ class SampleReader:
         """The sample `ref`: key, image bytes and its embedding row.
 
         Raises ShardError naming shard and key when the sample has no image, no row in the store,
-        or a caption other than the one its row was embedded from.
+        a caption other than the one its row was embedded from, or bytes cut off (the shard was
+        truncated after it was indexed); naming the shard when it cannot be opened (truncated or
+        corrupt, a stale index) or holds fewer samples than when the stream counted them.
         """
         index, rows, fd = self._shard(ref.shard)
+        if ref.row >= len(index):  # reopened (another process, or evicted) after it was replaced or cut
+            raise ShardError(f"{index.shard} holds {len(index)} samples now, fewer than when this run counted them "
+                             f"(sample {ref.row + 1} was asked for): the shard changed during the run")
         key, shard = index.keys[ref.row], index.shard
         where = f"{shard}: sample {key!r}"
         if index.image_offset[ref.row] == NO_MEMBER:
