@@ -78,6 +78,25 @@ def test_every_nonfinite_row_is_counted_and_extreme_finite_rows_pass(tmp_path):
         open_store(folder).embeddings("00000")
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_nonfinite_rows_agree_with_numpy_on_extreme_values(tmp_path, monkeypatch, dtype):
+    """The exponent-bit test against np.isfinite, over rows of subnormals, +-0, +-max, NaNs with payloads."""
+    monkeypatch.setattr(store_module, "CHECK_ROWS", 7)
+    info = np.finfo(dtype)
+    bits = np.dtype(f"<u{np.dtype(dtype).itemsize}")
+    specials = np.array([0.0, -0.0, info.max, -info.max, info.tiny, info.smallest_subnormal, np.inf, -np.inf, np.nan],
+                        dtype=dtype)
+    payload_nan = (np.array([np.nan], dtype=dtype).view(bits) | bits.type(1)).view(dtype)  # a NaN other than numpy's
+    rng = np.random.default_rng(int(np.dtype(dtype).itemsize))
+    rows = rng.standard_normal((61, 13)).astype(dtype)
+    for row in rng.choice(61, 20, replace=False):
+        rows[row, rng.integers(13)] = rng.choice(np.concatenate([specials, payload_nan]))
+    np.save(tmp_path / "rows.npy", rows)
+    found = store_module.nonfinite_rows(tmp_path / "rows.npy", np.load(tmp_path / "rows.npy", mmap_mode="r"))
+    expected = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    assert 0 < len(expected) < 20 and found.tolist() == expected.tolist()
+
+
 def test_int8_store_with_a_nonfinite_scale_is_refused(tmp_path):
     folder = make_store(tmp_path / "store", {"00000": rows_of(4, 3)}, "int8")
     scales_path = folder / "00000.scales.npy"
