@@ -123,8 +123,8 @@ def nonfinite_rows(path: Path, rows: np.memmap) -> np.ndarray:
 
     path: the .npy file; rows: its memmap [count, dim] (only its layout is used: the rows are read
     CHECK_ROWS at a time with plain reads). A float is NaN or inf exactly when all its exponent bits
-    are set; testing them on the integer view costs ~1 ms per 16 MiB of float16 rows on an EPYC core,
-    20x less than np.isfinite or a float32 sum (which convert every element first).
+    are set; testing them on the integer view takes 4.4x less than a float32 row sum and 3.5x less
+    than np.isfinite on 10,000 x 4096 float16 rows (bench/store_nonfinite.py, 2 EPYC cores).
     """
     if rows.dtype.kind != "f" or rows.size == 0:
         return np.zeros(0, dtype=np.int64)
