@@ -244,6 +244,8 @@ def test_missing_caption_hashes_are_named_and_redone(tmp_path, minilm):
 @pytest.mark.parametrize("field, value, named", [
     ("dim", None, "dim"), ("dtype", None, "dtype"), ("encoder", None, "encoder"), ("shards", None, "shards"),
     ("data_dir", None, "data_dir"), ("dim", "384", "dim"), ("shards", {"00000": {}}, "shards.00000.count"),
+    ("shards", {"00000": {"count": 3, "files": []}}, "shards.00000.files"),
+    ("shards", {"00000": {"count": 3, "files": {"00000.npy": {"bytes": "9"}}}}, "shards.00000.files"),
 ])
 def test_manifest_fields_are_checked_and_named(tmp_path, minilm, field, value, named):
     """None: the field is removed; otherwise it is set to a value of the wrong kind."""

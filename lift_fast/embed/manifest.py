@@ -123,6 +123,12 @@ def read_manifest(store_dir: str | Path) -> dict:
         count = info.get("count") if isinstance(info, dict) else None
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise StoreError(f"{path}: field 'shards.{shard}.count' must be a count of rows, got {count!r}")
+        files = info.get("files", {})
+        if not isinstance(files, dict) or not all(
+                isinstance(f, dict) and isinstance(f.get("bytes"), int) and isinstance(f.get("ends_sha256"), str)
+                for f in files.values()):
+            raise StoreError(f"{path}: field 'shards.{shard}.files' must map file names to "
+                             f'{{"bytes": size, "ends_sha256": hex digest}}, got {files!r}')
     return manifest
 
 
