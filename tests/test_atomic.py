@@ -1,5 +1,6 @@
 """Durable writes: the temporary file is fsynced before the rename and the folder after it; a folder
-is published with every file fsynced, then renamed, then its parent fsynced."""
+(a checkpoint) is published with every file fsynced, then renamed, then its parent fsynced; a
+checkpoint write that fails names the file; a kill while pruning leaves nothing that counts."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from lift_fast.atomic import atomic_write, fsync_dir, publish_dir, write_json
+from lift_fast.train import RunFolderError
+from lift_fast.train import checkpoint as checkpoint_module
+from lift_fast.train.checkpoint import CheckpointWriteError, complete_checkpoints, latest_checkpoint, save_checkpoint
 
 
 @pytest.fixture
@@ -117,3 +123,61 @@ def test_publish_dir_refuses_another_folder(tmp_path):
 def test_fsync_dir_names_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError):
         fsync_dir(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def tiny_state():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def test_checkpoint_files_are_fsynced_before_the_rename_and_the_parent_after(tmp_path, events):
+    final = save_checkpoint(tmp_path / "run", 3, *tiny_state())
+    root, tmp = final.parent, final.parent / ".tmp_step_000003"
+    renames = [i for i, event in enumerate(events) if event[0] == "rename"]
+    assert events[renames[0]] == ("rename", str(tmp), str(final))
+    fsynced_before = [event[1] for event in events[:renames[0]] if event[0] == "fsync"]
+    assert fsynced_before[-1] == str(tmp)  # the folder after its files
+    assert set(fsynced_before) == {str(tmp / "model.safetensors"), str(tmp / "state.pt"), str(tmp)}
+    assert events[renames[0] + 1] == ("fsync", str(root))
+    assert load_file(str(final / "model.safetensors"))["weight"].shape == (2, 3)
+
+
+def test_pruning_renames_before_deleting_and_the_next_save_clears_leftovers(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    state = tiny_state()
+    for step in (1, 2):
+        save_checkpoint(run, step, *state, keep=2)
+    # killed while deleting step 1: the rename went through, the deletion did not
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", lambda path, ignore_errors=False: None)
+    save_checkpoint(run, 3, *state, keep=2)
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [f".old_step_000001.{os.getpid()}", "step_000002", "step_000003"]
+    assert [p.name for p in complete_checkpoints(run)] == ["step_000002", "step_000003"]
+    monkeypatch.undo()
+    (root / ".tmp_step_000009").mkdir()  # and what a save killed mid-write leaves
+    save_checkpoint(run, 4, *state, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000003", "step_000004"]
+
+
+def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    state = tiny_state()
+    kept = save_checkpoint(run, 5, *state)
+
+    def no_space(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", no_space)
+    with pytest.raises(CheckpointWriteError) as caught:
+        save_checkpoint(run, 6, *state)
+    message = str(caught.value)
+    assert str(run / "checkpoints" / ".tmp_step_000006" / "model.safetensors") in message
+    assert "No space left on device" in message and f"{kept} is kept" in message
+    assert isinstance(caught.value, OSError) and isinstance(caught.value, RunFolderError)
+    assert latest_checkpoint(run) == kept and sorted(p.name for p in kept.parent.iterdir()) == ["step_000005"]

@@ -16,6 +16,7 @@ under fsdp resumes under ddp or in one process, loads into a plain model, and th
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -178,8 +179,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
     return final
+
+
+def _delete(checkpoint: Path) -> None:
+    """Delete an old checkpoint folder: renamed to a leftover name first, so that a kill part-way
+    through leaves no half-deleted folder under a checkpoint's name (the next save removes it)."""
+    doomed = checkpoint.with_name(f".old_{checkpoint.name}.{os.getpid()}")
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _write_file(path: Path, write: Callable[[Path], object], run_dir: str | Path, step: int) -> None:
