@@ -1,5 +1,5 @@
 """One hash of the encoder's weights per job: the store manifest's hash is used while the weight files'
-names, sizes and mtimes match the fingerprint recorded beside it, a changed file is hashed again, and
+paths, sizes, times and inodes match the fingerprint recorded beside it, a changed file is hashed again, and
 under torch.distributed rank 0 alone reads the weights and broadcasts what it found."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import socket
+import time
 
 import pytest
 import torch.distributed as dist
@@ -62,7 +63,7 @@ def test_recorded_hash_is_used_while_the_fingerprint_matches(model_folder, hashe
     assert hashed == ["model.safetensors", "pytorch_model.bin"]
 
 
-@pytest.mark.parametrize("change", ["mtime", "size", "new file"])
+@pytest.mark.parametrize("change", ["mtime", "size", "new file", "rewritten, mtime kept", "replaced, mtime kept"])
 def test_a_changed_weight_file_is_hashed_again(model_folder, hashed, change):
     recorded = {"weights_sha256": "f" * 64, "weights_fingerprint": weights_fingerprint(model_folder)}
     weights = model_folder / "model.safetensors"
@@ -72,8 +73,18 @@ def test_a_changed_weight_file_is_hashed_again(model_folder, hashed, change):
     elif change == "size":
         weights.write_bytes(weights.read_bytes() + b"!")
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same mtime: the size alone tells
-    else:
+    elif change == "new file":
         (model_folder / "model-00002.safetensors").write_bytes(b"a second part")
+    else:  # a fine-tuned model's file of the same size under a fixed mtime, as reproducible builds leave them
+        other = weights.read_bytes().replace(b"weights", b"tuned!!")
+        if change.startswith("replaced"):
+            (model_folder / "new.tmp").write_bytes(other)
+            os.replace(model_folder / "new.tmp", weights)
+        else:
+            time.sleep(0.05)  # past the kernel's coarse clock tick (up to 10 ms), as any real rewrite is
+            weights.write_bytes(other)
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
     assert weights_fingerprint(model_folder) != recorded["weights_fingerprint"]
     assert weights_sha256(model_folder, recorded) != "f" * 64 and hashed
 

@@ -101,13 +101,20 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def weights_fingerprint(folder: Path) -> str:
-    """A sha256 over the name, size and mtime of each weight file: what tells, without reading them,
-    that the weights are still the ones a store's manifest recorded the `weights_sha256` of.
+    """A sha256 over the resolved path, size, mtime, ctime, device and inode of each weight file: what
+    tells, without reading them, that the weights are still the ones a store's manifest recorded the
+    `weights_sha256` of.
 
+    Size and mtime alone are not enough: reproducible builds and some copies give every file one fixed
+    mtime, and a fine-tuned model has its base model's file sizes. The ctime (which no tool can set) and
+    the inode change whenever a file is rewritten or replaced; a copy elsewhere is simply hashed again.
     Raises FileNotFoundError when the folder holds no .safetensors/.bin weights.
     """
-    stats = ((p.name, p.stat()) for p in _weight_files(folder))
-    return hashlib.sha256("".join(f"{name}:{st.st_size}:{st.st_mtime_ns}\n" for name, st in stats).encode()).hexdigest()
+    lines = []
+    for p in _weight_files(folder):
+        st = p.stat()
+        lines.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_dev}:{st.st_ino}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def weights_sha256(folder: Path, recorded: dict | None = None) -> str:
@@ -273,7 +280,7 @@ class TextEncoder:
         """What makes two runs of this encoder give the same rows; recorded in the store's manifest.
 
         model (as given), path (resolved folder), revision (hub snapshot or None), weights_sha256,
-        weights_fingerprint (names, sizes, mtimes of the weight files: see `weights_fingerprint`),
+        weights_fingerprint (path, size, times and inode of each weight file: see `weights_fingerprint`),
         pooling, prompt, max_length, normalize, dim (of the rows), model_dim (before truncation), append_eos,
         precision (how the rows were computed: `embed` does not add rows of another precision to a
         store, readers accept any).

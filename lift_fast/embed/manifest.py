@@ -23,7 +23,7 @@ FORMAT = "lift-fast-embeddings"
 # 3: int8 rows with per-row scales (NAME.scales.npy); encoder fields model_dim, append_eos, precision,
 #    quantize. Version 2 stores are still read (they hold float rows; the new fields take LEGACY_DEFAULTS).
 # 4: each shard's entry records its files' sizes and fingerprints (`files`, checked when a reader opens
-#    the shard), and the encoder's `weights_fingerprint` (names, sizes and mtimes of its weight files, so
+#    the shard), and the encoder's `weights_fingerprint` (paths, sizes, times, inodes of its weight files, so
 #    that train and eval can take `weights_sha256` from here instead of hashing GBs again). Version 2
 #    and 3 stores are still read, without the file check.
 FORMAT_VERSION = 4

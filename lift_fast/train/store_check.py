@@ -3,7 +3,7 @@ before they build anything.
 
 The encoder's weights are identified by their sha256, which for an LLM embedder means reading
 GBs. It is computed once per job: rank 0 takes it from the store's manifest when the encoder
-folder's weight files still have the names, sizes and mtimes recorded there (`weights_fingerprint`),
+folder's weight files still have the paths, sizes, times and inodes recorded there (`weights_fingerprint`),
 and hashes the files only otherwise; the other ranks receive rank 0's answer over torch.distributed
 (when a process group is initialised), so 64 ranks never read a 15 GB folder 64 times.
 """
