@@ -112,20 +112,27 @@ def load_image_encoder(path: str | Path, *, checkpoint: str | Path | None = None
     Raises FileNotFoundError when `path` is neither, RunFolderError for weights that do not fit the config.
     """
     path = Path(path)
+    cfg = export_config(path)
+    folder = path if (path / PROVENANCE).is_file() else _checkpoint(path, checkpoint)
+    return build_from_weights(cfg, folder), EvalTransform(cfg.data.image_size)
+
+
+def export_config(path: str | Path) -> Config:
+    """The resolved config a lift export (from its lift_export.json) or a run folder (config.yaml) was
+    trained with: cfg.embed is the frozen text encoder to embed class names and captions with
+    (`lift_fast.embed.load_encoder(cfg.embed)`). Raises FileNotFoundError when `path` is neither,
+    RunFolderError for a timm or open_clip export (their weights load with those libraries)."""
+    path = Path(path)
     if (path / PROVENANCE).is_file():
         record = json.loads((path / PROVENANCE).read_text())
         if record.get("format") != "lift":
             raise RunFolderError(f"{path / PROVENANCE}: a {record.get('format')!r} export; load_image_encoder reads "
                                  "--format lift exports (timm and open_clip exports load with those libraries)")
-        cfg = load_config(overrides={f"{section}.{name}": value for section, fields in record["config"].items()
-                                     for name, value in fields.items()})
-        folder = path
-    elif (path / "config.yaml").is_file():
-        cfg = load_config(path / "config.yaml")
-        folder = _checkpoint(path, checkpoint)
-    else:
-        raise FileNotFoundError(f"{path}: neither a lift export ({PROVENANCE}) nor a run folder (config.yaml)")
-    return build_from_weights(cfg, folder), EvalTransform(cfg.data.image_size)
+        return load_config(overrides={f"{section}.{name}": value for section, fields in record["config"].items()
+                                      for name, value in fields.items()})
+    if (path / "config.yaml").is_file():
+        return load_config(path / "config.yaml")
+    raise FileNotFoundError(f"{path}: neither a lift export ({PROVENANCE}) nor a run folder (config.yaml)")
 
 
 def _checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
