@@ -5,7 +5,9 @@
     python bench/gpu_check.py --budget-s 120 --only matmul
     python bench/gpu_check.py --device cpu --quick --out /tmp/x   # smoke run with tiny shapes
 
-Checks run in registration order (the two ceilings first). A check whose estimated time does not
+Checks run in registration order: the proofs first (what the code does on the device: the GEMM
+dtypes and host syncs of a train step, the losses'), then the two ceilings, then the timings. A check
+whose estimated time does not
 fit in what is left of the budget is skipped and reported as skipped; a check that raises is
 reported as failed with its error, and the rest still run. Writes gpu_check.json and gpu_check.md
 into --out and prints the table last. Exit status: 0, 1 if a check failed, 2 on a usage error

@@ -14,6 +14,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "bench"
 CEILINGS = ("matmul_bf16", "copy_d2d")
+PROOFS = ("train_step_gemm_dtypes", "train_step_host_syncs")
+
+
+def gpu_checks_module():
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module("gpu_checks")
 
 
 @pytest.fixture
@@ -33,7 +40,16 @@ def test_smoke_run_writes_json_and_markdown_and_prints_the_table_last(tmp_path):
 
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {check["name"]: check for check in report["checks"]}
-    assert list(checks)[: len(CEILINGS)] == list(CEILINGS)  # the ceilings open the report
+    # the proofs (dtypes, syncs) open the report, before the ceilings and every timing
+    proofs = [check.name for check in gpu_checks_module().load_checks() if check.proof]
+    assert set(PROOFS) <= set(proofs)
+    assert list(checks)[: len(proofs) + len(CEILINGS)] == proofs + list(CEILINGS)
+    for name in PROOFS:
+        assert checks[name]["status"] == "ok", checks[name]
+    dtypes = {row["name"]: row for row in checks["train_step_gemm_dtypes"]["rows"]}
+    assert all(row["value"] == 1.0 for row in dtypes.values()), dtypes  # every GEMM bf16
+    syncs = checks["train_step_host_syncs"]["rows"]
+    assert syncs and all(row["value"] == 0 for row in syncs), syncs
     for name, unit in zip(CEILINGS, ("TFLOP/s", "GB/s")):
         assert checks[name]["status"] == "ok"
         (row,) = checks[name]["rows"]

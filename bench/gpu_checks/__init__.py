@@ -14,7 +14,9 @@ decorator in any module of this package (bench/gpu_checks/*.py are all imported 
         return [Row(f"clip_loss fwd+bwd B={batch}", batch / seconds, "samples/s", "best of 10")]
 
 `est_seconds` is the check's wall time at full size on a GPU, set-up included; the script skips a
-check whose estimate does not fit in what is left of its budget. Checks run in registration order.
+check whose estimate does not fit in what is left of its budget. Checks run in registration order,
+except that the proofs (`proof=True`: what the code does on the device, e.g. the GEMM dtypes and host
+syncs of a train step) all run first, before the ceilings and every timing.
 """
 
 from __future__ import annotations
@@ -72,14 +74,16 @@ class Check:
     name: str
     est_seconds: float
     function: Callable[[Context], list[Row]]
+    proof: bool = False  # checks what the code does (dtypes, syncs) rather than timing it: runs before any timing
 
 
 CHECKS: list[Check] = []
 FIRST_MODULES = ("ceilings",)  # the two ceilings open every report
 
 
-def gpu_check(name: str, est_seconds: float) -> Callable:
-    """Register `function(ctx) -> list[Row]` as the measurement `name`.
+def gpu_check(name: str, est_seconds: float, *, proof: bool = False) -> Callable:
+    """Register `function(ctx) -> list[Row]` as the measurement `name`; proof=True for a check of
+    what the code does on the device (GEMM dtypes, host syncs), which runs before every timing.
 
     Raises:
         ValueError: `name` is already registered, or `est_seconds` is not positive.
@@ -90,7 +94,7 @@ def gpu_check(name: str, est_seconds: float) -> Callable:
     def register(function: Callable[[Context], list[Row]]) -> Callable[[Context], list[Row]]:
         if any(check.name == name for check in CHECKS):
             raise ValueError(f"gpu_check {name!r} is registered twice ({function.__module__})")
-        CHECKS.append(Check(name, float(est_seconds), function))
+        CHECKS.append(Check(name, float(est_seconds), function, proof))
         return function
 
     return register
@@ -101,7 +105,7 @@ def load_checks() -> list[Check]:
     names = sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
     for name in sorted(names, key=lambda n: (n not in FIRST_MODULES, n)):
         importlib.import_module(f"{__name__}.{name}")
-    return list(CHECKS)
+    return sorted(CHECKS, key=lambda check: not check.proof)  # stable: the proofs, then the rest in order
 
 
 def best_seconds(ctx: Context, function: Callable[[], object], *, warmup: int = 3,

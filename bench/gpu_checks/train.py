@@ -1,5 +1,8 @@
 """Training on one GPU: ViT-B/16 at 224 px with the LIFT head to 4096-d (DESIGN's reference), bf16.
 
+train_step_gemm_dtypes  (first, before any timing) the GEMM dtypes of a bf16 train step on the device:
+                    all bf16, for the CLIP, SigLIP and fused-projection losses (lift_fast.train.step_profile).
+train_step_host_syncs   (first) host syncs of train steps that are not logged: goal 0.
 train_vit_b16_step  the trainer's own step (lift_fast.train.loop._train_step: bf16 autocast, the
                     compiled model, the fused CLIP loss, fused AdamW with LIFT's groups, grad clip,
                     the logit-scale clamp) on synthetic batches already on the GPU, batch 256, with
@@ -44,54 +47,96 @@ def _label(ctx: Context) -> str:
     return f"vit_b16 {IMAGE_SIZE}px B={BATCH}" if not ctx.quick else "vit_tiny depth 2 32px B=8 (smoke)"
 
 
-def _parts(cfg, ctx: Context, dim: int, batch: int):
-    """The trainer's parts for one process on ctx.device, as `_build` makes them (no loader)."""
-    from lift_fast.models.flops import train_flops_per_sample
-    from lift_fast.models.vit import build_model
-    from lift_fast.train.device import peak_tflops, resolve_compile, resolve_precision
-    from lift_fast.train.distributed import Distributed, wrap_model
-    from lift_fast.train.loop import Parts, build_loss
-    from lift_fast.train.optim import build_optimizer, build_scheduler
-
-    dist = Distributed(device=ctx.device)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.image_size, dim, cfg.train.logit_scale_init).to(ctx.device)
-    optimizer = build_optimizer(model, cfg.train)
-    precision = resolve_precision(cfg.train.precision, ctx.device)
-    forward = wrap_model(model, dist, cfg.train.parallel, compile=resolve_compile(cfg.train.compile, ctx.device))
-    flops = train_flops_per_sample(model.visual.spec, cfg.data.image_size, dim, batch, pooling=cfg.model.pooling)
-    parts = Parts(model, forward, build_loss(cfg, dist), optimizer, build_scheduler(optimizer, cfg.train), None,
-                  precision, flops, peak_tflops(ctx.device, precision, cfg.train.peak_tflops))
-    return parts, dist
-
-
 def _step_rate(ctx: Context, attention: str) -> tuple[float, object]:
-    """Images/s of the trainer's step with model.attention=`attention` on synthetic batches."""
+    """Images/s of the trainer's step with model.attention=`attention` on synthetic batches (steps
+    that are not logged, as most are: nothing read back until the end)."""
+    from lift_fast.train.distributed import Distributed
     from lift_fast.train.loop import Progress, _train_step
+    from lift_fast.train.step_profile import synthetic_parts
 
     cfg = _config(ctx, f"model.attention={attention}")
     batch, dim = ctx.size(BATCH, 8), ctx.size(TEXT_DIM, 64)
-    parts, dist = _parts(cfg, ctx, dim, batch)
-    generator = torch.Generator(device=ctx.device).manual_seed(0)
-    size = cfg.data.image_size
-    images = torch.randn(batch, 3, size, size, device=ctx.device, generator=generator)
-    texts = torch.nn.functional.normalize(torch.randn(batch, dim, device=ctx.device, generator=generator), dim=-1)
-    data = {"images": images.to(parts.precision or torch.float32), "text_embeddings": texts, "skipped": 0,
-            "keys": [str(i) for i in range(batch)]}
+    dist = Distributed(device=ctx.device)
+    parts, data = synthetic_parts(cfg, dist, dim, batch)
+    data["images"] = data["images"].to(parts.precision or torch.float32)
     progress = Progress(step=0)
     parts.model.train()
     with tempfile.TemporaryDirectory() as run_dir:
         for _ in range(WARMUP):  # the first compiles
-            _train_step(cfg, dist, parts, progress, data, [], {"normalized": True}, Path(run_dir))
+            _train_step(cfg, dist, parts, progress, data, [], {"normalized": True}, Path(run_dir), read_now=False)
         ctx.synchronize()
         began = time.perf_counter()
         steps = ctx.size(STEPS, 2)
         for _ in range(steps):
-            _train_step(cfg, dist, parts, progress, data, [], {"normalized": True}, Path(run_dir))
+            _train_step(cfg, dist, parts, progress, data, [], {"normalized": True}, Path(run_dir), read_now=False)
         ctx.synchronize()
-    if not math.isfinite(progress.loss_value):
-        raise AssertionError(f"attention={attention}: the loss is {progress.loss_value}")
-    return batch * steps / (time.perf_counter() - began), parts
+    seconds = time.perf_counter() - began
+    loss = progress.tally.read()[0]["loss"]
+    if not math.isfinite(loss):
+        raise AssertionError(f"attention={attention}: the loss is {loss}")
+    return batch * steps / seconds, parts
+
+
+def _proof_config(ctx: Context, *extra: str):
+    """A small ViT in bf16 on ctx.device, eager (the profiler names the aten ops; a compiled graph's
+    kernels would hide them), the loss as LIFT_FAST_KERNELS picks it (Triton on CUDA)."""
+    from lift_fast.config import load_config
+
+    return load_config(overrides=["model.name=vit_tiny_patch16", "model.depth=2", "data.image_size=64",
+                                  "train.precision=bf16", "train.compile=off", "train.batch_size=32", *extra])
+
+
+def _profiled_steps(ctx: Context, cfg, steps: int = 2):
+    from lift_fast.train.distributed import Distributed
+    from lift_fast.train.loop import Progress, _train_step
+    from lift_fast.train.step_profile import profile_steps, synthetic_parts
+
+    dist = Distributed(device=ctx.device)
+    parts, data = synthetic_parts(cfg, dist, ctx.size(1024, 64), cfg.train.batch_size)
+    progress = Progress(step=0)
+    with tempfile.TemporaryDirectory() as run_dir:
+        _train_step(cfg, dist, parts, progress, data, [], {"normalized": True}, Path(run_dir), read_now=False)  # warm-up
+        ctx.synchronize()
+        return profile_steps(cfg, dist, parts, progress, data, steps, run_dir=run_dir)
+
+
+@gpu_check("train_step_gemm_dtypes", est_seconds=40, proof=True)
+def train_step_gemm_dtypes(ctx: Context) -> list[Row]:
+    """Every GEMM of a bf16 train step (forward, loss, backward) takes bf16 inputs, on the device
+    itself (CUDA autocast's float32 ops are what the trainer's cast is for); plain and fused head."""
+    from lift_fast.train.step_profile import gemms_not_in
+
+    rows = []
+    for label, extra in (("clip", ()), ("siglip", ("train.loss=siglip",)),
+                         ("fused projection", ("model.fuse_projection=true",))):
+        count, wrong = gemms_not_in(_profiled_steps(ctx, _proof_config(ctx, *extra), steps=1))
+        notes = "all bf16" if not wrong else "not bf16: " + "; ".join(
+            f"{name} {'/'.join(dtypes)} in {' < '.join(callers)}" for name, dtypes, callers in wrong[:4])
+        rows.append(Row(f"{label}: GEMMs with bf16 inputs", (count - len(wrong)) / max(1, count), "fraction",
+                        f"{count} GEMMs; goal 1 (the loss backward's float32 aten::dot, the logit-scale gradient, "
+                        f"is left out by design); {notes}"))
+    return rows
+
+
+@gpu_check("train_step_host_syncs", est_seconds=40, proof=True)
+def train_step_host_syncs(ctx: Context) -> list[Row]:
+    """Host syncs in two train steps that are not logged: aten::_local_scalar_dense (item(),
+    float(), bool() of a device tensor) and the CUDA runtime's synchronising calls. Goal: 0."""
+    from lift_fast.train.step_profile import host_syncs
+
+    rows = []
+    for label, extra in (("clip", ()), ("siglip", ("train.loss=siglip",)),
+                         ("fused projection", ("model.fuse_projection=true",))):
+        events = _profiled_steps(ctx, _proof_config(ctx, *extra))
+        chains = host_syncs(events, device=ctx.device)
+        runtime = [event.name for event in events if "Synchronize" in event.name]
+        where = "; ".join(" < ".join(chain[1:4]) for chain in chains[:3])
+        rows.append(Row(f"{label}: aten::_local_scalar_dense in 2 steps", len(chains), "calls",
+                        f"goal 0{'; from ' + where if where else ''}"))
+        if ctx.device.type == "cuda":
+            rows.append(Row(f"{label}: CUDA synchronize calls in 2 steps", len(runtime), "calls",
+                            f"goal 0{'; ' + ', '.join(sorted(set(runtime))) if runtime else ''}"))
+    return rows
 
 
 @gpu_check("train_vit_b16_step", est_seconds=150)

@@ -17,6 +17,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -94,6 +95,72 @@ def _flash_kernel_for(device: torch.device, dtype: torch.dtype) -> tuple[str | N
                   f"(installed: {', '.join(kernels)}; FA2 needs 8.0+, FA4 9.x-11.x)")
 
 
+@contextlib.contextmanager
+def _autograd_inside_custom_op():
+    """Let the ops called here record autograd again: a custom op's implementation runs below the
+    autograd dispatch keys (torch.library excludes them), and the flash backward below differentiates
+    the kernel's own autograd.Function (FA2's and FA4's are old-style ones, which torch.func refuses)."""
+    include, exclude = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude.remove(torch._C.DispatchKey.AutogradFunctionality)):
+        with torch.enable_grad():
+            yield
+
+
+# The flash kernels as torch.library custom ops, so that torch.compile traces a model that calls them
+# (flash-attn's Python and CuTe code does not trace): the fake gives the output's shape and dtype, the
+# autograd formula calls the backward op. The ops wrap whichever kernel resolve_backend chose, by name.
+@torch.library.custom_op("lift_fast::flash_attention", mutates_args=())
+def flash_attention(qkv: torch.Tensor, kernel: str) -> torch.Tensor:
+    """flash-attn kernel `kernel` ('flash-attn-4' or 'flash-attn-2') on qkv [B, N, 3, H, Dh] -> [B, N, H, Dh]."""
+    return _CHOSEN_KERNELS[kernel](qkv).contiguous()
+
+
+@flash_attention.register_fake
+def _flash_attention_fake(qkv: torch.Tensor, kernel: str) -> torch.Tensor:
+    batch, tokens, _, heads, head_dim = qkv.shape
+    return qkv.new_empty(batch, tokens, heads, head_dim)
+
+
+@torch.library.custom_op("lift_fast::flash_attention_backward", mutates_args=())
+def flash_attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The gradient of `flash_attention` for qkv [B, N, 3, H, Dh], given grad_out [B, N, H, Dh].
+
+    Recomputes the kernel's forward and runs its own backward: one more attention forward per block
+    than the eager call, which is the price of a kernel seen through its public function only.
+    """
+    with _autograd_inside_custom_op():
+        leaf = qkv.detach().requires_grad_()
+        (grad_qkv,) = torch.autograd.grad(_CHOSEN_KERNELS[kernel](leaf), leaf, grad_out)
+    return grad_qkv
+
+
+@flash_attention_backward.register_fake
+def _flash_attention_backward_fake(grad_out: torch.Tensor, qkv: torch.Tensor, kernel: str) -> torch.Tensor:
+    return torch.empty_like(qkv)
+
+
+def _flash_setup_context(ctx, inputs, output) -> None:
+    qkv, kernel = inputs
+    ctx.save_for_backward(qkv)
+    ctx.kernel = kernel
+
+
+def _flash_backward(ctx, grad_out):
+    (qkv,) = ctx.saved_tensors
+    return flash_attention_backward(grad_out.contiguous(), qkv, ctx.kernel), None
+
+
+flash_attention.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+def run_flash(kernel: str, qkv: torch.Tensor) -> torch.Tensor:
+    """The flash kernel on qkv [B, N, 3, H, Dh] -> [B, N, H, Dh]: called directly when eager (its own
+    backward, nothing recomputed), through the `flash_attention` custom op under torch.compile."""
+    if torch.compiler.is_compiling():
+        return flash_attention(qkv, kernel)
+    return _CHOSEN_KERNELS[kernel](qkv)
+
+
 @torch.compiler.assume_constant_result  # torch.compile: run once while tracing, a constant in the graph
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The kernel that `model.attention=requested` runs for qkv on `device` in `dtype`: one of
@@ -142,7 +209,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(batch, tokens, 3, self.heads, width // self.heads)  # [B, N, 3, H, Dh]
         backend = resolve_backend(self.backend, qkv.device, qkv.dtype)
         if backend.startswith("flash-attn"):
-            out = _CHOSEN_KERNELS[backend](qkv)  # [B, N, H, Dh]
+            out = run_flash(backend, qkv)  # [B, N, H, Dh]
             return self.proj(out.reshape(batch, tokens, width))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, Dh]
         if backend == "math":

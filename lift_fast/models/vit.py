@@ -172,7 +172,11 @@ class LiftHead(nn.Module):
         self.fc2 = nn.Linear(hidden, text_dim)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(pooled)))  # [B, W] -> [B, text_dim]
+        return self.fc2(self.hidden(pooled))  # [B, W] -> [B, text_dim]
+
+    def hidden(self, pooled: torch.Tensor) -> torch.Tensor:
+        """What enters the last Linear: [B, W] -> [B, hidden] (model.fuse_projection takes it from here)."""
+        return self.act(self.fc1(pooled))
 
 
 class LiftImageEncoder(nn.Module):
@@ -185,8 +189,12 @@ class LiftImageEncoder(nn.Module):
         self.head.apply(_init_weights)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> L2-normalised image features [B, text_dim]."""
+    def forward(self, images: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """images [B, 3, H, W] -> L2-normalised image features [B, text_dim]; with project=False the
+        head's hidden states before its last Linear [B, hidden], unnormalised, for a loss that fuses
+        that Linear and the norm (model.fuse_projection, lift_fast.kernels.fused_projection_clip_loss)."""
+        if not project:
+            return self.head.hidden(self.visual(images))
         return F.normalize(self.head(self.visual(images)), dim=-1)
 
 

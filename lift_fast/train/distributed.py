@@ -211,17 +211,19 @@ def reduce_replicated_gradients(model: nn.Module, ctx: Distributed) -> None:
         grad.copy_(value.view_as(grad))
 
 
-def clip_grad_norm(parameters, max_norm: float) -> float:
-    """Clip the gradients to a total norm of max_norm; returns the total norm before clipping.
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to a total norm of max_norm; returns the total norm before clipping, a 0-d
+    tensor on the gradients' device (never read back here: reading it would wait for the device).
 
     torch.nn.utils.clip_grad_norm_ for plain gradients. FSDP2's gradients are DTensor shards: their
     norm is reduced over the ranks, then combined with that of the whole (replicated) gradients, so
-    every rank gets the global-batch norm and clips by the same factor.
+    every rank gets the global-batch norm and clips by the same factor. A non-finite norm multiplies
+    the gradients by NaN, which is harmless: the step that has one is skipped on the device.
     """
     params = [param for param in parameters if param.grad is not None]
     sharded = [param for param in params if isinstance(param.grad, DTensor)]
     if not sharded:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     whole = [param for param in params if not isinstance(param.grad, DTensor)]
     norms = [torch.nn.utils.get_total_norm([param.grad for param in sharded]).full_tensor()]
     if whole:
@@ -230,7 +232,7 @@ def clip_grad_norm(parameters, max_norm: float) -> float:
     for group in (sharded, whole):
         if group:
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total.item()
+    return total
 
 
 def barrier(ctx: Distributed) -> None:
@@ -243,18 +245,65 @@ def barrier(ctx: Distributed) -> None:
         dist.barrier()
 
 
-def agree(ctx: Distributed, loss: torch.Tensor, stop: bool, skipped: int = 0) -> tuple[float, bool, int]:
-    """(the mean of the ranks' losses, whether any rank asked to stop, the ranks' skipped samples
-    summed), identical on every rank.
+class Agreement:
+    """What the ranks agree on each step, without the step waiting for the device to say it.
 
-    One all-reduce of three numbers, so every rank takes the same decision on a non-finite loss or
-    a preemption signal, at the same step. loss: this rank's 0-d loss (its part of the global-batch
-    loss, as ClipLoss(local_loss=True) gives it); skipped: this rank's count for the step.
+    `reduce` all-reduces [loss, stop, skipped] (one collective of three numbers, so every rank takes
+    the same decision on a non-finite loss or a preemption signal, at the same step): the mean loss
+    stays on the device, where the step's non-finite check reads it; the stop flag and the summed
+    skipped count are copied into a host buffer (pinned on CUDA) without waiting. `collect` reads
+    the previous step's copy, by then long done, or with `now=True` this step's too (at a logged
+    step, which reads back anyway). Two buffers alternate, so a copy never lands in one being read.
+    Every rank calls both at the same steps, so every rank reads the same reduced values at the same
+    step and they stop together. In one process nothing is reduced and the values are the host's own.
     """
-    if not ctx.enabled:
-        return loss.item(), stop, skipped
-    values = torch.tensor([0.0, float(stop), float(skipped)], device=loss.device)
-    values[0] = loss.detach().float()
-    dist.all_reduce(values)
-    loss_sum, stops, skipped_sum = values.tolist()
-    return loss_sum / ctx.world_size, stops > 0, int(skipped_sum)
+
+    def __init__(self, ctx: Distributed):
+        self.ctx = ctx
+        pinned = ctx.enabled and ctx.device.type == "cuda"
+        self._buffers = [torch.zeros(2, dtype=torch.float64, pin_memory=pinned) for _ in range(2)]
+        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []  # oldest first
+        self._local = [False, 0]
+
+    def reduce(self, loss: torch.Tensor, stop: bool, skipped: int = 0) -> torch.Tensor:
+        """The mean of the ranks' losses, a 0-d float32 tensor on the device (this rank's loss in one process).
+
+        loss: this rank's 0-d loss (its part of the global-batch loss, as ClipLoss(local_loss=True)
+        gives it); stop: whether this rank was asked to stop; skipped: its skipped samples this step.
+        """
+        loss = loss.detach().float()
+        if not self.ctx.enabled:
+            self._local = [self._local[0] or stop, self._local[1] + skipped]
+            return loss
+        values = torch.zeros(3, dtype=torch.float32, device=loss.device)
+        values[0] = loss  # fill kernels, no host-to-device copy: the numbers travel as kernel arguments
+        values[1] = float(stop)
+        values[2] = float(skipped)
+        dist.all_reduce(values)  # SUM: gloo has no AVG
+        free = [buffer for buffer in self._buffers if all(buffer is not held for held, _ in self._pending)]
+        if not free:
+            raise RuntimeError("Agreement.reduce called again before collect: both host buffers hold copies not read")
+        buffer = free[0]
+        buffer.copy_(values[1:], non_blocking=True)
+        event = None
+        if values.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending.append((buffer, event))
+        return values[0] / self.ctx.world_size
+
+    def collect(self, now: bool = False) -> tuple[bool, int]:
+        """(whether any rank asked to stop, the ranks' skipped samples summed) over the steps reduced
+        and not yet collected, except this step's unless `now`; the same on every rank."""
+        if not self.ctx.enabled:
+            (stop, skipped), self._local = self._local, [False, 0]
+            return stop, skipped
+        ready = self._pending if now else self._pending[:-1]
+        stop, skipped = False, 0
+        for buffer, event in ready:
+            if event is not None:
+                event.synchronize()  # an event of an earlier step: by now it has long passed
+            stops, skipped_sum = buffer.tolist()
+            stop, skipped = stop or stops > 0, skipped + int(skipped_sum)
+        self._pending = self._pending[len(ready):]
+        return stop, skipped

@@ -39,7 +39,7 @@ from lift_fast.config import (
     save_config,
 )
 from lift_fast.data.loader import Loader, build_loader
-from lift_fast.kernels import ClipLoss, SigLipLoss
+from lift_fast.kernels import ClipLoss, SigLipLoss, fused_projection_clip_loss
 from lift_fast.models.flops import train_flops_per_sample
 from lift_fast.models.vit import build_model
 from lift_fast.train import NonFiniteLossError, distributed
@@ -57,7 +57,7 @@ from lift_fast.train.device import (
     resolve_precision,
 )
 from lift_fast.train.distributed import Distributed
-from lift_fast.train.metrics import MetricsLog, RunLog, Throughput, utilisation
+from lift_fast.train.metrics import MetricsLog, RunLog, StepTally, Throughput, utilisation
 from lift_fast.train.optim import build_optimizer, build_scheduler, resumed_schedule
 from lift_fast.train.store_check import check_store
 
@@ -105,13 +105,43 @@ def run_config(run_dir: str | Path, resume: str | None, config_path: str | Path 
     return load_run_config(saved, config_path, overrides, allowed=RESUME_SETTINGS, action="resuming a run")
 
 
-def build_loss(cfg: Config, ctx: Distributed) -> nn.Module:
+def build_loss(cfg: Config, ctx: Distributed, model: nn.Module | None = None) -> nn.Module:
     """The contrastive loss of train.loss. Under torch.distributed each rank's value is its part of
     the global-batch loss (local rows against all ranks' texts), so the mean over ranks is the
-    global-batch loss and DDP's gradient average is its gradient."""
+    global-batch loss and DDP's gradient average is its gradient. With model.fuse_projection, a
+    FusedProjectionLoss over `model`'s last head Linear (ConfigError under train.parallel=fsdp)."""
+    if cfg.model.fuse_projection:
+        if cfg.train.parallel == "fsdp" and ctx.enabled:
+            raise ConfigError("model.fuse_projection=true cannot run under train.parallel=fsdp: the fused loss reads the "
+                              "head's last Linear weight outside the model's forward, where FSDP2 holds only this rank's "
+                              "shard of it; use train.parallel=ddp or model.fuse_projection=false")
+        return FusedProjectionLoss(model.head.fc2, cfg.train.loss, ctx.rank, ctx.world_size)
     if cfg.train.loss == "siglip":
         return SigLipLoss(rank=ctx.rank, world_size=ctx.world_size)
     return ClipLoss(local_loss=True, gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size)
+
+
+class FusedProjectionLoss(nn.Module):
+    """model.fuse_projection: the head's last Linear, the L2 norm and train.loss in one call
+    (lift_fast.kernels.fused_projection_clip_loss) on the hidden states [b, H] the model returns with
+    project=False, so no [b, D] image features are kept between forward and backward.
+
+    The Linear's weights, cast to the hidden states' dtype (the compute dtype), take part in the
+    loss; their gradients reach the fp32 master weights through the cast (and DDP all-reduces them
+    as it does the logit scale's, used outside forward too).
+    """
+
+    def __init__(self, last: nn.Linear, loss: str, rank: int, world_size: int):
+        super().__init__()
+        self.last = [last]  # a list, not a submodule: the weights are the model's, saved and optimised there
+        self.loss, self.rank, self.world_size = loss, rank, world_size
+
+    def forward(self, image_hidden, text_embeddings, logit_scale, logit_bias=None):
+        """image_hidden [b, H], text_embeddings [b, D] -> the 0-d loss (this rank's part under torch.distributed)."""
+        last, dtype = self.last[0], image_hidden.dtype
+        bias = None if last.bias is None else last.bias.to(dtype)
+        return fused_projection_clip_loss(image_hidden, last.weight.to(dtype), bias, text_embeddings, logit_scale,
+                                          logit_bias, loss=self.loss, rank=self.rank, world_size=self.world_size)
 
 
 def contrastive_loss(loss_fn: nn.Module, image_features, text_embeddings, logit_scale, logit_bias):
@@ -174,7 +204,8 @@ def train(cfg: Config, data_dir: str | Path, embeddings_dir: str | Path, run_dir
     the final checkpoint folder}.
     Raises ConfigError/StoreError/ShardError naming the bad setting, file or key, and RunFolderError
     for a checkpoint that does not fit; all before the run folder is written. Raises
-    NonFiniteLossError after train.max_nonfinite non-finite steps in a row. On Ctrl-C, SIGTERM or
+    NonFiniteLossError after train.max_nonfinite non-finite steps in a row (checked at logged steps:
+    see `_read_back`). On Ctrl-C, SIGTERM or
     SIGUSR1 it saves the last finished step and raises TrainingInterrupted.
     """
     run_dir = Path(run_dir)
@@ -218,12 +249,13 @@ class Progress:
     """What the loop changes as it goes; a checkpoint saves step, nonfinite and the loader position."""
 
     step: int
-    nonfinite: int = 0  # steps skipped for a NaN/inf loss or gradient, over the run
-    in_a_row: int = 0
+    nonfinite: int = 0  # steps skipped for a NaN/inf loss or gradient, over the run, as of the last read-back
     skipped: int = 0  # samples skipped by the loader (data.on_error=skip), all ranks
-    loss_value: float = float("nan")
+    loss_value: float = float("nan")  # the loss (mean over ranks) of the last read-back's step
     saved_step: int = 0  # the newest checkpoint's step
     updating: bool = False  # inside optimizer.step(): the weights are neither the old nor the new ones
+    tally: StepTally | None = None  # the step's numbers on the device, read back at logged steps (`_read_back`)
+    agreement: distributed.Agreement | None = None  # the ranks' stop flag and skip count, read a step later
 
     def finished_step(self) -> int:
         """The last step whose update completed: what an interrupt may save."""
@@ -270,7 +302,7 @@ def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: di
     flops = train_flops_per_sample(model.visual.spec, cfg.data.image_size, dim, batch_size * ctx.world_size,
                                    head_hidden=cfg.model.head_hidden, patch_dropout=cfg.model.patch_dropout,
                                    pooling=cfg.model.pooling)
-    return Parts(model, forward, build_loss(cfg, ctx), optimizer, scheduler, loader, precision, flops,
+    return Parts(model, forward, build_loss(cfg, ctx, model), optimizer, scheduler, loader, precision, flops,
                  peak_tflops(device, precision, cfg.train.peak_tflops), param_dtype is not None), progress
 
 
@@ -297,14 +329,22 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
                 batch = next(batches)
                 speed.data_wait += time.perf_counter() - wait_start
                 assert batch["step"] == progress.step, f"loader out of step: batch {batch['step']} at {progress.step}"
-                grad_norm, stop = _train_step(cfg, ctx, parts, progress, batch, stop_signals, manifest, run_dir)
+                step = progress.step + 1
+                last = step == cfg.train.steps
+                logged = step % cfg.train.log_every == 0 or last
+                checkpoint = bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0 and not last
+                # Every rank reads back at the same steps (logged or saved ones), so they stop together.
+                stop = _train_step(cfg, ctx, parts, progress, batch, stop_signals, manifest, run_dir,
+                                   read_now=logged or checkpoint)
                 speed.step_done(len(batch["keys"]) * ctx.world_size)
                 bar.update(1)
-                bar.set_postfix(loss=f"{progress.loss_value:.3f}", refresh=False)
-                last = progress.step == cfg.train.steps
-                if run_log is not None and (progress.step % cfg.train.log_every == 0 or last):
-                    run_log.write(_record(parts, progress, speed, grad_norm, ctx))
-                if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0 and not last:
+                if logged or checkpoint:
+                    numbers = _read_back(cfg, ctx, parts, progress, run_dir)  # raises at train.max_nonfinite
+                if logged:
+                    bar.set_postfix(loss=f"{progress.loss_value:.3f}", refresh=False)
+                    if run_log is not None:
+                        run_log.write(_record(parts, progress, speed, numbers, ctx))
+                if checkpoint:
                     _save(ctx, run_dir, parts, progress, progress.step, cfg.train.keep_checkpoints)
                 if stop and not last:  # every rank saw the same flag, at this same step
                     raise TrainingInterrupted(stop_signals[0] if stop_signals else signal.SIGTERM)
@@ -335,52 +375,103 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _train_step(cfg: Config, ctx: Distributed, parts: Parts, progress: Progress, batch: dict, stop_signals: list[int],
-                manifest: dict, run_dir: Path) -> tuple[float | None, bool]:
-    """One optimiser step on `batch`; updates `progress`. Returns (gradient norm or None, whether any
-    rank asked to stop: a stop signal came before the ranks agreed on this step's loss). A non-finite
-    loss or gradient skips the update (the step still counts)."""
+                manifest: dict, run_dir: Path, *, read_now: bool = True) -> bool:
+    """One optimiser step on `batch`; updates `progress`. Returns whether any rank asked to stop.
+
+    Nothing here waits for the device: the loss and gradient norm go into `progress.tally` (see
+    StepTally), a non-finite one skips the update on the device (fused AdamW's found_inf, as
+    GradScaler sets it; the step still counts, so the schedule and the data move on), and the ranks'
+    stop flag and skip count arrive a step later (`distributed.Agreement`), or at once when
+    `read_now` (a logged or saved step, which reads back anyway). The loop reads the rest back
+    (`_read_back`) at logged steps only.
+    """
     device, model = ctx.device, parts.model
+    if progress.tally is None:
+        progress.tally = StepTally(device, cfg.train.max_nonfinite, progress.nonfinite)
+        progress.agreement = distributed.Agreement(ctx)
     torch.manual_seed(step_seed(cfg.train.seed, progress.step, ctx.rank))  # patch dropout's draws
     images = batch["images"].to(device, non_blocking=True)  # [b, 3, H, W]
     text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)  # [b, D]
     if not manifest["normalized"]:
         text_embeddings = torch.nn.functional.normalize(text_embeddings, dim=-1)
     with autocast(device, None if parts.sharded_precision else parts.precision):
-        image_features = parts.forward(images)  # [b, D]
-    # The loss runs outside autocast, in the features' dtype (bf16 GEMMs, float32 statistics).
-    loss = contrastive_loss(parts.loss_fn, image_features, text_embeddings.to(image_features.dtype),
+        image_features = parts.forward(images, project=not cfg.model.fuse_projection)  # [b, D] (hidden [b, H] fused)
+    # One compute dtype for the loss, whatever autocast did: CUDA autocast runs F.normalize in float32,
+    # so the features leave the model in float32 there and the loss's GEMMs would be float32 ones.
+    compute_dtype = parts.precision or torch.float32
+    loss = contrastive_loss(parts.loss_fn, image_features.to(compute_dtype), text_embeddings.to(compute_dtype),
                             model.logit_scale.exp(), getattr(model, "logit_bias", None))
     parts.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     distributed.reduce_replicated_gradients(model, ctx)
-    progress.loss_value, stop, skipped = distributed.agree(ctx, loss, bool(stop_signals), batch["skipped"])
-    progress.skipped += skipped
-    grad_norm = None
-    if cfg.train.grad_clip > 0 and math.isfinite(progress.loss_value):
-        grad_norm = distributed.clip_grad_norm(model.parameters(), cfg.train.grad_clip)
-    if math.isfinite(progress.loss_value) and (grad_norm is None or math.isfinite(grad_norm)):
-        progress.updating = True  # an interrupt from here to the step count may leave half-updated weights
-        parts.optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(cfg.train.logit_scale_max))
-        progress.in_a_row = 0
-    else:  # no update; the step still counts, so the schedule and the data move on
-        parts.optimizer.zero_grad(set_to_none=True)
-        progress.nonfinite, progress.in_a_row = progress.nonfinite + 1, progress.in_a_row + 1
-        _check_nonfinite(cfg, ctx, run_dir, progress.step + 1, progress.loss_value, grad_norm, progress.in_a_row)
+    mean_loss = progress.agreement.reduce(loss, bool(stop_signals), batch["skipped"])
+    grad_norm = distributed.clip_grad_norm(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
+    tally, found_inf = progress.tally.updated(progress.step + 1, mean_loss, grad_norm)
+    progress.updating = True  # an interrupt from here to the step count may leave half-updated weights
+    _optimizer_step(parts.optimizer, found_inf)
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(cfg.train.logit_scale_max))
     parts.scheduler.step()
+    stop, skipped = progress.agreement.collect(now=read_now)
+    progress.skipped += skipped
+    progress.tally.values = tally
     progress.step += 1
     progress.updating = False
-    return grad_norm, stop
+    return stop
 
 
-def _record(parts: Parts, progress: Progress, speed: Throughput, grad_norm: float | None, ctx: Distributed) -> dict:
-    """One metrics.jsonl line: the DESIGN fields, speed (closing its window), utilisation, skips."""
-    record = {"step": progress.step, "loss": progress.loss_value, "lr": parts.scheduler.get_last_lr()[0],
-              "logit_scale": parts.model.logit_scale.exp().item(), **speed.window(), "skipped": progress.skipped,
+def _optimizer_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step(), skipped where found_inf is 1: on the device for a fused optimizer (its kernel
+    reads found_inf and takes back the step count, as under GradScaler), else decided on the host,
+    which waits for the device (the one host sync of such a step)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = found_inf
+        optimizer.step()
+    elif not found_inf.item():
+        optimizer.step()
+
+
+def _read_back(cfg: Config, ctx: Distributed, parts: Parts, progress: Progress, run_dir: Path) -> dict:
+    """The one host read of a logged (or saved) step: the tally and the logit scale, in one copy.
+
+    Updates progress.loss_value and progress.nonfinite, warns about the non-finite steps since the
+    last read-back, and raises NonFiniteLossError when train.max_nonfinite steps in a row were reached
+    at any step since: train.max_nonfinite is checked here, at logged steps, so a run stops at the
+    first logged step after the limit (with train.log_every=1, at the limit itself), naming the step
+    that reached it. Returns StepTally's fields plus logit_scale (grad_norm None without clipping).
+    """
+    numbers, (log_scale,) = progress.tally.read(parts.model.logit_scale)
+    new = numbers["nonfinite"] - progress.nonfinite
+    progress.loss_value, progress.nonfinite = numbers["loss"], numbers["nonfinite"]
+    numbers["logit_scale"] = math.exp(log_scale)
+    if cfg.train.grad_clip <= 0:
+        numbers["grad_norm"] = None
+    if new and ctx.is_main:
+        log.warning("step %d: %d non-finite step(s) since the last read-back, the first at step %d; their updates "
+                    "were skipped (%d in a row now, train.max_nonfinite=%d)", progress.step, new,
+                    numbers["first_nonfinite"], numbers["in_a_row"], cfg.train.max_nonfinite)
+    if limit := numbers["limit_step"]:
+        limit_loss, limit_norm = numbers["limit_loss"], numbers["limit_grad_norm"]
+        what = f"loss {limit_loss}" if not math.isfinite(limit_loss) else f"gradient norm {limit_norm}"
+        newest = latest_checkpoint(run_dir)
+        seen = "" if limit == progress.step else f" (read back at step {progress.step}, the first logged step after it)"
+        raise NonFiniteLossError(
+            f"step {limit}: {what}, the {cfg.train.max_nonfinite}th non-finite step in a row, which reaches "
+            f"train.max_nonfinite={cfg.train.max_nonfinite}; training stopped{seen}. The weights were last updated at "
+            f"step {limit - cfg.train.max_nonfinite}{f'; the newest checkpoint is {newest}' if newest else ''}. Lower "
+            f"train.lr or raise train.warmup_steps, check the data, or raise train.max_nonfinite to ride out longer "
+            f"runs of bad steps.", limit)
+    return numbers
+
+
+def _record(parts: Parts, progress: Progress, speed: Throughput, numbers: dict, ctx: Distributed) -> dict:
+    """One metrics.jsonl line from a read-back's numbers: the DESIGN fields, speed (closing its
+    window), utilisation, skips."""
+    record = {"step": progress.step, "loss": numbers["loss"], "lr": parts.scheduler.get_last_lr()[0],
+              "logit_scale": numbers["logit_scale"], **speed.window(), "skipped": progress.skipped,
               "nonfinite_steps": progress.nonfinite, "elapsed_s": time.perf_counter() - speed.started}
-    if grad_norm is not None:
-        record["grad_norm"] = grad_norm
+    if numbers["grad_norm"] is not None:
+        record["grad_norm"] = numbers["grad_norm"]
     record.update(utilisation(record["samples_per_second"], parts.flops_per_sample, parts.peak, ctx.device,
                                ctx.world_size))
     if not speed.compile_reported:
@@ -406,22 +497,6 @@ def _save(ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress, ste
     return checkpoint
 
 
-def _check_nonfinite(cfg: Config, ctx: Distributed, run_dir: Path, step: int, loss_value: float,
-                     grad_norm: float | None, in_a_row: int) -> None:
-    """Warn about a skipped step; raise NonFiniteLossError when it is the train.max_nonfinite-th in a row."""
-    what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
-    if ctx.is_main:
-        log.warning("step %d: %s is not finite; the update is skipped (%d in a row, train.max_nonfinite=%d)",
-                    step, what, in_a_row, cfg.train.max_nonfinite)
-    if in_a_row >= cfg.train.max_nonfinite:
-        newest = latest_checkpoint(run_dir)
-        raise NonFiniteLossError(
-            f"step {step}: {what}, the {in_a_row}th non-finite step in a row, which reaches train.max_nonfinite="
-            f"{cfg.train.max_nonfinite}; training stopped. The weights were last updated at step {step - in_a_row}"
-            f"{f'; the newest checkpoint is {newest}' if newest else ''}. Lower train.lr or raise train.warmup_steps, "
-            f"check the data, or raise train.max_nonfinite to ride out longer runs of bad steps.", step)
-
-
 def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress,
                        keep: int) -> TrainingInterrupted:
     """Save the last finished step (rank 0) unless it is already the newest checkpoint; the exception to raise.
@@ -434,6 +509,8 @@ def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, 
     checkpoint is then the one to resume from.
     """
     signum = getattr(err, "signum", signal.SIGINT)
+    if progress.tally is not None:  # the non-finite count as of the last finished step, for the checkpoint
+        progress.nonfinite = progress.tally.read()[0]["nonfinite"]
     finished = progress.finished_step()
     agreed = isinstance(err, TrainingInterrupted)
     sharded = ctx.enabled and distributed.is_sharded(parts.model)

@@ -175,3 +175,55 @@ def utilisation(samples_per_second: float, flops_per_sample: int, peak: float | 
     if device.type == "cuda":
         numbers["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return numbers
+
+
+class StepTally:
+    """The step's numbers kept on the device between read-backs, so that no step waits for the GPU.
+
+    Holds the last step's loss (the mean over ranks) and gradient norm, and the non-finite steps:
+    over the run, in a row, the first one since the last read-back, and the first step at which
+    `max_nonfinite` were in a row, with that step's loss and norm. `updated` computes the next
+    values with a few tensor ops (no read-back); `read` brings everything to the host in one copy,
+    which the loop does at logged steps, checkpoints and the end. `values` is replaced, never
+    changed in place, so a reference kept to it is the state after a finished step.
+    """
+
+    FIELDS = ("loss", "grad_norm", "nonfinite", "in_a_row", "first_nonfinite", "limit_step", "limit_loss",
+              "limit_grad_norm")
+
+    def __init__(self, device: torch.device, max_nonfinite: int, nonfinite: int = 0):
+        self.max_nonfinite = max_nonfinite
+        initial = dict.fromkeys(self.FIELDS, 0.0) | {"loss": math.nan, "grad_norm": math.nan, "nonfinite": nonfinite}
+        # float64: the step numbers and counts stay exact integers (to 2**53)
+        self.values = torch.tensor([initial[name] for name in self.FIELDS], dtype=torch.float64, device=device)
+
+    def updated(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the values after step `step` (1-based) with this loss and gradient norm, found_inf).
+
+        found_inf: float32 0-d, 1.0 when the loss or the norm is not finite (the update is to be
+        skipped), else 0.0; the form torch's fused optimizers and GradScaler use. grad_norm None
+        (no clipping): only the loss decides, as it did before the read-backs moved.
+        """
+        old = self.values
+        loss = loss.detach().to(torch.float64)
+        norm = grad_norm.detach().to(torch.float64) if grad_norm is not None else torch.zeros_like(loss)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        in_a_row = (old[3] + 1) * bad
+        reached = (in_a_row >= self.max_nonfinite) & (old[5] == 0)
+        values = torch.stack([loss, norm if grad_norm is not None else torch.full_like(loss, math.nan),
+                              old[2] + bad, in_a_row, torch.where(bad & (old[4] == 0), step, old[4]),
+                              torch.where(reached, step, old[5]), torch.where(reached, loss, old[6]),
+                              torch.where(reached, norm, old[7])])
+        return values, bad.float()
+
+    def read(self, *extra: torch.Tensor) -> tuple[dict, list[float]]:
+        """({field: value} of `values`, the 0-d `extra` tensors' values): one copy to the host; the
+        first-non-finite marker starts over, so each read reports the ones since the last."""
+        values = torch.cat([self.values, *(tensor.detach().to(self.values).reshape(1) for tensor in extra)]).tolist()
+        numbers = dict(zip(self.FIELDS, values[:len(self.FIELDS)], strict=True))
+        for name in ("nonfinite", "in_a_row", "first_nonfinite", "limit_step"):
+            numbers[name] = int(numbers[name])
+        if numbers["first_nonfinite"]:
+            self.values = self.values.clone()
+            self.values[4] = 0.0
+        return numbers, values[len(self.FIELDS):]
