@@ -7,18 +7,25 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lift_fast.atomic import atomic_write, fsync_dir, publish_dir, write_json
 from lift_fast.train import RunFolderError
 from lift_fast.train import checkpoint as checkpoint_module
-from lift_fast.train.checkpoint import CheckpointWriteError, complete_checkpoints, latest_checkpoint, save_checkpoint
+from lift_fast.train.checkpoint import (
+    CheckpointWriteError,
+    checkpoint_step,
+    complete_checkpoints,
+    latest_checkpoint,
+    save_checkpoint,
+)
 
 
 @pytest.fixture
@@ -181,3 +188,20 @@ def test_failed_checkpoint_write_names_the_file_and_keeps_the_previous(tmp_path,
     assert "No space left on device" in message and f"{kept} is kept" in message
     assert isinstance(caught.value, OSError) and isinstance(caught.value, RunFolderError)
     assert latest_checkpoint(run) == kept and sorted(p.name for p in kept.parent.iterdir()) == ["step_000005"]
+
+
+def test_checkpoint_step_from_metadata_or_folder_name(tmp_path):
+    copy = tmp_path / "best"  # a checkpoint copied under another name keeps its step
+    shutil.copytree(save_checkpoint(tmp_path / "run", 7, *tiny_state()), copy)
+    assert checkpoint_step(copy) == 7
+    bare = tmp_path / "run" / "checkpoints" / "step_000012"
+    bare.mkdir()
+    save_file({"weight": torch.zeros(2)}, str(bare / "model.safetensors"))  # no metadata
+    assert checkpoint_step(bare) == 12
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"weight": torch.zeros(2)}, str(other / "model.safetensors"))
+    with pytest.raises(RunFolderError, match="not a lift-fast checkpoint"):
+        checkpoint_step(other)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        checkpoint_step(tmp_path)

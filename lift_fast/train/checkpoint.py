@@ -83,19 +83,24 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def checkpoint_step(folder: str | Path) -> int:
-    """The step a checkpoint folder was saved at, from its weights' metadata (any folder name).
+    """The step a checkpoint folder was saved at: from its weights' metadata (a folder of any name),
+    else from a `step_N` folder name.
 
-    Raises FileNotFoundError when the folder has no model.safetensors, RunFolderError when the file
-    records no step.
+    Raises FileNotFoundError when the folder has no model.safetensors, RunFolderError when neither
+    says the step.
     """
-    path = Path(folder) / "model.safetensors"
+    folder = Path(folder)
+    path = folder / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist")
     with safe_open(str(path), framework="pt") as file:
-        step = (file.metadata() or {}).get("step")
-    if step is None or not step.isdigit():
-        raise RunFolderError(f"{path} records no step in its metadata (not a lift-fast checkpoint)")
-    return int(step)
+        step = (file.metadata() or {}).get("step", "")
+    if step.isdigit():
+        return int(step)
+    if match := PATTERN.fullmatch(folder.name):
+        return int(match.group(1))
+    raise RunFolderError(f"{path} records no step in its metadata and {folder.name} is not a step_N folder: "
+                         "not a lift-fast checkpoint")
 
 
 def rng_state() -> dict:
