@@ -290,18 +290,22 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str, *, checkpoint
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     step = _step(folder)
-    if fmt == "timm":
-        files = write_timm(model, tmp)
-    elif fmt == "open_clip":
-        files = write_open_clip(model, tmp, out)
-    else:
-        files = write_lift(model, tmp, step)
-    record = {"format": fmt, "format_version": FORMAT_VERSION, "lift_fast_version": __version__, "files": files,
-              "run": str(run_dir.resolve()), "checkpoint": str(folder.resolve()), "checkpoint_step": step,
-              "text_dim": model.head.fc2.out_features, "features": _features_note(fmt),
-              "preprocess": preprocess_spec(cfg.data.image_size), "encoder": identity, "store_manifest": manifest,
-              "config": config_to_dict(cfg)}
-    write_json(tmp / PROVENANCE, record, indent=2)
+    try:
+        if fmt == "timm":
+            files = write_timm(model, tmp)
+        elif fmt == "open_clip":
+            files = write_open_clip(model, tmp, out)
+        else:
+            files = write_lift(model, tmp, step)
+        record = {"format": fmt, "format_version": FORMAT_VERSION, "lift_fast_version": __version__, "files": files,
+                  "run": str(run_dir.resolve()), "checkpoint": str(folder.resolve()), "checkpoint_step": step,
+                  "text_dim": model.head.fc2.out_features, "features": _features_note(fmt),
+                  "preprocess": preprocess_spec(cfg.data.image_size), "encoder": identity, "store_manifest": manifest,
+                  "config": config_to_dict(cfg)}
+        write_json(tmp / PROVENANCE, record, indent=2)
+    except BaseException:  # a refused head, a full disk, Ctrl-C: no half-written folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()  # empty (checked above): publish_dir renames over it
     publish_dir(tmp, out)

@@ -110,7 +110,7 @@ def test_open_clip_export_gives_the_lift_features(tmp_path, settings):
     wide, _ = make_run(tmp_path / "wide", f"model.head_hidden={2 * TEXT_DIM + 1}")
     with pytest.raises(ConfigError, match=r"model.head_hidden=769 is wider"):
         export_run(wide, tmp_path / "oc_wide", "open_clip")
-    assert not (tmp_path / "oc_wide").exists()
+    assert not (tmp_path / "oc_wide").exists() and not (tmp_path / ".tmp_oc_wide").exists()
 
 
 def test_lift_export_round_trip(tmp_path):
