@@ -5,6 +5,7 @@ bad data sets refused before model work; a flash-trained run's config evaluates 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import sys
@@ -87,6 +88,9 @@ def test_clip_benchmark_gives_the_same_accuracy_and_recall(tiny_run, sets, tmp_p
 
 def test_clip_benchmark_text_side_is_the_store_rows(tiny_run, synth_data, stores):
     """encode_text gives what `lift-fast embed` stored for the same captions (fp16 rounding apart)."""
+    import torch
+    from PIL import Image
+
     from lift_fast.embed import load_store
 
     model, transform, tokenizer = integration.load_lift_fast("lift", str(tiny_run), device="cpu")
@@ -94,11 +98,10 @@ def test_clip_benchmark_text_side_is_the_store_rows(tiny_run, synth_data, stores
     samples = [s for shard in list_shards(synth_data / "eval") for s in iter_samples(shard)][:9]
     captions = [s.caption() for s in samples]
     text = model.encode_text(tokenizer(captions).to("cpu"))
-    stored = rows[[keys.index(s.key) for s in samples]].astype("float32")
+    stored = torch.from_numpy(rows[[keys.index(s.key) for s in samples]].astype("float32"))
     assert text.shape == stored.shape
-    assert (text - __import__("torch").from_numpy(stored)).abs().max() < 2e-3  # fp16 store
-    from PIL import Image
-    image = transform(Image.open(__import__("io").BytesIO(samples[0].image_bytes())))
+    assert (text - stored).abs().max() < 2e-3  # the store holds fp16
+    image = transform(Image.open(io.BytesIO(samples[0].image_bytes())))
     assert tuple(image.shape) == (3, 32, 32)
     assert model.encode_image(image[None]).norm(dim=-1).item() == pytest.approx(1.0, abs=1e-5)
 

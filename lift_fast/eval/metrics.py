@@ -43,22 +43,36 @@ def check_features(name: str, features: torch.Tensor) -> None:
         raise ValueError(f"{name} (shape {tuple(features.shape)}) holds NaN or inf values")
 
 
-def _check_caption_index(caption_index, num_images: int, num_texts: int, device: torch.device) -> torch.Tensor:
-    caption_index = torch.as_tensor(caption_index, device=device)
-    if caption_index.dtype.is_floating_point or caption_index.dtype == torch.bool or caption_index.is_complex():
-        raise ValueError(f"caption_index must hold integers, got dtype {caption_index.dtype}")
-    if caption_index.shape != (num_images,):
-        raise ValueError(
-            f"caption_index must have shape [N] = ({num_images},) to match image_features, "
-            f"got {tuple(caption_index.shape)}"
-        )
-    caption_index = caption_index.long()
-    low, high = int(caption_index.min()), int(caption_index.max())
-    if low < 0 or high >= num_texts:
-        raise ValueError(
-            f"caption_index values must lie in [0, {num_texts}) (M = {num_texts} texts), got values in [{low}, {high}]"
-        )
-    return caption_index
+def check_feature_pair(name: str, features: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    """check_features of both, and the same feature dim D; the message names both shapes."""
+    check_features(name, features)
+    check_features(other_name, other)
+    if other.shape[1] != features.shape[1]:
+        raise ValueError(f"{name} {tuple(features.shape)} and {other_name} {tuple(other.shape)} must have the same "
+                         f"feature dim D ({features.shape[1]} != {other.shape[1]})")
+
+
+def check_ks(ks) -> tuple[int, ...]:
+    """ks as a tuple; raises ValueError unless it is non-empty and holds positive ints."""
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be positive ints, got {ks}")
+    return ks
+
+
+def check_index(name: str, values, length: int, limit: int, device: torch.device, *, rows: str, items: str) -> torch.Tensor:
+    """values as a long tensor [length] of ints in [0, limit) on `device`; raises ValueError naming
+    `name`, what its rows match (`rows`, e.g. "image_features") and what it indexes (`items`, e.g. "M texts")."""
+    values = torch.as_tensor(values, device=device)
+    if values.dtype.is_floating_point or values.dtype == torch.bool or values.is_complex():
+        raise ValueError(f"{name} must hold integers, got dtype {values.dtype}")
+    if values.shape != (length,):
+        raise ValueError(f"{name} must have shape [N] = ({length},) to match {rows}, got {tuple(values.shape)}")
+    values = values.long()
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= limit:
+        raise ValueError(f"{name} values must lie in [0, {limit}) ({items}), got values in [{low}, {high}]")
+    return values
 
 
 def retrieval_metrics(
@@ -89,20 +103,12 @@ def retrieval_metrics(
     `caption_index` is out of range, when features are not finite, or when a k is not a
     positive int.
     """
-    check_features("image_features", image_features)
-    check_features("text_features", text_features)
-    num_images, dim = image_features.shape
-    num_texts = text_features.shape[0]
-    if text_features.shape[1] != dim:
-        raise ValueError(
-            f"image_features {tuple(image_features.shape)} and text_features {tuple(text_features.shape)} "
-            f"must have the same feature dim D ({dim} != {text_features.shape[1]})"
-        )
-    ks = tuple(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise ValueError(f"ks must be positive ints, got {ks}")
+    check_feature_pair("image_features", image_features, "text_features", text_features)
+    num_images, num_texts = image_features.shape[0], text_features.shape[0]
+    ks = check_ks(ks)
     device = image_features.device
-    caption_index = _check_caption_index(caption_index, num_images, num_texts, device)
+    caption_index = check_index("caption_index", caption_index, num_images, num_texts, device, rows="image_features",
+                                items=f"M = {num_texts} texts")
     if block_rows is None:
         block_rows = max(1, SIMILARITY_BLOCK_ELEMENTS // num_texts)
     elif block_rows < 1:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lift_fast.eval.metrics import SIMILARITY_BLOCK_ELEMENTS, check_features
+from lift_fast.eval.metrics import SIMILARITY_BLOCK_ELEMENTS, check_feature_pair, check_index, check_ks
 
 KS = (1, 5, 10)
 
@@ -29,24 +29,12 @@ def multi_caption_retrieval(image_features: torch.Tensor, text_features: torch.T
     disagree, a value of `text_image` is out of range, an image has no caption, or a k is not a
     positive int.
     """
-    check_features("image_features", image_features)
-    check_features("text_features", text_features)
-    num_images, dim = image_features.shape
-    num_texts = text_features.shape[0]
-    if text_features.shape[1] != dim:
-        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
-                         f"{tuple(text_features.shape)} must have the same feature dim D")
-    ks = tuple(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise ValueError(f"ks must be positive ints, got {ks}")
+    check_feature_pair("image_features", image_features, "text_features", text_features)
+    num_images, num_texts = image_features.shape[0], text_features.shape[0]
+    ks = check_ks(ks)
     device = image_features.device
-    text_image = torch.as_tensor(text_image, device=device)
-    if text_image.shape != (num_texts,) or text_image.dtype.is_floating_point or text_image.dtype == torch.bool:
-        raise ValueError(f"text_image must be [M] = ({num_texts},) integers, got {tuple(text_image.shape)} {text_image.dtype}")
-    text_image = text_image.long()
-    if int(text_image.min()) < 0 or int(text_image.max()) >= num_images:
-        raise ValueError(f"text_image values must lie in [0, {num_images}) (N images), got "
-                         f"[{int(text_image.min())}, {int(text_image.max())}]")
+    text_image = check_index("text_image", text_image, num_texts, num_images, device, rows="text_features",
+                             items=f"N = {num_images} images")
     captions_per_image = torch.bincount(text_image, minlength=num_images)
     if int((captions_per_image == 0).sum()):
         first = int((captions_per_image == 0).nonzero()[0])

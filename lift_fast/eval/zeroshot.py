@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from lift_fast.eval.metrics import SIMILARITY_BLOCK_ELEMENTS, check_features
+from lift_fast.eval.metrics import SIMILARITY_BLOCK_ELEMENTS, check_feature_pair, check_index, check_ks
 
 
 def class_vectors(encode: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
@@ -41,19 +41,12 @@ def zeroshot_metrics(image_features: torch.Tensor, class_features: torch.Tensor,
     present in `labels`, averaged (scikit-learn's balanced accuracy). Raises ValueError for shapes
     that disagree or labels out of range.
     """
-    check_features("image_features", image_features)
-    check_features("class_features", class_features)
+    check_feature_pair("image_features", image_features, "class_features", class_features)
     num_images, num_classes = image_features.shape[0], class_features.shape[0]
-    if class_features.shape[1] != image_features.shape[1]:
-        raise ValueError(f"image_features {tuple(image_features.shape)} and class_features "
-                         f"{tuple(class_features.shape)} must have the same feature dim D")
+    ks = check_ks(ks)
     device = image_features.device
-    labels = torch.as_tensor(labels, device=device)
-    if labels.shape != (num_images,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be [N] = ({num_images},) integers, got {tuple(labels.shape)} {labels.dtype}")
-    labels = labels.long()
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) (C classes), got [{int(labels.min())}, {int(labels.max())}]")
+    labels = check_index("labels", labels, num_images, num_classes, device, rows="image_features",
+                         items=f"C = {num_classes} classes")
     if block_rows is None:
         block_rows = max(1, SIMILARITY_BLOCK_ELEMENTS // num_classes)
     classes = class_features.to(device=device, dtype=torch.float32)
