@@ -129,11 +129,12 @@ def test_init_from_open_clip_vision_transformer(tmp_path):
     visual = random_open_clip_visual(no_ln_pre=True, pool_type="tok")
     # as the `visual.` part of a whole CLIP checkpoint, with text-tower keys beside it (ignored)
     state = {f"visual.{name}": tensor.contiguous() for name, tensor in visual.state_dict().items()}
-    state.update({"logit_scale": torch.tensor(4.6), "token_embedding.weight": torch.zeros(10, 4)})
+    state.update({"logit_scale": torch.tensor(4.6), "token_embedding.weight": torch.zeros(10, 4),
+                  "positional_embedding": torch.zeros(77, 4)})
     path = tmp_path / "open_clip.pt"
     torch.save({"state_dict": state, "epoch": 3}, path)  # open_clip's own checkpoint layout
     ours = lift_model("model.pooling=cls")
-    init_tower(ours, path)
+    assert init_tower(ours, path)["from_grid"] == 2  # the vision tower's grid, not the text's 77 positions
     with torch.no_grad():
         pooled, _ = visual._pool(visual.transformer(visual._embeds(images())))
         torch.testing.assert_close(ours.visual(images()), pooled, rtol=0, atol=1e-5)

@@ -117,8 +117,7 @@ def from_open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch
                     break
             out[f"blocks.{index}.{rest}"] = value
         elif key == "conv1.weight":
-            out["patch_embed.proj.weight"] = value
-            out["patch_embed.proj.bias"] = value.new_zeros(value.shape[0])  # open_clip's conv1 has no bias
+            out["patch_embed.proj.weight"] = value  # open_clip's conv1 has no bias: from_timm_state_dict zeroes it
         elif key == "class_embedding":
             out["cls_token"] = value.reshape(1, 1, -1)
         elif key == "positional_embedding":
@@ -227,7 +226,9 @@ def init_tower(model: nn.Module, path: str | Path) -> dict[str, int]:
 
 
 def _checkpoint_grid(state: dict[str, torch.Tensor]) -> int:
-    for key in ("pos_embed", "positional_embedding", "visual.positional_embedding", "visual.trunk.pos_embed"):
+    # the vision tower's first: a whole CLIP checkpoint's top-level positional_embedding is the text tower's
+    for key in ("visual.trunk.pos_embed", "visual.positional_embedding", "trunk.pos_embed", "pos_embed",
+                "positional_embedding"):
         if key in state:
             return math.isqrt(state[key].reshape(-1, state[key].shape[-1]).shape[0])
     return 0
