@@ -42,6 +42,13 @@ def make_store(folder, shards: dict[str, np.ndarray], dtype: str = "float16"):
     return folder
 
 
+def poison(folder, name: str, rows: np.ndarray) -> None:
+    """Put rows holding NaN/inf into a written shard, as bit rot or a foreign tool would (write_shard
+    refuses them), and record the files so that the fingerprint check lets them through to the row check."""
+    np.save(folder / f"{name}.npy", rows.astype(np.load(folder / f"{name}.npy", mmap_mode="r").dtype))
+    store_module.record_files(folder, name)
+
+
 def rows_of(count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, 6)).astype(np.float32)
 
@@ -53,7 +60,8 @@ def test_nonfinite_row_is_refused_naming_shard_row_and_key(tmp_path, monkeypatch
     monkeypatch.setattr(store_module, "CHECK_ROWS", 3)  # 7 rows in blocks of 3, 3, 1
     rows = rows_of(7, 1)
     rows[bad_row, 5] = bad_value
-    folder = make_store(tmp_path / "store", {"00000": rows_of(5, 0), "00001": rows}, dtype)
+    folder = make_store(tmp_path / "store", {"00000": rows_of(5, 0), "00001": rows_of(7, 1)}, dtype)
+    poison(folder, "00001", rows)
     store = open_store(folder)
     np.testing.assert_allclose(np.asarray(store.embeddings("00000"), dtype=np.float32), rows_of(5, 0), atol=2e-3)
     with pytest.raises(StoreError) as err:
@@ -73,7 +81,8 @@ def test_every_nonfinite_row_is_counted_and_extreme_finite_rows_pass(tmp_path):
 
     rows = rows_of(9, 2)
     rows[[2, 3, 8], 0] = [np.nan, np.inf, -np.inf]
-    folder = make_store(tmp_path / "bad", {"00000": rows}, "float32")
+    folder = make_store(tmp_path / "bad", {"00000": rows_of(9, 2)}, "float32")
+    poison(folder, "00000", rows)
     with pytest.raises(StoreError, match=r"3 row\(s\) hold NaN or inf: row 2 .*, row 3 .*, row 8 "):
         open_store(folder).embeddings("00000")
 
@@ -95,6 +104,20 @@ def test_nonfinite_rows_agree_with_numpy_on_extreme_values(tmp_path, monkeypatch
     found = store_module.nonfinite_rows(tmp_path / "rows.npy", np.load(tmp_path / "rows.npy", mmap_mode="r"))
     expected = np.flatnonzero(~np.isfinite(rows).all(axis=1))
     assert 0 < len(expected) < 20 and found.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
+def test_writer_refuses_nonfinite_rows_naming_the_keys(tmp_path, dtype):
+    """What the encoder gives is checked before a shard is written: nothing of it reaches the store."""
+    rows = rows_of(6, 4)
+    rows[[1, 4], 2] = [np.nan, np.inf]
+    folder = make_store(tmp_path / "store", {"00000": rows_of(3, 0)}, dtype)
+    before = sorted(p.name for p in folder.iterdir())
+    stored, scales = store_rows(rows, dtype)
+    keys = [f"k{i}" for i in range(6)]
+    with pytest.raises(StoreError, match=r"shard 00001: the encoder gave NaN or inf rows for 2 caption\(s\) \(keys 'k1', 'k4'\)"):
+        write_shard(folder, "00001", keys, stored, {}, keys, scales)
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_int8_store_with_a_nonfinite_scale_is_refused(tmp_path):

@@ -90,8 +90,8 @@ def check_fingerprint(path: Path, recorded: dict | None, manifest_path: Path) ->
     what = (f"{found['bytes']} bytes, the embed run wrote {recorded.get('bytes')}" if found["bytes"] != recorded.get("bytes")
             else "its first or last bytes differ from what the embed run wrote")
     raise StoreError(f"store shard file {path} was replaced or changed after it was embedded ({what}, recorded in "
-                     f"{manifest_path}); its rows may belong to other captions: embed the data again "
-                     "(lift-fast embed redoes the shard once its files are removed)")
+                     f"{manifest_path}); its rows may belong to other captions. Run lift-fast embed on the data again: "
+                     "it embeds again every shard whose files do not match")
 
 
 def read_keys(path: Path) -> list[str]:

@@ -32,12 +32,14 @@ def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row int8: rows [N, D] float -> (int8 [N, D], float32 scales [N]), row ~ int8 * scale.
 
     The scale is the row's largest magnitude / 127 (1 for an all-zero row), so each element is off by
-    at most half a scale step.
+    at most half a scale step. A row holding NaN or inf gets a NaN or inf scale (and meaningless int8
+    values), so that `write_shard` refuses it.
     """
     rows = np.asarray(rows, dtype=np.float32)
     peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(rows.shape[0], dtype=np.float32)
-    scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    quantized = np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8)
+    scales = np.where((peak > 0) | np.isnan(peak), peak / 127.0, 1.0).astype(np.float32)
+    with np.errstate(invalid="ignore"):  # NaN rows: their scale tells
+        quantized = np.clip(np.nan_to_num(np.rint(rows / scales[:, None])), -127, 127).astype(np.int8)
     return quantized, scales
 
 
@@ -64,7 +66,7 @@ def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: n
     Returns the shard's manifest entry: info with `count` and `files` (each file's fingerprint, see
     lift_fast.embed.shard_files), as also written to NAME.json.
     Raises ValueError when the lengths disagree or int8 rows come without scales, and StoreError naming
-    the key when a key holds a line break.
+    the key when a key holds a line break or its row (or int8 scale) a NaN or inf.
     """
     store_dir = Path(store_dir)
     if embeddings.ndim != 2 or embeddings.shape[0] != len(keys) or len(captions) != len(keys):
@@ -76,6 +78,13 @@ def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: n
     bad = next((key for key in keys if "\n" in key or "\r" in key), None)
     if bad is not None:
         raise StoreError(f"shard {name}: key {bad!r} holds a line break; keys.txt stores one key per line")
+    finite = np.isfinite(scales) if scales is not None else np.isfinite(embeddings).all(axis=1)
+    if not finite.all():
+        broken = [keys[row] for row in np.flatnonzero(~finite)[:5]]
+        raise StoreError(f"shard {name}: the encoder gave NaN or inf rows for {int((~finite).sum())} caption(s) "
+                         f"(keys {', '.join(map(repr, broken))}{', ...' if (~finite).sum() > 5 else ''}); nothing "
+                         "of the shard is written. Rows like these would turn the loss into NaN: an fp16/bf16 "
+                         "overflow is the usual cause (try embed.precision=fp32 or bf16-mixed)")
     npy, keys_txt, counts, hashes_npy = shard_files(store_dir, name)
     # Each file's bytes are made in memory first, so that NAME.json can record the fingerprints of all
     # of them (the rows' included) and still be written before the rows.
