@@ -261,3 +261,16 @@ def test_manifest_fields_are_checked_and_named(tmp_path, minilm, field, value, n
     with pytest.raises(StoreError) as err:
         load_store(tmp_path / "store")
     assert str(path) in str(err.value) and repr(named) in str(err.value)
+
+
+def test_replaced_shard_file_is_refused_then_redone_by_embed(tmp_path, minilm):
+    make_data(tmp_path / "data", n=6, per_shard=3)
+    store_dir = tmp_path / "store"
+    embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    kept = (store_dir / "00001.npy").read_bytes()
+    (store_dir / "00001.npy").write_bytes((store_dir / "00000.npy").read_bytes())  # same size, the other shard's rows
+    with pytest.raises(StoreError, match="00001.npy was replaced or changed after it was embedded"):
+        load_store(store_dir)
+    summary = embed_shards(tmp_path / "data", store_dir, EmbedConfig(), encoder=minilm, progress=False)
+    assert (summary["shards_resumed"], summary["shards_embedded"]) == (1, 1)
+    assert (store_dir / "00001.npy").read_bytes() == kept and len(load_store(store_dir)[0]) == 6
