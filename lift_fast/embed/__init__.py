@@ -1,4 +1,9 @@
-"""Embed stage: the frozen text encoder, the embedding store, and the run over all shards."""
+"""Embed stage: the frozen text encoder, the embedding store, and the run over all shards.
+
+The store is four modules: manifest (format, identity checks, the lock), shard_files (file names,
+caption hashes, fingerprints), store_writer (rows in the storage dtype, writing a shard) and store
+(the reader, which also exports every name of the other three).
+"""
 
 from lift_fast.embed.store import (
     EmbeddingStore,
