@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
+from lift_fast import cli
 from lift_fast.config import ConfigError, load_config
 from lift_fast.models.pretrained import init_tower, read_state_dict, resample_pos_embed
 from lift_fast.models.timm_names import timm_kwargs
@@ -180,6 +181,14 @@ def test_read_state_dict_kinds_and_refusals(tmp_path):
     save_file({"head.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ConfigError, match="neither a timm nor an open_clip"):
         init_tower(lift_model(), tmp_path / "other.safetensors")
+
+
+def test_train_command_names_a_bad_model_init(synth_data, stores, tmp_path, capsys):
+    code = cli.main(["-q", "train", "--data", str(synth_data / "train"), "--embeddings", str(stores / "train"),
+                     "--run", str(tmp_path / "run"), *TRAIN, f"model.init={tmp_path / 'absent.safetensors'}"])
+    assert code == 2 and not (tmp_path / "run").exists()
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("lift-fast train: error: model.init=") and "absent.safetensors': no such file" in error
 
 
 def test_training_starts_from_model_init_and_resume_ignores_it(synth_data, stores, tmp_path):
