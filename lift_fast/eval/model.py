@@ -31,6 +31,7 @@ from lift_fast.data.augment import center_box, crop_resize, open_image, to_tenso
 from lift_fast.data.shards import ShardError
 from lift_fast.eval.formats import DatasetError, ImageRef
 from lift_fast.models.vit import build_model
+from lift_fast.train import RunFolderError
 from lift_fast.train.checkpoint import latest_checkpoint, load_weights
 
 log = logging.getLogger(__name__)
@@ -133,9 +134,9 @@ class EvalModel:
 
             self._encoder = load_encoder(self.cfg.embed, device=str(self.device))
             if self._encoder.dim != self.text_dim:
-                raise ConfigError(f"embed settings of {self.checkpoint.parent.parent / 'config.yaml'} give "
-                                  f"{self._encoder.dim}-d text embeddings, but the checkpoint's head outputs "
-                                  f"{self.text_dim}-d features")
+                raise ConfigError(f"the run's embed settings (embed.model={self.cfg.embed.model!r}, embed.dim="
+                                  f"{self.cfg.embed.dim}) give {self._encoder.dim}-d text embeddings, but the head of "
+                                  f"{self.checkpoint} outputs {self.text_dim}-d features")
         if not max_length or max_length == self.cfg.embed.max_length:
             return self._encoder
         limit = getattr(getattr(self._encoder.model, "config", None), "max_position_embeddings", None)
@@ -156,7 +157,7 @@ def checkpoint_text_dim(checkpoint: Path) -> int:
         raise FileNotFoundError(f"{path} is missing: not a complete checkpoint")
     with safe_open(str(path), framework="pt") as weights:
         if HEAD_OUT not in weights.keys():
-            raise DatasetError(f"{path} has no {HEAD_OUT} tensor: not a lift-fast image tower")
+            raise RunFolderError(f"{path} has no {HEAD_OUT} tensor: not a lift-fast image tower with its head")
         return int(weights.get_slice(HEAD_OUT).get_shape()[0])
 
 
