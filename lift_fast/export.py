@@ -44,7 +44,7 @@ from lift_fast.embed.store import EMBED_SETTINGS
 from lift_fast.models.timm_names import image_tower, timm_kwargs, to_timm_state_dict
 from lift_fast.models.vit import SIZES, LiftImageEncoder, build_model
 from lift_fast.train import RunFolderError
-from lift_fast.train.checkpoint import latest_checkpoint, load_weights
+from lift_fast.train.checkpoint import PATTERN, latest_checkpoint, load_weights
 
 FORMATS = ("timm", "open_clip", "lift")
 PROVENANCE = "lift_export.json"  # written by every export
@@ -104,14 +104,17 @@ def build_from_weights(cfg: Config, folder: Path) -> LiftImageEncoder:
 def load_image_encoder(path: str | Path, *, checkpoint: str | Path | None = None) -> tuple[LiftImageEncoder, EvalTransform]:
     """A trained LIFT image encoder and its preprocessing, from a lift export or a run folder.
 
-    path: a folder written by `lift-fast export --format lift` (lift_export.json + model.safetensors), or
-    a run folder (config.yaml; its newest checkpoint, or `checkpoint`).
+    path: a folder written by `lift-fast export --format lift` (lift_export.json + model.safetensors), a
+    run folder (config.yaml; its newest checkpoint, or `checkpoint`), or a checkpoint folder of a run
+    (RUN/checkpoints/step_N).
     Returns (model, preprocess): model(images [B, 3, S, S]) -> L2-normalised features [B, D] in the frozen
     text encoder's space (model.logit_scale.exp() is the trained scale), in eval mode on the CPU;
     preprocess(PIL image) -> [3, S, S], the eval transform the run was evaluated with.
     Raises FileNotFoundError when `path` is neither, RunFolderError for weights that do not fit the config.
     """
     path = Path(path)
+    if checkpoint is None and PATTERN.fullmatch(path.name) and path.parent.name == "checkpoints":
+        path, checkpoint = path.parent.parent, path  # a checkpoint folder: its run's config
     cfg = export_config(path)
     folder = path if (path / PROVENANCE).is_file() else _checkpoint(path, checkpoint)
     return build_from_weights(cfg, folder), EvalTransform(cfg.data.image_size)
