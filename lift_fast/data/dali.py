@@ -192,6 +192,18 @@ def check_job(job: DecodeJob, max_batch_size: int) -> DecodeJob:
     return DecodeJob(encoded, boxes.astype(np.int64), flips, list(job.keys))
 
 
+class _FeedSlot:
+    """The pipeline's external source: calls the current run's _Feed (see DaliDecoder.__init__)."""
+
+    def __init__(self):
+        self.current: _Feed | None = None
+
+    def __call__(self) -> tuple[list[np.ndarray], ...]:
+        if self.current is None:
+            raise StopIteration
+        return self.current()
+
+
 @dataclass
 class _Feed:
     """The pipeline's external source for one `run`: takes jobs from the caller's iterator, checks them,
@@ -276,7 +288,10 @@ class DaliDecoder:
         self.pipeline_builds = 0  # how many DALI pipelines were built: 1 unless a run failed or stopped early
         self._pipe = None
         self._in_flight = False  # the pipeline has batches scheduled that no one has taken
-        self._feed: _Feed | None = None
+        # The pipeline's external source reads the current run's feed from this slot, not from the
+        # decoder: a source bound to the decoder would make decoder <-> pipeline a reference cycle,
+        # left for the garbage collector to shut down whenever it runs (in a forked child: a hang).
+        self._feed = _FeedSlot()
         self._running = False
         self._mean = [255 * value for value in CLIP_MEAN]  # 0..255 units, as DALI and the uint8 path see pixels
         self._std = [255 * value for value in CLIP_STD]
@@ -288,7 +303,7 @@ class DaliDecoder:
         """Drop the DALI pipeline and stop the resize threads; a later `run` builds them again."""
         if self._running:
             raise RuntimeError("DaliDecoder.close: a run is still open; exhaust or close() its iterator first")
-        self._pipe, self._in_flight = None, False
+        self._drop_pipeline()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -315,13 +330,13 @@ class DaliDecoder:
         try:
             yield from self._drive(_Feed(jobs, self.max_batch_size, self.resample), recover=True)
         finally:
-            self._running, self._feed = False, None
+            self._running, self._feed.current = False, None
             if self._in_flight:  # stopped early or failed: the next run builds a fresh pipeline
-                self._pipe, self._in_flight = None, False
+                self._drop_pipeline()
 
     def _drive(self, feed: _Feed, recover: bool) -> Iterator[torch.Tensor]:
         """Yield the batches of `feed`'s jobs; on a DALI failure, find the bad sample (`recover`) or re-raise."""
-        self._feed = feed
+        self._feed.current = feed
         pipe = self._pipeline()
         self._in_flight = True
         pipe.schedule_run()  # the first call fills the prefetch queue (DALI reports errors in outputs())
@@ -345,7 +360,7 @@ class DaliDecoder:
     def _recover(self, feed: _Feed, error: BaseException) -> Iterator[torch.Tensor]:
         """After DALI failed on one of the pending jobs: yield the batches of the jobs before the bad one,
         then raise ImageDecodeError for it; go on with the feed if no sample is found bad."""
-        self._pipe, self._in_flight = None, False  # DALI calls a pipeline that raised "no longer valid"
+        self._drop_pipeline()  # DALI calls a pipeline that raised "no longer valid"
         pending = list(feed.pending)
         feed.pending.clear()
         for position, job in enumerate(pending):
@@ -367,14 +382,14 @@ class DaliDecoder:
             (batch,) = self._drive(_Feed(iter([job]), self.max_batch_size, self.resample), recover=False)
             return batch
         except Exception:  # noqa: BLE001
-            self._pipe, self._in_flight = None, False
+            self._drop_pipeline()
         for index in range(len(job)):
             single = DecodeJob(job.encoded[index:index + 1], job.boxes[index:index + 1], job.flips[index:index + 1],
                                job.keys[index:index + 1])
             try:
                 list(self._drive(_Feed(iter([single]), self.max_batch_size, self.resample), recover=False))
             except Exception as sample_error:
-                self._pipe, self._in_flight = None, False
+                self._drop_pipeline()
                 reason = str(sample_error).strip().splitlines()
                 raise ImageDecodeError(
                     f"image of sample {job.keys[index]!r} cannot be decoded by DALI (PIL can): "
@@ -384,6 +399,13 @@ class DaliDecoder:
                            f"its samples alone: {str(error).strip()[:500]}") from error
 
     # -- the DALI graph and its outputs ----------------------------------------------------------
+
+    def _drop_pipeline(self) -> None:
+        """Shut the current pipeline down now (its threads stop here, not whenever the garbage collector
+        finds it: a traceback holding a failed run's frames keeps the object alive) and forget it."""
+        pipe, self._pipe, self._in_flight = self._pipe, None, False
+        if pipe is not None:
+            pipe._shutdown()  # DALI 2.x has no public close(); __del__ calls this, and it is idempotent
 
     def _pipeline(self):
         if self._pipe is None:
@@ -397,7 +419,7 @@ class DaliDecoder:
                         seed=self.seed, prefetch_queue_depth=self.prefetch, exec_dynamic=True)
         with pipe:
             # The source is bound once; it reads whichever run's feed is current.
-            encoded, first, second = fn.external_source(source=lambda: self._feed(), num_outputs=3, batch=True,
+            encoded, first, second = fn.external_source(source=self._feed, num_outputs=3, batch=True,
                                                         dtype=[types.UINT8, None, None])
             if self.resample == "torch":
                 crops = fn.decoders.image_slice(encoded, first, second, device="cpu", output_type=types.RGB,

@@ -1,10 +1,18 @@
 """The DALI backend of build_loader: the same samples, crops and flips as the PIL backend, decoded by DALI.
 
-The main process reads each batch's samples by offset, opens each image's header (for the crop
+A feed thread reads each batch's samples by offset, opens each image's header (for the crop
 window, which needs the image size) and looks up its embedding row; DALI decodes, crops, resizes
 and normalises (on the GPU with `mixed` decoding when there is one) while the next batches are
 read. The embedding rows and keys travel beside the jobs in a queue, so they pair with the images
 of exactly their batch: the decoder yields its batches in job order.
+
+The feed runs ahead of the training step (BatchesAhead): the thread drives the whole of the above
+and hands finished batches over through a queue of `prefetch` batches, so the step's wait for data
+is a queue read while the next batches are prepared. The GIL is shared, but the thread's heavy parts
+(pread, numpy, DALI's own threads, torch's resize) release it, and so does a step waiting for the
+GPU. prefetch=0 runs the same generator on the calling thread, in step with it (today's behaviour
+before the feed thread; the benchmark's baseline). Either way the batches, their order and their
+errors are the same: an error comes out of next() after every batch before it.
 
 A sample DALI cannot decode is an error naming shard and key, or with on_error="skip" a counted
 skip: in training its stand-in (the same one the PIL backend would use) takes its place and the
@@ -13,7 +21,12 @@ batch is decoded again; in eval the batch is one shorter.
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import queue
+import sys
+import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,11 +61,15 @@ class DaliImageTextBatches:
     """Iterate for batch dicts like ImageTextBatches' (see lift_fast/data/loader.py), decoded by DALI.
 
     batches: the PIL backend's ImageTextBatches for the same loader (its reader, stream, settings and
-    stand-in rule are shared). decoder: a DaliDecoder for these image settings.
+    stand-in rule are shared). decoder: a DaliDecoder for these image settings. prefetch: batches
+    prepared ahead on a feed thread (0: prepared on the iterating thread when asked for).
+    Each iter() is one run of the decoder: one iterator at a time.
     """
 
-    def __init__(self, batches, decoder: DaliDecoder):
-        self.batches, self.decoder = batches, decoder
+    def __init__(self, batches, decoder: DaliDecoder, prefetch: int = 2):
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"DaliImageTextBatches: prefetch must be an int >= 0 (0: no feed thread), got {prefetch!r}")
+        self.batches, self.decoder, self.prefetch = batches, decoder, prefetch
 
     def _sample(self, ref: SampleRef, train: bool, draws: np.ndarray | None = None) -> tuple:
         raw, _, box, flip = self.batches.prepare(ref, train, draws, header_only=True)
@@ -90,6 +107,12 @@ class DaliImageTextBatches:
         pending.samples[index], pending.attempts[index] = sample, attempt
 
     def __iter__(self) -> Iterator[dict]:
+        if not self.prefetch:
+            return self._batches()
+        return BatchesAhead(self._batches(), self.prefetch, device=self.decoder.device)
+
+    def _batches(self) -> Iterator[dict]:
+        """The batch dicts in stream order, prepared and decoded on the thread that iterates this."""
         queue: deque[Pending] = deque()  # the Pending of every job handed to the decoder and not yet yielded
         b = self.batches
         if b.split == "eval":
@@ -134,3 +157,92 @@ class DaliImageTextBatches:
         if pending.step is not None:
             batch["step"] = pending.step
         return batch
+
+
+_END = object()  # the feed thread's last queue entry after the source's last batch
+_RUNNING: weakref.WeakSet = weakref.WeakSet()  # feeds whose thread may still run, stopped at exit
+
+
+class BatchesAhead:
+    """Iterate `source`'s items, produced up to `depth` ahead by a daemon thread ("lift-fast-feed").
+
+    The same items in the same order as iterating `source` itself; an exception raised by `source` is
+    raised by next() after every item before it, and the iterator then ends. Memory: at most `depth`
+    items wait in the queue, plus the one the thread holds while the queue is full.
+    close(), exhausting the iterator, an error, or dropping the last reference to it stops the thread
+    and waits for it (at most the item being produced); `source` is closed on the thread that ran it.
+    The thread holds `source` but not this object, so it never keeps the iterator (or the loader
+    behind it) alive; at interpreter exit every feed still running is stopped before DALI shuts its
+    pipelines down.
+
+    device: a CUDA device the thread makes current (CUDA's current device is per thread), or None.
+    """
+
+    def __init__(self, source: Iterator, depth: int, *, device: torch.device | None = None):
+        if depth < 1:
+            raise ValueError(f"BatchesAhead: depth must be at least 1, got {depth}")
+        self._items: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=_produce, args=(source, self._items, self._stop, device),
+                                        name="lift-fast-feed", daemon=True)
+        self._thread.start()
+        _RUNNING.add(self)
+
+    def __iter__(self) -> BatchesAhead:
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        item, error = self._items.get()
+        if item is _END or error is not None:
+            self.close()
+            if error is not None:
+                raise error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        """Stop the feed thread and wait for it; the items it prepared ahead are dropped."""
+        self._finished = True
+        self._stop.set()
+        # At interpreter shutdown daemon threads are frozen, and joining one would wait forever.
+        while self._thread.is_alive() and self._thread is not threading.current_thread() and not sys.is_finalizing():
+            self._drop_queued()  # room for a put() the thread is blocked in, so it sees the stop
+            self._thread.join(timeout=0.05)
+        self._drop_queued()
+
+    def _drop_queued(self) -> None:
+        while True:
+            try:
+                self._items.get_nowait()
+            except queue.Empty:
+                return
+
+    def __del__(self):
+        self.close()
+
+
+def _produce(source: Iterator, items: queue.Queue, stop: threading.Event, device: torch.device | None) -> None:
+    """The feed thread: put (item, None) for each of `source`'s items, then (_END, None) or (None, error)."""
+    try:
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+        for item in source:
+            items.put((item, None))
+            if stop.is_set():
+                return
+        items.put((_END, None))
+    except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there in order
+        items.put((None, error))
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()  # a generator: its finally blocks (the decoder's run) run here, on its own thread
+
+
+@atexit.register  # registered after nvidia.dali's (imported above), so it runs before DALI's shutdown
+def _stop_running_feeds() -> None:
+    for feed in list(_RUNNING):
+        feed.close()

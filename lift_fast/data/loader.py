@@ -22,6 +22,9 @@ stream deterministic); in eval the batch is one shorter.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.forkserver
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -66,6 +69,17 @@ class ImageTextBatches(IterableDataset):
         self.reader, self.stream, self.split = reader, stream, split
         self.image_size, self.dim, self.crop_scale, self.hflip = image_size, dim, crop_scale, hflip
         self.rank, self.world_size, self.start_step, self.on_error = rank, world_size, start_step, on_error
+
+    def __getstate__(self) -> dict:
+        # Workers started by forkserver or spawn get a pickled copy: the stream's per-instance lru_caches
+        # do not pickle, so it travels as its settings and is rebuilt (its caches empty) in the worker.
+        stream = self.stream
+        return {**self.__dict__, "stream": (stream.counts, {"batch_size": stream.batch_size, "seed": stream.seed,
+                                                            "shuffle": stream.shuffle, "window": stream.window})}
+
+    def __setstate__(self, state: dict) -> None:
+        counts, settings = state.pop("stream")
+        self.__dict__.update(state, stream=SampleStream(counts, **settings))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -201,7 +215,8 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
                  backend: str = "auto", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 1,
                  crop_scale: tuple[float, float] = (0.9, 1.0), hflip: bool = False, shuffle_window: int = 32,
                  start_step: int = 0, on_error: str = "error", pin_memory: bool = False,
-                 worker_init_fn: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32) -> Loader:
+                 worker_init_fn: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32,
+                 prefetch: int = 2) -> Loader:
     """Batches of images joined with their caption embeddings (see the module docstring).
 
     data_dir: folder of `*.tar` shards (with `lift-fast index` files, or scanned at start);
@@ -211,7 +226,9 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
     shuffle_window: shards mixed together in the training stream. backend: "pil" (PIL decode in
     num_workers processes), "dali" (DALI decode with num_workers threads, `mixed` on the current
     CUDA device when there is one; images come out there, in `dtype`), or "auto" (DALI when it is
-    usable, else PIL). Both backends give the same samples, crops and flips.
+    usable, else PIL). Both backends give the same samples, crops and flips. prefetch: DALI backend:
+    batches prepared ahead on a feed thread, overlapped with the caller's step (0: prepared on the
+    calling thread when asked for); the PIL backend's workers always run ahead.
     Raises ShardError / StoreError naming the folder, shard or key that is missing or bad (when
     iterating also for a bad sample, unless on_error="skip"), and ConfigError for a backend that
     is not available.
@@ -233,14 +250,40 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
 
         decoder = DaliDecoder(image_size, batch_size, device_id=_cuda_device(), num_threads=max(1, num_workers),
                               dtype=dtype, seed=seed)
-        data = DaliImageTextBatches(batches, decoder)
+        data = DaliImageTextBatches(batches, decoder, prefetch=prefetch)
     else:
         # Its own generator: DataLoader draws a worker base seed on every iter(), which would otherwise
         # move the global torch RNG that the training step (patch dropout) draws from after a resume.
         data = DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                           prefetch_factor=2 if num_workers else None, worker_init_fn=worker_init_fn,
-                          generator=torch.Generator().manual_seed(seed))
+                          generator=torch.Generator().manual_seed(seed),
+                          multiprocessing_context=worker_start_method() if num_workers else None)
     return Loader(batches, data, split=split, shards=shards, stream=stream, rank=rank, world_size=world_size)
+
+
+def worker_start_method() -> str | None:
+    """How the PIL loader starts its worker processes: None (the platform's default, fork on Linux) unless a
+    DALI pipeline is alive in this process, then "forkserver".
+
+    A forked child inherits a copy of every DALI pipeline but none of the threads behind it; if the
+    child's garbage collector ever finalises one, Pipeline.__del__ waits for those threads forever (the
+    hang of issue 14). Workers forked by the fork server come from a process that never ran DALI.
+    The price is the worker start (measured in docs/data.md), and that a script must guard its entry
+    point with `if __name__ == "__main__":`, as it must for any non-fork start method.
+    """
+    dali = sys.modules.get("nvidia.dali.pipeline")
+    if dali is None:
+        return None
+    pipes = getattr(dali.Pipeline, "_pipes", None)  # DALI's weak references to its pipelines, for atexit
+    if pipes is not None and not any(ref() is not None for ref in list(pipes)):
+        return None
+    # The server imports this module (torch, numpy, PIL, the store) once; each worker is then a fork of
+    # it (0.3 s, as with fork) instead of a fresh interpreter importing torch (4-8 s on 2 busy cores).
+    # The preload only takes effect when the server starts, and keeps what the program asked for.
+    preload = getattr(multiprocessing.forkserver._forkserver, "_preload_modules", ["__main__"])
+    if __name__ not in preload:
+        multiprocessing.set_forkserver_preload([*preload, __name__])
+    return "forkserver"
 
 
 def _cuda_device() -> int | None:
