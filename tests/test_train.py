@@ -625,6 +625,36 @@ def test_compile_on_without_a_compiler_is_refused(synth_data, stores, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
+def test_fused_projection_follows_the_unfused_head(synth_data, stores, tmp_path):
+    """model.fuse_projection computes the head's last Linear, the norm and the loss in one call: the
+    same function in another order of float32 sums. The first step (same weights) gives the plain
+    head's loss and gradient norm to rounding; later steps stay close (Adam divides each gradient by
+    its own size, so rounding in near-zero gradients grows into the weights, about 5e-5 in the loss
+    after two steps here), while a wrong projection or norm would move them by far more."""
+    records = {}
+    for fused in ("false", "true"):
+        train(tiny_config("train.steps=5", "train.checkpoint_every=0", f"model.fuse_projection={fused}"),
+              synth_data / "train", stores / "train", tmp_path / fused, progress=False)
+        records[fused] = read_metrics(tmp_path / fused)
+    first, first_plain = records["true"][0], records["false"][0]
+    assert first["loss"] == pytest.approx(first_plain["loss"], rel=1e-6)
+    assert first["grad_norm"] == pytest.approx(first_plain["grad_norm"], rel=1e-4)  # seen: 1.2e-5
+    assert [r["loss"] for r in records["true"]] == pytest.approx([r["loss"] for r in records["false"]], rel=1e-3)
+
+
+def test_max_nonfinite_is_checked_at_logged_steps(synth_data, stores, tmp_path, monkeypatch):
+    """With train.log_every=4 the limit reached at step 6 (NaN from step 3, train.max_nonfinite=4) is
+    read back at step 8, the next logged step; the error still names step 6 and the last update."""
+    nan_loss_at(monkeypatch, set(range(3, 100)))
+    cfg = tiny_config("train.steps=20", "train.max_nonfinite=4", "train.checkpoint_every=0", "train.log_every=4")
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg, synth_data / "train", stores / "train", tmp_path / "run", progress=False)
+    message = str(err.value)
+    assert err.value.step == 6 and message.startswith("step 6: loss nan")
+    assert "read back at step 8" in message and "last updated at step 2" in message
+    assert [record["step"] for record in read_metrics(tmp_path / "run")] == [4]
+
+
 def test_metrics_report_achieved_tflops_and_mfu_when_the_peak_is_given(synth_data, stores, tmp_path):
     from lift_fast.models.flops import train_flops_per_sample
     from lift_fast.models.vit import vit_spec

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from safetensors.torch import load_file
 
 from lift_fast.config import ConfigError, load_config
 from lift_fast.data import build_loader
-from lift_fast.train.loop import train
+from lift_fast.train import loop as loop_module
+from lift_fast.train.loop import TrainingInterrupted, train
 
 WORLD_SIZE = 2
 CONFIG = ["data.image_size=32", "model.depth=1", "train.steps=6", "train.batch_size=8", "train.lr=3e-3",
@@ -36,18 +38,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, overrides: list[str], data, store, run) -> None:
+def _rank_main(rank: int, port: int, overrides: list[str], data, store, run, sigterm_at=None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = train(load_config(overrides=overrides), data, store, run, progress=False)
+    if sigterm_at is not None and sigterm_at[0] == rank:  # SIGTERM to this rank alone, inside that step's loss
+        loss, calls = loop_module.contrastive_loss, []
+
+        def signalled(*args):
+            calls.append(1)
+            if len(calls) == sigterm_at[1]:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss(*args)
+
+        loop_module.contrastive_loss = signalled  # in the forked child only
+    try:
+        result = train(load_config(overrides=overrides), data, store, run, progress=False)
+    except TrainingInterrupted as err:
+        result = {"interrupted": err.signum, "step": err.step, "checkpoint": str(err.checkpoint)}
     (run.parent / f"result.rank{rank}.json").write_text(json.dumps(result))
 
 
-def _two_ranks(overrides, data, store, run):
+def _two_ranks(overrides, data, store, run, sigterm_at=None):
     # fork: the children inherit the imported torch instead of importing it again (seconds each)
-    mp.start_processes(_rank_main, args=(_free_port(), overrides, data, store, run), nprocs=WORLD_SIZE, join=True,
-                       start_method="fork")
+    mp.start_processes(_rank_main, args=(_free_port(), overrides, data, store, run, sigterm_at), nprocs=WORLD_SIZE,
+                       join=True, start_method="fork")
     return [json.loads((run.parent / f"result.rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
 
@@ -103,6 +118,30 @@ def test_two_ranks_match_one_process(synth_data, stores, tmp_path, loss):
     assert records[0]["samples_per_second"] > 0 and "compile_seconds" in records[0]
     assert load_config(run / "config.yaml") == load_config(overrides=overrides)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+
+
+def test_fused_projection_on_two_ranks_matches_one_process(synth_data, stores, tmp_path):
+    """model.fuse_projection under DDP: the fused loss of each rank is its part of the global-batch loss
+    (rank=/world_size= reach fused_projection_clip_loss), so the run follows one process's."""
+    overrides = CONFIG + ["model.fuse_projection=true", "train.checkpoint_every=0"]
+    train(load_config(overrides=overrides), synth_data / "train", stores / "train", tmp_path / "single" / "run",
+          progress=False)
+    run = tmp_path / "ddp" / "run"
+    _two_ranks(overrides, synth_data / "train", stores / "train", run)
+    assert _metric(run, "loss") == pytest.approx(_metric(tmp_path / "single" / "run", "loss"), rel=1e-5)
+    assert _metric(run, "grad_norm") == pytest.approx(_metric(tmp_path / "single" / "run", "grad_norm"), rel=1e-4)
+
+
+def test_a_stop_between_logged_steps_reaches_both_ranks_one_step_later(synth_data, stores, tmp_path):
+    """The ranks' stop flag is read a step after its all-reduce (no wait for the device in the step
+    that carries it), except at logged steps: SIGTERM to rank 1 alone in step 2 (train.log_every=4)
+    stops both ranks after step 3, which they save together."""
+    overrides = CONFIG + ["train.log_every=4", "train.checkpoint_every=0"]
+    run = tmp_path / "ddp" / "run"
+    results = _two_ranks(overrides, synth_data / "train", stores / "train", run, sigterm_at=(1, 2))
+    assert [(r["interrupted"], r["step"]) for r in results] == [(signal.SIGTERM, 3)] * WORLD_SIZE
+    assert results[0]["checkpoint"] == str(run / "checkpoints" / "step_000003")
+    assert (run / "checkpoints" / "step_000003" / "model.safetensors").is_file()
 
 
 def test_batch_that_does_not_split_over_the_ranks(stores, synth_data, tmp_path, monkeypatch):

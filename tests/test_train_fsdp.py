@@ -300,6 +300,14 @@ def test_fsdp_in_one_process_runs_the_whole_model(runs):
     assert _metric(run, "loss") == _metric(runs["single"], "loss")
 
 
+def test_fused_projection_under_fsdp_is_a_clear_error(synth_data, stores, tmp_path):
+    """The fused loss reads the head's last weight outside forward, where FSDP2 holds one shard of it."""
+    with pytest.raises(mp.ProcessRaisedException, match="model.fuse_projection=true cannot run under train.parallel=fsdp"):
+        _two_ranks(CONFIG + FSDP + ["model.fuse_projection=true"], synth_data / "train", stores / "train",
+                   tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_unknown_parallel_names_the_setting():
     with pytest.raises(ConfigError, match=r"train.parallel.*ddp.*fsdp"):
         load_config(overrides=CONFIG + ["train.parallel=zero3"])
