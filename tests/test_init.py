@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from lift_fast import cli
 from lift_fast.config import ConfigError, load_config
@@ -117,6 +117,20 @@ def test_init_from_timm_pre_norm(tmp_path):
         init_tower(ours, save_timm(random_timm(**timm_kwargs(lift_model())), tmp_path / "plain.safetensors"))
 
 
+def test_init_resamples_the_patch_kernel_as_timm(tmp_path):
+    # a patch-8 tower at 32 px into a patch-16 tower at 64 px: the same 4 x 4 grid
+    reference = random_timm(**{**timm_kwargs(lift_model()), "patch_size": 8})
+    path = save_timm(reference, tmp_path / "patch8.safetensors")
+    ours = lift_model(image_size=64)
+    init_tower(ours, path)
+    expected = resample_patch_embed(reference.patch_embed.proj.weight.detach(), [16, 16])
+    torch.testing.assert_close(ours.visual.patch_embed.proj.weight.detach(), expected, rtol=0, atol=0)
+    resized = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                                **{**timm_kwargs(lift_model()), "img_size": 64}).eval()  # timm's own resampling
+    with torch.no_grad():
+        torch.testing.assert_close(ours.visual(images(64)), timm_features(resized, images(64)), rtol=0, atol=1e-5)
+
+
 def test_init_keeps_a_fixed_sincos_position_embedding(tmp_path):
     ours = lift_model("model.pos_embed=sincos")
     fixed = ours.visual.pos_embed.clone()
@@ -152,16 +166,17 @@ def test_init_from_open_clip_vision_transformer(tmp_path):
 
 
 def test_misfit_checkpoint_names_missing_unexpected_and_misshaped_keys(tmp_path):
-    # timm's avg pooling with its default fc_norm: the norm comes after the mean, where this tower has none
-    reference = random_timm(img_size=32, patch_size=8, depth=2, class_token=False, global_pool="avg", num_classes=0)
+    # timm's avg pooling with its default fc_norm: the norm comes after the mean, where this tower has none;
+    # an MLP half as wide; two blocks
+    reference = random_timm(img_size=32, depth=2, mlp_ratio=2.0, class_token=False, global_pool="avg", num_classes=0)
     save_timm(reference, tmp_path / "misfit.safetensors")
     with pytest.raises(ConfigError) as err:
-        init_tower(lift_model("model.depth=3"), tmp_path / "misfit.safetensors")  # patch 16, three blocks
+        init_tower(lift_model("model.depth=3"), tmp_path / "misfit.safetensors")  # mlp_ratio 4, three blocks
     message = str(err.value)
     assert "model.init=" in message and "misfit.safetensors" in message
     assert "missing: blocks.2.norm1.weight" in message and "norm.weight, norm.bias;" in message
     assert "unexpected: fc_norm.bias, fc_norm.weight;" in message
-    assert "mis-shaped: patch_embed.proj.weight (192, 3, 8, 8) in the file, (192, 3, 16, 16) in the model" in message
+    assert "mis-shaped, file vs model: " in message and "blocks.0.mlp.fc1.weight (384, 192) vs (768, 192)," in message
 
 
 def test_read_state_dict_kinds_and_refusals(tmp_path):

@@ -14,7 +14,8 @@ Layouts read (found from the key names, a `module.`/`model.`/`state_dict` wrappe
   its `ln_pre` (OpenAI CLIP, LAION towers) is the tower's `norm_pre`, present with model.pre_norm=true.
 
 The position embedding is resampled bicubically (as timm's `resample_abs_pos_embed`) when the
-checkpoint's grid differs from the run's data.image_size / patch size.
+checkpoint's grid differs from the run's data.image_size / patch size, and the patch kernel (FlexiViT's
+pseudo-inverse, as timm's `resample_patch_embed`) when the patch size differs.
 """
 
 from __future__ import annotations
@@ -146,10 +147,25 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     return image.permute(0, 2, 3, 1).reshape(1, grid * grid, width).to(pos_embed.dtype)
 
 
+def resample_patch_embed(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[W, C, P, P] -> [W, C, p, p] (p = patch_size): FlexiViT's pseudo-inverse of resizing a patch (bicubic,
+    antialiased), exactly as timm's resample_patch_embed, so that the kernel applied to a patch resized
+    from P to p pixels gives what the old kernel gave on the original patch; the same tensor when P == p."""
+    old = weight.shape[-1]
+    if old == patch_size:
+        return weight
+    basis = torch.eye(old * old).reshape(old * old, 1, old, old)  # one image per kernel position
+    resized = F.interpolate(basis, size=(patch_size, patch_size), mode="bicubic", antialias=True, align_corners=False)
+    resize = resized.squeeze(1).permute(1, 2, 0).reshape(patch_size * patch_size, old * old)  # [p*p, P*P]
+    kernel = weight.reshape(weight.shape[0], weight.shape[1], old * old).float() @ torch.linalg.pinv(resize)
+    return kernel.reshape(weight.shape[0], weight.shape[1], patch_size, patch_size).to(weight.dtype)
+
+
 def tower_state_from_checkpoint(state: dict[str, torch.Tensor], model: nn.Module, *,
                                 source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """A timm or open_clip checkpoint's tensors as `model.visual`'s state dict: names mapped, the class
-    token kept for model.pooling=cls and dropped for mean pooling, pos_embed resampled to the tower's grid.
+    token kept for model.pooling=cls and dropped for mean pooling, pos_embed resampled to the tower's grid
+    and the patch kernel to the tower's patch size.
 
     Raises ConfigError naming `source` when the layout is neither, or keys have no counterpart.
     """
@@ -171,6 +187,9 @@ def tower_state_from_checkpoint(state: dict[str, torch.Tensor], model: nn.Module
         mapped = from_timm_state_dict({k: v for k, v in state.items() if k not in unknown},
                                       class_token=tower.cls_token is not None)
         mapped["pos_embed"] = resample_pos_embed(mapped["pos_embed"], _grid(tower))
+        kernel = mapped.get("patch_embed.proj.weight")
+        if kernel is not None and kernel.ndim == 4 and kernel.shape[-1] == kernel.shape[-2]:
+            mapped["patch_embed.proj.weight"] = resample_patch_embed(kernel, tower.spec.patch_size)
     except ValueError as err:
         raise ConfigError(f"{source}: {err}") from None
     mapped.update(unknown)
@@ -189,11 +208,11 @@ def check_fit(tower: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     expected = {name: tuple(tensor.shape) for name, tensor in tower.state_dict().items()}
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
-    reshaped = [f"{name} {tuple(state[name].shape)} in the file, {expected[name]} in the model"
+    reshaped = [f"{name} {tuple(state[name].shape)} vs {expected[name]}"
                 for name in state if name in expected and tuple(state[name].shape) != expected[name]]
     if missing or unexpected or reshaped:
         parts = [f"{label}: {', '.join(names)}" for label, names in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", reshaped)) if names]
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped, file vs model", reshaped)) if names]
         pre_norm = ""
         if "norm_pre.weight" in unexpected:
             pre_norm = "model.pre_norm=true (the checkpoint normalises the tokens before the first block), "
@@ -201,8 +220,8 @@ def check_fit(tower: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
             pre_norm = "model.pre_norm=false, "
         raise ConfigError(f"{source} does not fit the tower built from model.* and data.image_size "
                           f"({'; '.join(parts)}). Choose {pre_norm}model.name, model.depth, model.patch_size and "
-                          "model.pooling to match the checkpoint (the position embedding alone is resampled to the "
-                          "image size)")
+                          "model.pooling to match the checkpoint (the position embedding and the patch kernel are "
+                          "resampled to data.image_size and the patch size)")
 
 
 def init_tower(model: nn.Module, path: str | Path) -> dict[str, int]:
