@@ -219,3 +219,25 @@ def test_clip_benchmark_takes_a_lift_export_and_checks_its_store(tiny_run, synth
     (export / "lift_export.json").write_text(json.dumps(record))
     with pytest.raises(StoreMismatchError, match="max_length"):
         integration.load_lift_fast("lift", str(export), device="cpu")
+
+
+def test_eval_precision_bf16_runs_the_tower_under_autocast(tiny_run):
+    """eval.precision=bf16 (what auto is on CUDA) on the CPU: bf16 autocast, features close to fp32's."""
+    import torch
+
+    from lift_fast.config import ConfigError
+    from lift_fast.eval.model import eval_autocast_dtype, load_run_model
+
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = {}
+    for precision in ("fp32", "bf16"):
+        cfg = eval_run.eval_config(tiny_run, overrides=[f"eval.precision={precision}"])
+        model = load_run_model(tiny_run, cfg, device=torch.device("cpu"))
+        assert model.autocast_dtype == (torch.bfloat16 if precision == "bf16" else None)
+        features[precision] = model.encode_batch(images)
+    assert features["bf16"].dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(features["bf16"], features["fp32"], dim=-1)
+    assert 0.99 < cosine.min() and not torch.equal(features["bf16"], features["fp32"])
+    assert eval_autocast_dtype("auto", torch.device("cpu")) is None
+    with pytest.raises(ConfigError, match="eval.precision='fp16' is not one of auto, bf16, fp32"):
+        eval_autocast_dtype("fp16", torch.device("cpu"))

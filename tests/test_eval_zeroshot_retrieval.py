@@ -159,3 +159,35 @@ def test_multi_caption_errors():
         multi_caption_retrieval(torch.eye(3), torch.eye(3), [0, 1, 3])
     with pytest.raises(ValueError, match="text_image must hold integers"):
         multi_caption_retrieval(torch.eye(3), torch.eye(3), [0.0, 1.0, 2.0])
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("metric", ["multi_caption", "zeroshot", "shard_retrieval"])
+def test_no_operation_makes_a_full_similarity_matrix(metric):
+    """With block_rows rows per block, no tensor of N x M (or N x C) elements is ever made."""
+    from lift_fast.eval.metrics import retrieval_metrics
+
+    generator = torch.Generator().manual_seed(5)
+    num, dim, block = 300, 8, 16
+    images = normalize(torch.randn(num, dim, generator=generator))
+    texts = normalize(torch.randn(num, dim, generator=generator))
+    run = {"multi_caption": lambda: multi_caption_retrieval(images, texts, torch.arange(num), block_rows=block),
+           "zeroshot": lambda: zeroshot_metrics(images, texts, torch.arange(num), block_rows=block),
+           "shard_retrieval": lambda: retrieval_metrics(images, texts, torch.arange(num), block_rows=block)}[metric]
+    with LargestTensor() as recorder:
+        run()
+    assert num * dim <= recorder.largest <= block * num  # the features themselves, and one block of similarities
