@@ -193,3 +193,22 @@ def test_every_store_write_is_fsynced_then_renamed_then_the_folder_fsynced(tmp_p
     for i in renames:
         assert events[i - 1] == ("fsync", events[i][1]), f"{events[i][2]} renamed before its temporary was fsynced"
         assert events[i + 1] == ("fsync", str(folder)), f"the folder was not fsynced after {events[i][2]}"
+
+
+def test_threads_reading_one_store_past_its_bound_agree(tmp_path):
+    """Two threads (a loader's producer and its caller) walking shards in other orders, two kept open."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = {f"{i:05d}": rows_of(4, i) for i in range(6)}
+    folder = make_store(tmp_path / "store", shards, "float32")
+    store = open_store(folder, open_shards=2)
+
+    def walk(order):
+        for _ in range(20):
+            for name in order:
+                np.testing.assert_array_equal(np.asarray(store.embeddings(name)[3]), shards[name][3])
+                assert store.row_index(name)[f"{name}-003"] == 3 and len(store.caption_hashes(name)) == 4
+        return len(store._open)
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(n <= 2 for n in pool.map(walk, [sorted(shards), sorted(shards, reverse=True)]))

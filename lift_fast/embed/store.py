@@ -30,6 +30,7 @@ and a by-key join alone would then pair images with another folder's captions wi
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,7 @@ class EmbeddingStore:
                              f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); run `lift-fast embed` again")
         self.shard_names: list[str] = list(self.manifest["shards"])
         self._open: OrderedDict[str, OpenShard] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "open_shards": self.open_shards}
@@ -174,17 +176,18 @@ class EmbeddingStore:
 
     def _shard(self, name: str) -> OpenShard:
         """The open shard `name`, opened (and the least recently used one dropped) when not open."""
-        shard = self._open.get(name)
-        if shard is not None:
-            self._open.move_to_end(name)
+        with self._lock:  # a loader's producer thread and the caller's may both read
+            shard = self._open.get(name)
+            if shard is not None:
+                self._open.move_to_end(name)
+                return shard
+            self._check_name(name)
+            shard = self._open[name] = OpenShard()
+            # Dropping the last reference unmaps a shard's rows (numpy closes the map when the memmap is
+            # freed); rows a caller still holds stay valid until it lets them go.
+            while len(self._open) > self.open_shards:
+                self._open.popitem(last=False)
             return shard
-        self._check_name(name)
-        shard = self._open[name] = OpenShard()
-        # Dropping the last reference unmaps a shard's rows (numpy closes the map when the memmap is freed);
-        # rows a caller still holds stay valid until it lets them go.
-        while len(self._open) > self.open_shards:
-            self._open.popitem(last=False)
-        return shard
 
     def _file(self, name: str, path: Path) -> Path:
         """`path`, a file of shard `name`, after checking it against the fingerprint the manifest recorded (if any)."""
