@@ -26,6 +26,7 @@ resolved config, the embedding store's manifest (the encoder identity) and the p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -89,11 +90,14 @@ def text_dim_of(weights_file: Path) -> int:
 
 def build_from_weights(cfg: Config, folder: Path) -> LiftImageEncoder:
     """The model of `cfg` with the weights of `folder/model.safetensors` (a checkpoint or a lift export),
-    in eval mode on the CPU. Raises FileNotFoundError, or RunFolderError naming the file when it does not fit."""
+    in eval mode on the CPU. A run trained with model.attention=flash gets `auto` (flash where it can run,
+    SDPA elsewhere: the same weights), so that it loads on a machine without flash-attn.
+    Raises FileNotFoundError, or RunFolderError naming the file when it does not fit."""
     weights_file = folder / WEIGHTS
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file} does not exist")
-    model = build_model(cfg.model, cfg.data.image_size, text_dim_of(weights_file), cfg.train.logit_scale_init)
+    model_cfg = dataclasses.replace(cfg.model, attention="auto") if cfg.model.attention == "flash" else cfg.model
+    model = build_model(model_cfg, cfg.data.image_size, text_dim_of(weights_file), cfg.train.logit_scale_init)
     with safe_open(str(weights_file), framework="pt") as file:
         if "logit_bias" in file.keys():  # noqa: SIM118 (not a dict)
             model.register_parameter("logit_bias", nn.Parameter(torch.zeros(())))
@@ -127,7 +131,7 @@ def export_config(path: str | Path) -> Config:
     RunFolderError for a timm or open_clip export (their weights load with those libraries)."""
     path = Path(path)
     if (path / PROVENANCE).is_file():
-        record = json.loads((path / PROVENANCE).read_text())
+        record = json.loads((path / PROVENANCE).read_text(encoding="utf-8"))
         if record.get("format") != "lift":
             raise RunFolderError(f"{path / PROVENANCE}: a {record.get('format')!r} export; load_image_encoder reads "
                                  "--format lift exports (timm and open_clip exports load with those libraries)")
@@ -255,7 +259,7 @@ def _store_record(run_dir: Path, cfg: Config, embeddings: str | Path | None) -> 
 
         manifest = check_store(embeddings, cfg)
     elif (run_dir / "store_manifest.json").is_file():
-        manifest = json.loads((run_dir / "store_manifest.json").read_text())
+        manifest = json.loads((run_dir / "store_manifest.json").read_text(encoding="utf-8"))
     identity = {name: getattr(cfg.embed, name) for name in EMBED_SETTINGS}
     if manifest is not None:  # the encoder's own record (store format 4), else the manifest's top level
         encoder = manifest.get("encoder")

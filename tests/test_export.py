@@ -33,8 +33,9 @@ RUN = ["data.image_size=32", "model.depth=2", "train.batch_size=16", "train.warm
 TEXT_DIM = 384  # the bundled encoder's, as the stores of conftest
 
 
-def make_run(folder, *overrides: str, step: int = 7, seed: int = 0):
-    """A run folder (config.yaml, one checkpoint) whose model has random weights; returns (folder, model)."""
+def make_run(folder, *overrides: str, step: int = 7, seed: int = 0, saved_attention: str = ""):
+    """A run folder (config.yaml, one checkpoint) whose model has random weights; returns (folder, model).
+    saved_attention: the model.attention config.yaml says (flash, which cannot run here)."""
     cfg = load_config(overrides=RUN + list(overrides))
     torch.manual_seed(seed)
     model = build_model(cfg.model, cfg.data.image_size, TEXT_DIM).eval()
@@ -44,6 +45,7 @@ def make_run(folder, *overrides: str, step: int = 7, seed: int = 0):
         for param in model.parameters():
             param.normal_(0, 0.05)
     folder.mkdir(parents=True)
+    cfg.model.attention = saved_attention or cfg.model.attention
     save_config(cfg, folder / "config.yaml")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     save_checkpoint(folder, step, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0))
@@ -114,7 +116,8 @@ def test_open_clip_export_gives_the_lift_features(tmp_path, settings):
 
 
 def test_lift_export_round_trip(tmp_path):
-    run, model = make_run(tmp_path / "run", "train.loss=siglip", step=12)
+    # trained with flash-attn on a GPU, loaded on a CPU: the same weights run with SDPA
+    run, model = make_run(tmp_path / "run", "train.loss=siglip", step=12, saved_attention="flash")
     record = export_run(run, tmp_path / "lift", "lift")
     assert record["checkpoint_step"] == 12 and record["files"] == ["model.safetensors"]
     for path in (tmp_path / "lift", run, run / "checkpoints" / "step_000012"):  # an export, the run, a checkpoint
