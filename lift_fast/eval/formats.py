@@ -31,7 +31,7 @@ from lift_fast.eval.sugarcrepe import SugarCrepeError, load_sugarcrepe
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 DATASET_TYPE_FILE = "dataset_type.txt"
-IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS) + (".JPEG", ".JPG", ".PNG")
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)  # compared lower-cased (ImageNet's are .JPEG)
 
 
 class DatasetError(ValueError):
@@ -207,8 +207,7 @@ def read_image_folder_zeroshot(name: str, root: str | Path, classnames: str | Pa
                            "give one name per folder (in sorted folder order) or `folder<TAB>name` lines")
     images, labels = [], []
     for label, folder in enumerate(folders):
-        found = sorted(p for p in (root / folder).iterdir() if p.suffix in IMAGE_SUFFIXES or p.suffix.lower()
-                       in IMAGE_SUFFIXES)
+        found = sorted(p for p in (root / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise DatasetError(f"{root / folder}: class folder holds no images (.jpg/.png/.webp)")
         images += [ImageRef(p) for p in found]

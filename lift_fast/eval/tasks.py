@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from lift_fast.config import ConfigError
 from lift_fast.eval.formats import (
@@ -142,9 +143,10 @@ def read_task(spec: TaskSpec) -> ZeroShotSet | RetrievalSet | SugarCrepeSet:
     return read_sugarcrepe_folder(spec.name, spec.path, spec.images)
 
 
-def _embed(encoder, texts: list[str]) -> tuple[torch.Tensor, int]:
+def _embed(encoder, texts: list[str], desc: str = "", progress: bool = False) -> tuple[torch.Tensor, int]:
     """L2-normalised embeddings of texts and how many were cut at the encoder's max_length."""
-    rows, truncated = encoder.encode(texts, return_truncated=True)
+    with tqdm(total=len(texts), desc=desc, unit="caption", disable=not progress) as bar:
+        rows, truncated = encoder.encode(texts, return_truncated=True, on_batch=lambda captions, _: bar.update(captions))
     return torch.nn.functional.normalize(rows.float(), dim=-1), int(truncated.sum())
 
 
@@ -177,7 +179,7 @@ def run_task(spec: TaskSpec, dataset, model: EvalModel, *, max_length: int = 0,
     elif spec.kind == "retrieval":
         texts = [caption for captions in dataset.captions for caption in captions]
         text_image = [image for image, captions in enumerate(dataset.captions) for _ in captions]
-        text_features, cut = _embed(encoder, texts)
+        text_features, cut = _embed(encoder, texts, f"eval {spec.name} captions", progress)
         result = multi_caption_retrieval(features, text_features.to(device), text_image, ks=KS)
         flat = {**result, **common, "num_captions": len(texts), "captions_truncated": cut}
         standard = {}
