@@ -24,6 +24,7 @@ from lift_fast.train.checkpoint import (
     checkpoint_step,
     complete_checkpoints,
     latest_checkpoint,
+    load_checkpoint,
     save_checkpoint,
 )
 
@@ -205,3 +206,23 @@ def test_checkpoint_step_from_metadata_or_folder_name(tmp_path):
         checkpoint_step(other)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         checkpoint_step(tmp_path)
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "state.pt"])
+def test_damaged_checkpoint_names_the_file_and_the_one_before(tmp_path, file):
+    """A checkpoint cut short after it was saved (a copy, bit rot): RunFolderError, not a traceback
+    from safetensors or torch.load, naming the file and the checkpoint to resume from instead."""
+    run = tmp_path / "run"
+    state = tiny_state()
+    earlier = save_checkpoint(run, 2, *state, keep=5)
+    damaged = save_checkpoint(run, 4, *state, keep=5)
+    data = (damaged / file).read_bytes()
+    (damaged / file).write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunFolderError) as caught:
+        load_checkpoint(damaged, *tiny_state())
+    message = str(caught.value)
+    assert str(damaged / file) in message and "cannot be read" in message and f"--resume {earlier}" in message
+    if file == "model.safetensors":  # what `train --resume` reads first
+        with pytest.raises(RunFolderError, match="cannot be read"):
+            checkpoint_step(damaged)
+    load_checkpoint(earlier, *tiny_state())  # the one before still loads

@@ -21,6 +21,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,7 @@ GATHER_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 SCATTER_FULL = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 PATTERN = re.compile(r"step_(\d+)")
+T = TypeVar("T")
 # What a save leaves behind when it is killed: its temporary folder, or the replaced one set aside.
 LEFTOVERS = (".tmp_step_*", ".old_step_*")
 
@@ -93,8 +95,11 @@ def checkpoint_step(folder: str | Path) -> int:
     path = folder / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist")
-    with safe_open(str(path), framework="pt") as file:
-        step = (file.metadata() or {}).get("step", "")
+    def recorded() -> str:
+        with safe_open(str(path), framework="pt") as file:
+            return (file.metadata() or {}).get("step", "")
+
+    step = _read(path, recorded)
     if step.isdigit():
         return int(step)
     if match := PATTERN.fullmatch(folder.name):
@@ -222,9 +227,33 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist")
-    weights = load_file(str(path))
+    weights = _read(path, lambda: load_file(str(path)))
     _check_weights_fit(model, {name: list(tensor.shape) for name, tensor in weights.items()}, path)
     model.load_state_dict(weights)
+
+
+def _read(path: Path, read: Callable[[], T]) -> T:
+    """read(), with any failure but a missing file raised again as RunFolderError naming `path` and
+    the checkpoint before it, to resume from instead.
+
+    safetensors and torch.load name neither the file nor what to do ("incomplete metadata, file not
+    fully covered", "failed finding central directory"), and a damaged checkpoint would otherwise stop
+    `--resume auto` with a traceback.
+    """
+    try:
+        return read()
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        folder = path.parent
+        match = PATTERN.fullmatch(folder.name)
+        earlier = [p for p in complete_checkpoints(folder.parent.parent) if p != folder
+                   and (match is None or int(PATTERN.fullmatch(p.name).group(1)) < int(match.group(1)))]
+        hint = (f"resume from the one before it with --resume {earlier[-1]}, or delete {folder}" if earlier
+                else f"delete {folder} (no earlier checkpoint) and start again")
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RunFolderError(f"{path} cannot be read ({type(err).__name__}: {reason}): the checkpoint was damaged "
+                             f"after it was saved (cut short, overwritten); {hint}") from err
 
 
 def _check_weights_fit(model: nn.Module, shapes: dict[str, list[int]], path: Path) -> None:
@@ -262,7 +291,7 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer, scheduler) 
         state = _load_sharded(folder, model, optimizer)
     else:
         load_weights(model, folder)
-        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+        state = _read(folder / "state.pt", lambda: torch.load(folder / "state.pt", weights_only=True, map_location="cpu"))
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError as err:
@@ -302,10 +331,13 @@ def _load_sharded(folder: Path, model: nn.Module, optimizer) -> dict:
     path = folder / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist")
-    with safe_open(str(path), framework="pt") as file:
-        shapes = {name: list(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118 (not a dict)
-    _check_weights_fit(model, shapes, path)
-    state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu", mmap=True)
+    def header_shapes() -> dict[str, list[int]]:
+        with safe_open(str(path), framework="pt") as file:
+            return {name: list(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118 (not a dict)
+
+    _check_weights_fit(model, _read(path, header_shapes), path)
+    state = _read(folder / "state.pt",
+                  lambda: torch.load(folder / "state.pt", weights_only=True, map_location="cpu", mmap=True))
     optimizer_state = _named_optimizer_state(state["optimizer"], model, optimizer, folder / "state.pt")
     main = dist.get_rank() == 0
     set_model_state_dict(model, load_file(str(path)) if main else {}, options=SCATTER_FULL)
