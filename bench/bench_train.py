@@ -11,6 +11,12 @@ clipping at 1.0; both clamp the logit scale after the update, as open_clip and `
              lift_fast.train.optim.build_optimizer (parameter groups): what `lift-fast train` runs
              per step, without the data loader (and without the lr schedule)
 
+A second pair, the head's last Linear + L2 norm + CLIP loss (forward and backward) at B=512,
+H=D=1024, fp32: baseline `clip_loss(normalize(fc2(hidden)), ...)` as the plain head computes it,
+candidate `fused_projection_clip_loss(hidden, fc2.weight, fc2.bias, ...)` (model.fuse_projection).
+Besides the time it records the step's peak memory above what was allocated before it (the
+profiler's allocation events on the CPU, torch.cuda.max_memory_allocated on CUDA).
+
 Throughput: the batch is the same on both sides, so samples/s = BATCH / step time and the pair's
 speedup (baseline time / candidate time) is the throughput ratio, candidate / baseline. Each side
 records `seconds_per_sample` (a cost, so its printed ratio reads like the speedup) and
@@ -24,7 +30,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lift_fast.kernels import clip_loss
+from lift_fast.kernels import clip_loss, fused_projection_clip_loss
 
 from lift_fast.config import ModelConfig, TrainConfig
 from lift_fast.models.vit import build_model
@@ -101,3 +107,80 @@ def test_train_step(paired_benchmark, side, batch, first_step_loss):
         seconds = stats.stats.mean
         paired_benchmark.record(seconds_per_sample=seconds / BATCH,
                                 samples_per_second=f"{BATCH / seconds:.1f}")
+
+
+HEAD_BATCH, HEAD_HIDDEN, HEAD_DIM = 512, 1024, 1024
+HEAD_PAIR = f"head last Linear + norm + clip loss fwd+bwd B={HEAD_BATCH} H={HEAD_HIDDEN} D={HEAD_DIM} fp32 cpu"
+
+
+def step_bytes(function) -> tuple[int, int, object]:
+    """(peak bytes allocated while `function()` runs, bytes it leaves allocated, what it returned),
+    both above what was allocated when it started."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = function()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start, torch.cuda.memory_allocated() - start, result
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = function()
+    # every allocation and free, in order (the FunctionEvents fold them into their ops' totals)
+    changes = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                     if event.name() == "[memory]")
+    level = peak = 0
+    for _, change in changes:
+        level += change
+        peak = max(peak, level)
+    return peak, level, result
+
+
+def make_head_step(side: str):
+    """(forward, step): forward() computes the head's last layer and the loss (the graph kept for
+    backward); step() runs forward and backward and returns the loss and the gradients."""
+    generator = torch.Generator().manual_seed(SEED)
+    last = torch.nn.Linear(HEAD_HIDDEN, HEAD_DIM)
+    with torch.no_grad():
+        last.weight.copy_(torch.randn(HEAD_DIM, HEAD_HIDDEN, generator=generator) * HEAD_HIDDEN**-0.5)
+        last.bias.zero_()
+    hidden = torch.randn(HEAD_BATCH, HEAD_HIDDEN, generator=generator).requires_grad_()
+    texts = F.normalize(torch.randn(HEAD_BATCH, HEAD_DIM, generator=generator), dim=-1)
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    params = [hidden, last.weight, last.bias, log_scale]
+
+    def forward():
+        if side == "baseline":
+            return clip_loss(F.normalize(last(hidden), dim=-1), texts, log_scale.exp())
+        return fused_projection_clip_loss(hidden, last.weight, last.bias, texts, log_scale.exp())
+
+    def step():
+        for param in params:
+            param.grad = None
+        loss = forward()
+        loss.backward()
+        return loss.detach(), [param.grad for param in params]
+
+    return forward, step
+
+
+@pytest.fixture(scope="module")
+def head_reference():
+    return make_head_step("baseline")[1]()
+
+
+@pytest.mark.parametrize("side", ["baseline", "fused_projection"])
+def test_head_fused_projection(paired_benchmark, side, head_reference):
+    forward, step = make_head_step(side)
+    loss, grads = step()
+    torch.testing.assert_close(loss, head_reference[0], rtol=1e-5, atol=1e-6)
+    for grad, expected in zip(grads, head_reference[1], strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+    peak, _, _ = step_bytes(step)
+    _, held, kept = step_bytes(forward)  # what the graph holds from forward to backward, the loss included
+    del kept
+    paired_benchmark(HEAD_PAIR, step, rounds=8, warmup_rounds=1)
+    if paired_benchmark.benchmark.stats is not None:
+        paired_benchmark.record(peak_bytes=peak, held_for_backward_bytes=held, peak_mib=f"{peak / 2**20:.1f}",
+                                held_mib=f"{held / 2**20:.2f}")
