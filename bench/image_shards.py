@@ -46,7 +46,7 @@ def write_image_shards(folder: str | Path, *, count: int, width: int, height: in
         rows = rng.standard_normal((len(shard_keys), dim), dtype=np.float32)
         rows /= np.linalg.norm(rows, axis=1, keepdims=True)
         info = {"source": shard.name, "source_bytes": shard.stat().st_size, "source_mtime_ns": shard.stat().st_mtime_ns}
-        store.write_shard(store_dir, shard.stem, shard_keys, rows.astype(np.float16), info,
-                          [f"photo {int(key)}" for key in shard_keys])
-        store.record_shard(store_dir, shard.stem, {**info, "count": len(shard_keys)})
+        entry = store.write_shard(store_dir, shard.stem, shard_keys, rows.astype(np.float16), info,
+                                  [f"photo {int(key)}" for key in shard_keys])
+        store.record_shard(store_dir, shard.stem, entry)  # with the files' fingerprints, which readers check
     return data, store_dir
