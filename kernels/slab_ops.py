@@ -25,15 +25,19 @@ try:
 except ImportError:  # triton is a Linux dependency; elsewhere only the torch twins exist
     triton = None
 
-# Tile of the element-wise kernels, chosen from the kernel report (bench/kernel_report.py, triton 3.8,
-# sm_90a/sm_100a; compiled, not yet timed on a GPU). The kernels are memory-bound (one read of the
-# slab, at most one write), so what counts is bytes in flight: resident warps and 128-bit loads.
-# BLOCK_M=32, BLOCK_N=64, NUM_WARPS=4: 16 elements per thread as four 128-bit loads; _siglip_kernel
-# WITH_GRAD at 80-85 registers (20-24 warps per SM) and _clip_grad_kernel at 64-70 (28-32), where
-# 64x64 at 4 warps took 166 and 128 registers (12 and 16 warps), 64x64 at 8 warps 84-98 (16) and
-# 32x128 at 4 warps 185 (8). No configuration spills.
+# Tiles of the element-wise kernels, chosen from the kernel report (bench/kernel_report.py, triton 3.8
+# and 3.6, sm_90a/sm_100a, 16-multiple and odd sizes; compiled, not yet timed on a GPU). The kernels
+# are memory-bound (one read of the slab, at most one write), so what counts is bytes in flight:
+# resident warps (goal >= 16 per SM by registers) and 128-bit loads of the float32 slab.
+# CLIP kernels, BLOCK_M=32, BLOCK_N=64, 4 warps: 16 floats per thread as four 128-bit loads;
+# _clip_grad_kernel at 63-72 registers (28-32 warps per SM), 96 at odd sizes (20), where 64x64 took
+# 121-128 (16). Row blocks of 32 keep the column partial statistics at 1/32 of the slab.
 BLOCK_M = 32
 BLOCK_N = 64
+# _siglip_kernel, SIGLIP_BLOCK_M=16 (x BLOCK_N, 4 warps): WITH_GRAD at 47-48 registers (40 warps), 70-95
+# at odd sizes (20-28); at 32 rows it took 80-86 (20-24) but 158-164 at odd sizes with triton 3.6
+# (12 warps), and the 64x64 tile before 79-185 (8 warps on sm_100a).
+SIGLIP_BLOCK_M = 16
 NUM_WARPS = 4
 # triton.jit builds interpreted kernels when this is set at import time; only then do they take CPU tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -159,8 +163,8 @@ if triton is not None:
                      (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _grid(sim: torch.Tensor) -> tuple[int, int]:
-    return triton.cdiv(sim.shape[0], BLOCK_M), triton.cdiv(sim.shape[1], BLOCK_N)
+def _grid(sim: torch.Tensor, block_m: int = BLOCK_M) -> tuple[int, int]:
+    return triton.cdiv(sim.shape[0], block_m), triton.cdiv(sim.shape[1], BLOCK_N)
 
 
 def _device_scalar(value: torch.Tensor) -> torch.Tensor:
@@ -260,13 +264,14 @@ def siglip_slab(sim: torch.Tensor, out: torch.Tensor | None, *, scale: torch.Ten
         sums = torch.stack([loss, torch.dot(grad.flatten(), sim.flatten()), grad.sum()])
         out.copy_(grad.mul_(scale))
         return sums
-    grid_m, grid_n = _grid(sim)
+    grid_m, grid_n = _grid(sim, SIGLIP_BLOCK_M)
     partial = sim.new_zeros(grid_m * grid_n, 3)
     with_grad = out is not None
     _siglip_kernel[(grid_m, grid_n)](sim, out if with_grad else sim, partial, _device_scalar(scale),
                                      _device_scalar(bias), _device_scalar(coef), diag_offset, sim.shape[0],
                                      sim.shape[1], sim.stride(0), (out if with_grad else sim).stride(0), grid_n,
-                                     WITH_GRAD=with_grad, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+                                     WITH_GRAD=with_grad, BLOCK_M=SIGLIP_BLOCK_M, BLOCK_N=BLOCK_N,
+                                     num_warps=NUM_WARPS)
     return partial.sum(dim=0)
 
 
@@ -275,15 +280,17 @@ def siglip_slab(sim: torch.Tensor, out: torch.Tensor | None, *, scale: torch.Ten
 # What the host functions above can write into `out`: the GEMM dtypes of the losses.
 GRAD_DTYPES = ("fp32", "bf16", "fp16")
 # Integer arguments a real launch at a 16-multiple batch gets as multiples of 16 (triton specialises
-# them, as it does 16-byte aligned pointers): the slab's rows, columns and row strides.
+# them, as it does 16-byte aligned pointers): the slab's rows, columns and row strides. At odd sizes
+# nothing is specialised (row slices of odd-width statistics are not even 16-byte aligned).
 ALIGNED_INTS = ("M", "N", "stride_sim", "stride_grad")
 
 
 def kernel_launches() -> list[dict]:
     """Every kernel configuration the host functions above can launch, for compiling them ahead of
-    time (bench/kernel_report.py): one dict per (kernel, constexprs, grad dtype) with
-    name, config (a short label), kernel, signature {argument: triton type}, constexprs, num_warps and
-    aligned (the arguments a real launch specialises as 16-divisible).
+    time (bench/kernel_report.py): one dict per (kernel, constexprs, grad dtype, sizes) with
+    name, config (a short label), kernel, signature {argument: triton type}, constexprs, num_warps,
+    sizes ("aligned": 16-multiple sizes, or "odd") and aligned (the arguments such a launch
+    specialises as 16-divisible).
 
     Raises:
         RuntimeError: triton is not installed.
@@ -291,8 +298,8 @@ def kernel_launches() -> list[dict]:
     if triton is None:
         raise RuntimeError("kernel_launches() needs triton installed")
 
-    def launch(kernel, config, grad_dtype="fp32", **constexprs):
-        constexprs = dict(constexprs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    def launch(kernel, config, grad_dtype="fp32", block_m=BLOCK_M, **constexprs):
+        constexprs = dict(constexprs, BLOCK_M=block_m, BLOCK_N=BLOCK_N)
         signature = {}
         for arg in kernel.arg_names:
             if arg in constexprs:
@@ -302,12 +309,14 @@ def kernel_launches() -> list[dict]:
             else:
                 signature[arg] = "i32"
         aligned = [arg for arg in kernel.arg_names if arg.endswith("_ptr") or arg in ALIGNED_INTS]
-        return dict(name=kernel.__name__, config=config, kernel=kernel, signature=signature,
-                    constexprs=constexprs, num_warps=NUM_WARPS, aligned=aligned)
+        common = dict(name=kernel.__name__, kernel=kernel, signature=signature, constexprs=constexprs,
+                      num_warps=NUM_WARPS)
+        return [dict(common, config=config, sizes="aligned", aligned=aligned),
+                dict(common, config=f"{config}, odd sizes", sizes="odd", aligned=[])]
 
-    launches = [launch(_clip_stats_kernel, "stats"),
-                launch(_siglip_kernel, "WITH_GRAD=False", WITH_GRAD=False)]
+    launches = [*launch(_clip_stats_kernel, "stats"),
+                *launch(_siglip_kernel, "WITH_GRAD=False", block_m=SIGLIP_BLOCK_M, WITH_GRAD=False)]
     for dtype in GRAD_DTYPES:
-        launches.append(launch(_clip_grad_kernel, f"grad {dtype}", dtype))
-        launches.append(launch(_siglip_kernel, f"WITH_GRAD=True grad {dtype}", dtype, WITH_GRAD=True))
+        launches += launch(_clip_grad_kernel, f"grad {dtype}", dtype)
+        launches += launch(_siglip_kernel, f"WITH_GRAD=True grad {dtype}", dtype, SIGLIP_BLOCK_M, WITH_GRAD=True)
     return launches

@@ -51,15 +51,17 @@ def check_complete(result: dict) -> None:
         assert ("_clip_grad_kernel", f"grad {dtype}") in configs
         assert ("_siglip_kernel", f"WITH_GRAD=True grad {dtype}") in configs
     assert ("_clip_stats_kernel", "stats") in configs
+    assert {config + ", odd sizes" for _, config in configs if "odd" not in config} <= {c for _, c in configs}
     assert {row["target"] for row in rows} == {"sm_90a", "sm_100a"}
-    assert len(rows) == 2 * len(configs)
+    assert len(configs) == 16 and len(rows) == 2 * len(configs)
     report = load_report_module()
     assert report.goal_failures(result) == []
     for row in rows:  # what goal_failures checks, asserted here too so that the check itself is tested
         assert row["spill_stores"] == row["spill_loads"] == 0, row
         assert row["regs"] <= 128 and row["warps_per_sm"] >= 16, row
-        assert row["widest_load"] == 128, row
         assert row["mix"]["total"] > 0 and row["mix"]["ldg"] > 0, row
+        if row["sizes"] == "aligned":  # the whole float32 tile in 128-bit loads
+            assert row["widest_load"] == 128 and row["vector_loads"] >= row["slab_loads_needed"] > 0, row
 
 
 def test_installed_triton_compiles_every_kernel_within_the_goals(tmp_path):
@@ -78,15 +80,18 @@ def test_triton_36_compiles_every_kernel_within_the_goals(tmp_path):
 
 def test_goal_check_catches_spills_low_occupancy_narrow_loads_and_errors():
     report = load_report_module()
-    good = dict(kernel="_k", config="c", target="sm_90a", regs=64, spill_stores=0, spill_loads=0, stack=0,
-                shared=1040, num_warps=4, warps_per_sm=32, widest_load=128, widest_store=128, mix={})
-    bad = [dict(good, spill_stores=4), dict(good, regs=168, warps_per_sm=12), dict(good, widest_load=32),
+    good = dict(kernel="_k", config="c", target="sm_90a", sizes="aligned", regs=64, spill_stores=0, spill_loads=0,
+                stack=0, shared=1040, num_warps=4, warps_per_sm=32, widest_load=128, widest_store=128,
+                vector_loads=4, slab_loads_needed=4, mix={})
+    odd = dict(good, sizes="odd", widest_load=32, vector_loads=0)  # no vector width is promised there
+    bad = [dict(good, spill_stores=4), dict(good, regs=168, warps_per_sm=12),
+           dict(good, widest_load=32, vector_loads=0), dict(good, vector_loads=2),
            dict(kernel="_k", config="c", target="sm_100a", error="CompilationError: x")]
-    assert report.goal_failures(dict(triton="3.8.0", rows=[good])) == []
+    assert report.goal_failures(dict(triton="3.8.0", rows=[good, odd])) == []
     failures = report.goal_failures(dict(triton="3.8.0", rows=bad))
-    assert len(failures) == 4
-    assert "spills" in failures[0] and "12 warps" in failures[1] and "32 bits" in failures[2]
-    assert "does not compile" in failures[3]
+    assert len(failures) == 5
+    assert "spills" in failures[0] and "12 warps" in failures[1] and "widest 32 bits" in failures[2]
+    assert "2 128-bit global loads" in failures[3] and "does not compile" in failures[4]
 
 
 @pytest.mark.parametrize("regs,num_warps,expected", [
