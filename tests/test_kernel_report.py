@@ -64,6 +64,7 @@ def check_complete(result: dict) -> None:
             assert row["widest_load"] == 128 and row["vector_loads"] >= row["slab_loads_needed"] > 0, row
 
 
+@pytest.mark.slow  # 64 compiles: about 30 s of CPU
 def test_installed_triton_compiles_every_kernel_within_the_goals(tmp_path):
     check_complete(run_report(tmp_path)[0])
 
@@ -103,3 +104,40 @@ def test_goal_check_catches_spills_low_occupancy_narrow_loads_and_errors():
 ])
 def test_resident_warps_by_registers(regs, num_warps, expected):
     assert load_report_module().resident_warps(regs, num_warps) == expected
+
+
+def test_report_configurations_are_the_launches_the_losses_make(monkeypatch):
+    """slab_ops.kernel_launches() (what the report compiles) against the launches clip_loss and
+    siglip_loss really make, forward and backward, in fp32, bf16 and fp16: the same set."""
+    import torch
+    from lift_fast.kernels import KERNELS_ENV_VAR, clip_loss, siglip_loss, slab_ops
+
+    triton_names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    listed = {(launch["name"], tuple(sorted(launch["constexprs"].items())), launch["num_warps"],
+               launch["signature"].get("grad_ptr") if launch["constexprs"].get("WITH_GRAD", True) else None)
+              for launch in slab_ops.kernel_launches()}
+    made = set()
+
+    class Recorder:  # stands in for a kernel: records the launch instead of running it
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, **constexprs):
+                names = self.kernel.arg_names
+                grad = args[names.index("grad_ptr")] if "grad_ptr" in names else None
+                grad_type = None if grad is None or not constexprs.get("WITH_GRAD", True) else next(
+                    name for name, dtype in triton_names.items() if dtype == grad.dtype)
+                made.add((self.kernel.__name__, tuple(sorted(constexprs.items())), num_warps,
+                          f"*{grad_type}" if grad_type else None))
+            return launch
+
+    for name in ("_clip_stats_kernel", "_clip_grad_kernel", "_siglip_kernel"):
+        monkeypatch.setattr(slab_ops, name, Recorder(getattr(slab_ops, name)))
+    monkeypatch.setenv(KERNELS_ENV_VAR, "triton")
+    for dtype in triton_names.values():
+        image = torch.nn.functional.normalize(torch.randn(5, 8), dim=1).to(dtype).requires_grad_()
+        text = torch.nn.functional.normalize(torch.randn(5, 8), dim=1).to(dtype).requires_grad_()
+        for loss in (clip_loss(image, text, 10.0), siglip_loss(image, text, 10.0, -1.0)):
+            loss.backward()  # the recorded launches leave garbage outputs; only their configurations count
+    assert made == listed
