@@ -21,7 +21,8 @@ import torch
 # thread pool spins against them and a 10-step training run takes 30x longer than with one thread.
 torch.set_num_threads(1)
 
-TINY = {"num_train": 64, "num_eval": 32, "image_size": 32, "samples_per_shard": 16, "seed": 0}
+TINY = {"num_train": 64, "num_eval": 32, "image_size": 32, "samples_per_shard": 16, "seed": 0,
+        "num_zeroshot": 24, "num_retrieval": 12}
 
 
 @pytest.fixture(scope="session")
