@@ -1,6 +1,11 @@
 """The chunked CLIP loss on the GPU: forward + backward in bf16 against the naive torch loss and Inf-CL,
 as TFLOP/s, a fraction of the dense bf16 matmul rate, and peak memory.
 
+First, before any timing, `loss_dtypes_syncs` checks the losses' contract on the device: every
+public loss (fp32 features under CUDA autocast(bf16), and bf16 features) runs each GEMM of its
+forward and backward in bf16 (torch's profiler sees inside the custom ops) and issues no
+aten::_local_scalar_dense (host sync); a violation fails the check, naming the loss and the GEMM.
+
 Sizes: B in {4k, 16k, 32k, 64k} x D in {768, 4096}. The target point, B=32k D=4096 (at least 0.6 of
 the matmul rate, memory within 1.2x of inputs + grads), is a check of its own that runs right after a
 short fp32 correctness guard; the other seven sizes follow in one sweep that stops when the budget
@@ -273,7 +278,7 @@ def contract_losses() -> dict[str, Callable]:
 
 @gpu_check("loss_dtypes_syncs", est_seconds=CONTRACT_EST_S)
 def loss_dtypes_syncs(ctx: Context) -> list[Row]:
-    """Before the timings: every public loss, fp32 features under bf16 autocast and bf16 features
+    """Before the timings (registered first of this module): every public loss, fp32 features under bf16 autocast and bf16 features
     without, runs every GEMM of forward and backward in bf16 and reads nothing back to the host.
 
     Raises:
