@@ -95,6 +95,7 @@ def checkpoint_step(folder: str | Path) -> int:
     path = folder / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist")
+
     def recorded() -> str:
         with safe_open(str(path), framework="pt") as file:
             return (file.metadata() or {}).get("step", "")
@@ -331,6 +332,7 @@ def _load_sharded(folder: Path, model: nn.Module, optimizer) -> dict:
     path = folder / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist")
+
     def header_shapes() -> dict[str, list[int]]:
         with safe_open(str(path), framework="pt") as file:
             return {name: list(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118 (not a dict)
