@@ -13,6 +13,12 @@ to_tensor) on the same boxes: the GPU's JPEG decoder rounds its IDCT and chroma 
 differently from libjpeg-turbo, so this is a sanity bound (mean under 3 uint8 levels), not the
 CPU tests' 1-level match.
 
+data_feed_thread: the DALI training loader on the device with its feed thread (prefetch=2) against
+the synchronous feed (prefetch=0): the same keys and images, on the current device (the thread makes
+it current: CUDA's current device is per thread), and the loop's data wait as a fraction of the time
+beside a stand-in step that keeps the GPU busy for 1.5x the feed's batch time (torch.cuda._sleep)
+and waits for it. Goal: under 5 % with the feed thread.
+
 `--device cpu --quick` runs the same graph with CPU operators (device_id=None) on a few small images.
 """
 
@@ -109,3 +115,89 @@ def data_dali_mixed_224(ctx: Context) -> list[Row]:
         Row(f"{name} vs PIL path, first batch", mean_levels, "uint8 levels (mean)",
             f"max {max_levels:.2f} levels; bound on the mean {MEAN_LEVELS_BOUND}"),
     ]
+
+
+@gpu_check("data_feed_thread", est_seconds=45)
+def data_feed_thread(ctx: Context) -> list[Row]:
+    """The DALI loader's feed thread on the device: the same batches as the synchronous feed, on the
+    current device, and the loop's data wait beside an asynchronous step of fixed GPU time."""
+    import tempfile
+
+    from image_shards import write_image_shards
+
+    from lift_fast.data import build_loader
+    from lift_fast.data.dali import dali_available
+
+    device_id = (ctx.device.index or 0) if ctx.device.type == "cuda" else None
+    usable, why = dali_available(device_id)
+    name = "DALI loader feed thread" + ("" if device_id is not None else " cpu operators (smoke)")
+    if not usable:
+        return [Row(name, math.nan, "fraction", f"not run: {why}")]
+    size, batch, steps = ctx.size(IMAGE_SIZE, 32), ctx.size(BATCH, 8), ctx.size(16, 4)
+    width, height = (500, 375) if not ctx.quick else (64, 48)
+    with tempfile.TemporaryDirectory() as tmp:
+        data, store = write_image_shards(tmp, count=ctx.size(2048, 64), width=width, height=height, dim=ctx.size(384, 16))
+
+        def loader(prefetch: int):
+            return build_loader(data, store, split="train", batch_size=batch, image_size=size, backend="dali",
+                                num_workers=ctx.size(8, 2), prefetch=prefetch)
+
+        sync, ahead = (list(zip(range(3), loader(p))) for p in (0, 2))
+        for (_, a), (_, s) in zip(ahead, sync):
+            if a["keys"] != s["keys"] or a["images"].device != s["images"].device:
+                raise AssertionError("the feed thread's batches differ from the synchronous feed's in keys or device")
+            if a["images"].device.type != ctx.device.type:
+                raise AssertionError(f"batches on {a['images'].device}, expected {ctx.device}")
+        difference = max(float((a["images"].float() - s["images"].float()).abs().max()) for (_, a), (_, s) in zip(ahead, sync))
+
+        def feed_time() -> float:
+            stream = iter(loader(0))
+            next(stream)
+            ctx.synchronize()
+            began = time.perf_counter()
+            for _ in range(steps):
+                next(stream)
+            ctx.synchronize()
+            stream.close()
+            return (time.perf_counter() - began) / steps
+
+        step_s = max(0.02, 1.5 * feed_time())
+        spin = _gpu_spin(ctx, step_s)
+        shares = {}
+        for prefetch in (0, 2):
+            stream = iter(loader(prefetch))
+            next(stream)
+            wait = 0.0
+            ctx.synchronize()
+            began = time.perf_counter()
+            for _ in range(steps):
+                asked = time.perf_counter()
+                images = next(stream)["images"]
+                wait += time.perf_counter() - asked
+                spin(images)  # the step: queued on the device, then waited for, as a step's read-back does
+            shares[prefetch] = wait / (time.perf_counter() - began)
+            stream.close()  # before the shards' folder goes
+    return [Row(f"{name} data wait, step {step_s * 1e3:.0f} ms, batch {batch} {size}px", shares[2], "fraction",
+                f"synchronous feed (prefetch=0): {shares[0]:.3f}; goal < 0.05 with the feed thread; batches equal to "
+                f"the synchronous feed's within {difference:.2g}")]
+
+
+def _gpu_spin(ctx: Context, seconds: float):
+    """A stand-in step that keeps the device busy for about `seconds` and waits for it (on the CPU: a sleep)."""
+    if ctx.device.type != "cuda":
+        return lambda images: time.sleep(seconds)
+    torch.cuda._sleep(1000)
+    probe = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(probe)
+    end.record()
+    end.synchronize()
+    cycles = int(probe * seconds * 1e3 / start.elapsed_time(end))
+
+    def step(images):
+        images.sum()  # reads the batch on the device
+        torch.cuda._sleep(cycles)
+        torch.cuda.synchronize(ctx.device)
+
+    return step
