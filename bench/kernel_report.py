@@ -61,12 +61,16 @@ MIX = {  # instruction classes of the summary, by SASS opcode prefix
 def compile_launch(triton, launch: dict, arch: int):
     """triton.compile one kernel configuration for sm_{arch}a; returns the CompiledKernel.
 
-    Triton 3.3 to 3.8 take ASTSource(fn, signature, constexprs, attrs) with attrs
-    {(index,): [["tt.divisibility", 16]]}; older ones (an AttrsDescriptor) are not supported.
+    Triton 3.6 and 3.8 (both run by the tests) take ASTSource(fn, signature, constexprs, attrs)
+    with signature {name: "*fp32" | "i32" | "constexpr"}, constexprs {name: value} and attrs
+    {(index,): [["tt.divisibility", 16]]}; triton before 3.3 (an AttrsDescriptor) is refused with
+    a clear error.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 3):
+        raise RuntimeError(f"triton {triton.__version__}: its ASTSource takes an AttrsDescriptor; the report needs >= 3.3")
     kernel = launch["kernel"]
     attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in launch["aligned"]}
     source = ASTSource(kernel, launch["signature"], launch["constexprs"], attrs)

@@ -32,6 +32,7 @@ def siglip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
         step = slab_rows(b, texts.shape[0], dim)
         for start in range(0, b, step):
             sim = similarity(image[start:start + step], texts)  # [m, N]
+            # coef weighs the gradient only: any device scalar will do without one
             total += slab_ops.siglip_slab(sim, None, scale=s, bias=t, coef=s, diag_offset=rank * b + start,
                                           use_triton=use_triton)[0].to(total.dtype)
         return total / b, texts if world_size > 1 else text.new_empty(0)
