@@ -12,6 +12,7 @@ Stable names that other modules call: `atomic_write(path, write)`, `write_text`,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,15 +20,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+# errno values of fsync on a folder whose file system cannot sync folders (some FUSE and network
+# file systems): nothing more can be done there, and a run must not stop for it.
+UNSYNCABLE_DIR = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
 
 def fsync_dir(path: str | Path) -> None:
     """fsync the folder `path` itself, which makes the creations, renames and deletions in it durable.
 
-    Raises OSError (FileNotFoundError, NotADirectoryError) when `path` is not an existing folder.
+    A file system that cannot sync folders (EINVAL, ENOTSUP) is passed over. Raises OSError
+    (FileNotFoundError, NotADirectoryError) when `path` is not an existing folder.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in UNSYNCABLE_DIR:
+            raise
     finally:
         os.close(fd)
 

@@ -226,3 +226,15 @@ def test_damaged_checkpoint_names_the_file_and_the_one_before(tmp_path, file):
         with pytest.raises(RunFolderError, match="cannot be read"):
             checkpoint_step(damaged)
     load_checkpoint(earlier, *tiny_state())  # the one before still loads
+
+
+def test_fsync_dir_passes_over_a_file_system_that_cannot_sync_folders(tmp_path, monkeypatch):
+    def fsync(fd, code=errno.EINVAL):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fsync_dir(tmp_path)  # EINVAL: passed over
+    monkeypatch.setattr(os, "fsync", lambda fd: fsync(fd, errno.EIO))
+    with pytest.raises(OSError) as caught:  # a real I/O error is not
+        fsync_dir(tmp_path)
+    assert caught.value.errno == errno.EIO
