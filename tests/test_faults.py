@@ -33,11 +33,12 @@ DRIVER = Path(__file__).with_name("fault_driver.py")
 STEPS, EVERY = 12, 2
 SETTINGS = ["data.image_size=32", "model.depth=1", f"train.steps={STEPS}", "train.batch_size=16", "train.lr=3e-3",
             "train.warmup_steps=3", "train.log_every=1", "data.num_workers=0", "data.shuffle_window=4",
-            "data.backend=pil", f"train.checkpoint_every={EVERY}", f"train.keep_checkpoints={STEPS}", "train.tensorboard=false"]
+            "data.backend=pil", f"train.checkpoint_every={EVERY}", f"train.keep_checkpoints={STEPS}",
+            "train.tensorboard=false"]
 
 
-def lift_fast_train(run: Path, synth_data: Path, stores: Path, fault: str = "none", *, file_limit: int | None = None,
-                    ) -> subprocess.CompletedProcess:
+def lift_fast_train(run: Path, synth_data: Path, stores: Path, fault: str = "none", *,
+                    file_limit: int | None = None) -> subprocess.CompletedProcess:
     """`lift-fast train ... --resume auto` with `fault` injected (see fault_driver.py), optionally
     under a file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored so that write() fails with EFBIG)."""
     def limit_file_size():
