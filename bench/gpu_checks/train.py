@@ -129,7 +129,10 @@ def train_step_host_syncs(ctx: Context) -> list[Row]:
                          ("fused projection", ("model.fuse_projection=true",))):
         events = _profiled_steps(ctx, _proof_config(ctx, *extra))
         chains = host_syncs(events, device=ctx.device)
-        runtime = [event.name for event in events if "Synchronize" in event.name]
+        # CUDA runtime calls that wait for the device, made from inside an op of the step (the
+        # profiler's own synchronisation when it stops has no calling op)
+        runtime = [event.name for event in events if event.cpu_parent is not None
+                   and ("Synchronize" in event.name or event.name in ("cudaMemcpy", "cudaMemset"))]
         where = "; ".join(" < ".join(chain[1:4]) for chain in chains[:3])
         rows.append(Row(f"{label}: aten::_local_scalar_dense in 2 steps", len(chains), "calls",
                         f"goal 0{'; from ' + where if where else ''}"))
