@@ -96,6 +96,39 @@ def test_loss_formula_matches_flop_counter_on_the_kernels_cpu_path(text_gradient
     assert counted(lambda: ops.clip_forward._init_fn(image, text, scale, 0, 1, False)) == 2 * batch * batch * dim
 
 
+@pytest.mark.parametrize("mode", ["lift", "clip"])
+def test_a_whole_training_step_counts_what_the_trainer_logs(mode):
+    """Image tower + head, the text tower (CLIP), and the loss's implementation, forward and backward, on
+    real modules: batch x train_flops_per_sample, less the patch embedding's input gradient, which is
+    never computed (images are not trained; see tests/test_models.py)."""
+    from lift_fast.models.vit import build_model
+
+    cfg = load_config(overrides=[*TINY, "model.attention=math", "model.head_hidden=40"])
+    batch, dim = 6, 24
+    spec = vit_spec(cfg.model.name, depth=cfg.model.depth)
+    text_spec = TextSpec(32, 2, 4, 20, 100) if mode == "clip" else None
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 32, dim)
+    tower = TextTransformer(text_spec, dim, eot_token_id=99).set_math_attention() if text_spec else None
+    images = torch.randn(batch, 3, 32, 32)
+    tokens = text_tokens(batch, 20, 100, torch.Generator().manual_seed(0))
+    ops = importlib.import_module("lift_fast.kernels.clip_loss")
+
+    def step():
+        image = model(images)
+        text = tower(tokens) if tower is not None else torch.nn.functional.normalize(torch.randn(batch, dim), dim=-1)
+        scale = model.logit_scale.exp().detach()
+        _, row_stats, col_stats, gathered = ops.clip_forward._init_fn(image.detach(), text.detach(), scale, 0, 1, False)
+        grad_image, grad_text, _ = ops.clip_backward._init_fn(torch.ones(()), image.detach(), text.detach(), gathered,
+                                                              scale, row_stats, col_stats, 0, 1, tower is not None, False)
+        torch.autograd.backward([image, text] if tower is not None else [image],
+                                [grad_image, grad_text] if tower is not None else [grad_image])
+
+    logged = train_flops_per_sample(spec, 32, dim, batch, head_hidden=40, text=text_spec)
+    patch_embed = vit_flops_per_image(spec, 32, dim, 40)["patch_embed"]
+    assert counted(step) == batch * (logged - patch_embed)
+
+
 def test_encoder_formula_matches_flop_counter_for_bert_and_qwen3():
     """The bundled MiniLM (BERT: a pooler on one token) and a small random Qwen3 (grouped kv heads, a head
     dim that is not width / heads), eager attention so that FlopCounterMode sees its matmuls."""
