@@ -113,8 +113,8 @@ class ModelConfig:
                             choices=("auto", "flash", "sdpa", "math"))
     patch_dropout: float = _field(0.0, "FLIP patch dropout: fraction of patch tokens dropped at random in "
                                   "training, in [0, 1) (0: off)", min=0.0)
-    grad_checkpointing: bool = _field(False, "recompute each ViT block in backward (less activation memory, "
-                                      "about a third more compute)")
+    grad_checkpointing: bool = _field(False, "recompute each ViT block (and text tower block) in backward (less activation "
+                                      "memory, about a third more compute)")
     fuse_projection: bool = _field(False, "compute the head's last Linear, the norm and the loss in one fused call "
                                    "(lift_fast.kernels.fused_projection_clip_loss): no [B, D] features kept; not under fsdp")
     text_tower: str = _field("frozen", "frozen: LIFT (caption embeddings from the store); transformer: the CLIP "
