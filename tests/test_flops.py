@@ -212,7 +212,7 @@ def test_peak_step_memory_of_clip_is_above_lift_by_at_least_the_text_towers_weig
         peak_step_memory(cfg, "siglip", 4, 64)
 
 
-def test_flops_command_prints_both_modes(capsys):
+def test_flops_command_prints_both_modes(capsys, tmp_path):
     assert main(["flops", *TINY, "--epochs", "inf", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [row["mode"] for row in result["flops"]] == ["lift", "clip"] and result["memory"] == []
@@ -222,6 +222,13 @@ def test_flops_command_prints_both_modes(capsys):
     assert "text_tower GFLOPs" in table and "peak GiB (batch 2)" in table and "LIFT saves" in table
     assert main(["flops", *TINY, "--epochs", "0"]) == 2
     assert "--epochs 0" in capsys.readouterr().err
+
+    config = tmp_path / "run.yaml"  # a config file, then overrides on top
+    config.write_text("model:\n  name: vit_tiny_patch16\n  depth: 2\n  text_layers: 1\ndata:\n  image_size: 32\n")
+    assert main(["flops", "--config", str(config), "train.batch_size=4", "--global-batch", "6", "--json"]) == 0
+    lift, clip = json.loads(capsys.readouterr().out)["flops"]
+    assert lift["global_batch"] == 6 and lift["per_step"] == 6 * lift["per_sample"]
+    assert clip["text_tower"] == text_tower_flops_per_caption(TextSpec(512, 1, 8, 77, 30522), 384)["train"]
 
 
 def test_train_refuses_the_text_tower_until_it_is_wired(tmp_path, capsys):
