@@ -256,7 +256,9 @@ def write_docs(results: list[dict], command: str, path: Path = DOCS) -> None:
         f"`{command}`. Goals for these memory-bound kernels: no spills, >= {MIN_WARPS_PER_SM} resident "
         f"warps per SM by registers, {SLAB_LOAD_BITS}-bit loads of the float32 slab. warps/SM: by registers "
         "(65536 per SM, 256-register units per warp) and shared memory, whole blocks, at most 64; widest "
-        "LDG/STG in bits from `cuobjdump -sass`; FP32/MUFU/SHFL/INT: instruction counts of the SASS.",
+        "LDG/STG in bits from `cuobjdump -sass`; LDG.128: 128-bit global loads per thread (the float32 tile "
+        "takes tile / (threads x 4) of them: 4 for 32x64, 2 for 16x64, at 4 warps); FP32/MUFU/SHFL/INT: "
+        "instruction counts of the SASS. \"odd sizes\": nothing specialised as 16-divisible.",
         "",
         format_table(results),
         MARK_END,
