@@ -14,12 +14,10 @@ reduction of float32 statistics into one number, not a GEMM of the features.
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from two_ranks import fork_ranks
 
 from lift_fast.config import load_config
 from lift_fast.train import distributed
@@ -93,16 +91,7 @@ def test_fp32_precision_runs_float32():
 
 # -- FSDP: 2 gloo ranks through train(), the second step profiled ---------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, overrides: list[str], data, store, out, param_dtype: bool) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), LIFT_FAST_KERNELS="torch")
-    torch.set_num_threads(1)
+def _rank_main(rank: int, overrides: list[str], data, store, out, param_dtype: bool) -> None:
     if param_dtype:  # FSDP2 gathers bf16 weights and autocast is off, as on CUDA
         distributed.sharded_param_dtype = lambda parallel, ctx, precision: precision
     step, calls = loop_module._train_step, []
@@ -129,8 +118,7 @@ def test_every_gemm_of_a_bf16_fsdp_step_is_bf16(synth_data, stores, tmp_path, pa
     overrides = ["data.image_size=32", "model.depth=1", "model.head_hidden=13", "train.batch_size=8", "train.steps=2",
                  "train.precision=bf16", "train.parallel=fsdp", "train.log_every=1", "train.checkpoint_every=0",
                  "train.tensorboard=false", "data.num_workers=0"]
-    mp.start_processes(_rank_main, args=(_free_port(), overrides, synth_data / "train", stores / "train", tmp_path,
-                                         param_dtype), nprocs=2, join=True, start_method="fork")
+    fork_ranks(_rank_main, overrides, synth_data / "train", stores / "train", tmp_path, param_dtype)
     for rank in range(2):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert seen["sharded"] and seen["wrong"] == []

@@ -1,22 +1,25 @@
 """No host sync in a train step that is not logged: torch's profiler counts the
 `aten::_local_scalar_dense` calls (.item(), float(), bool() of a tensor) of whole steps (forward,
 loss, backward, clipping, the non-finite check, the update, the logit-scale clamp, the ranks'
-agreement), outside the loader. The logged step's read-back is one copy, done by the loop.
+agreement), outside the loader, in one process and as two gloo ranks (ddp and fsdp). The logged
+step's read-back is one copy, done by the loop.
 
 LIFT_FAST_KERNELS=torch: the plain-torch loss path, the one CPU runs (the Triton kernels are
 counted on CUDA by bench/gpu_checks/train.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from two_ranks import fork_ranks
 
 from lift_fast.config import load_config
 from lift_fast.train import loop as loop_module
 from lift_fast.train.distributed import Distributed
-from lift_fast.train.loop import Progress
+from lift_fast.train.loop import Progress, train
 from lift_fast.train.step_profile import host_syncs, profile_steps, synthetic_parts
 
 TINY = ["data.image_size=32", "model.depth=1", "model.head_hidden=24", "train.batch_size=6", "train.warmup_steps=1",
@@ -73,3 +76,40 @@ def test_nonfinite_steps_are_skipped_and_counted_on_the_device():
     assert numbers["nonfinite"] == 3 and numbers["in_a_row"] == 3 and numbers["first_nonfinite"] == 1
     assert all(not torch.any(state["step"]) for state in parts.optimizer.state.values())
     assert all(torch.isfinite(param).all() for param in parts.model.parameters())
+
+
+SEEN_OPS = ("aten::mm", "aten::_fused_adamw_", "c10d::allreduce_")
+
+
+def _rank_main(rank: int, overrides: list[str], data, store, out) -> None:
+    step, calls = loop_module._train_step, []
+
+    def profiled(cfg, ctx, parts, progress, *args, read_now=True, **kwargs):
+        calls.append(read_now)
+        if len(calls) not in (2, 3):
+            return step(cfg, ctx, parts, progress, *args, read_now=read_now, **kwargs)
+        with torch.profiler.profile() as prof:
+            stop = step(cfg, ctx, parts, progress, *args, read_now=read_now, **kwargs)
+        seen = json.loads(path.read_text()) if (path := out / f"rank{rank}.json").exists() else []
+        events = prof.events()
+        path.write_text(json.dumps(seen + [{"read_now": read_now, "syncs": host_syncs(events, device="cpu"),
+                                            "ran": sorted({e.name for e in events if e.name in SEEN_OPS})}]))
+        return stop
+
+    loop_module._train_step = profiled  # in the forked child only
+    train(load_config(overrides=overrides), data, store, out / "run", progress=False)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_steps_of_two_ranks_that_are_not_logged_never_wait(synth_data, stores, tmp_path, parallel):
+    """The distributed step too: the loss all-reduce, the stop flag and skip count copied to the host
+    and read a step later, FSDP's global gradient norm: no host read in steps 2 and 3 (not logged)."""
+    overrides = ["data.image_size=32", "model.depth=1", "model.head_hidden=13", "train.batch_size=8", "train.steps=4",
+                 "train.log_every=4", "train.checkpoint_every=0", "train.tensorboard=false", "data.num_workers=0",
+                 f"train.parallel={parallel}"]
+    fork_ranks(_rank_main, overrides, synth_data / "train", stores / "train", tmp_path)
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # the profile saw the step: its GEMMs, the update and a collective (the loss all-reduce, FSDP's own)
+        assert [(entry["read_now"], entry["syncs"]) for entry in seen] == [(False, [])] * 2
+        assert all(set(entry["ran"]) >= {"aten::mm", "aten::_fused_adamw_", "c10d::allreduce_"} for entry in seen), seen
