@@ -51,6 +51,9 @@ def gemm_dtypes(events: Iterable) -> list[tuple[str, tuple[str, ...], tuple]]:
     found = []
     for event in events:
         if event.name in GEMM_OPS and not _calls_a_gemm(event):
+            if getattr(event, "input_dtypes", None) is None:
+                raise RuntimeError(f"torch {torch.__version__}'s profiler gives no input dtypes (FunctionEvent."
+                                   "input_dtypes); record with record_shapes=True, on a torch that has them")
             tensors = [index for index, dtype in enumerate(event.input_dtypes) if dtype in FLOAT_DTYPES]
             if "attention" in event.name:  # q, k, v, out, grad_out [B, H, N, Dh]; not the float32 logsumexp [B, H, N]
                 tensors = [index for index in tensors if len(event.input_shapes[index]) == 4]
