@@ -113,3 +113,31 @@ def test_steps_of_two_ranks_that_are_not_logged_never_wait(synth_data, stores, t
         # the profile saw the step: its GEMMs, the update and a collective (the loss all-reduce, FSDP's own)
         assert [(entry["read_now"], entry["syncs"]) for entry in seen] == [(False, [])] * 2
         assert all(set(entry["ran"]) >= {"aten::mm", "aten::_fused_adamw_", "c10d::allreduce_"} for entry in seen), seen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_step_tally_counts_exactly_as_a_host_loop_would(seed):
+    """StepTally against the host bookkeeping it replaces, over random runs of NaN/inf losses and
+    norms with read-backs at random steps: the same counts, first bad step and limit step."""
+    from lift_fast.train.metrics import StepTally
+
+    generator = torch.Generator().manual_seed(seed)
+    limit = 3
+    tally = StepTally(torch.device("cpu"), limit, nonfinite=5)  # resumed with 5 already counted
+    nonfinite, in_a_row, first, limit_step = 5, 0, 0, 0
+    for step in range(1, 60):
+        kind = int(torch.randint(0, 6, (), generator=generator))
+        loss = torch.tensor(math.nan if kind == 0 else math.inf if kind == 1 else 1.5)
+        norm = torch.tensor(-math.inf if kind == 2 else 0.25)
+        tally.values, found_inf = tally.updated(step, loss, norm)
+        bad = kind in (0, 1, 2)
+        assert found_inf.dtype == torch.float32 and found_inf.item() == float(bad)
+        nonfinite, in_a_row = nonfinite + bad, in_a_row + 1 if bad else 0
+        first = first or (step if bad else 0)
+        limit_step = limit_step or (step if in_a_row >= limit else 0)
+        if torch.rand((), generator=generator) < 0.3:
+            numbers, _ = tally.read()
+            assert (numbers["nonfinite"], numbers["in_a_row"], numbers["first_nonfinite"], numbers["limit_step"]) == (
+                nonfinite, in_a_row, first, limit_step)
+            first = 0  # each read reports the first bad step since the last
+    assert limit_step > 0  # the random runs reached the limit at least once
