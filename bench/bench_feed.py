@@ -16,7 +16,9 @@ Two sides, each a whole train() run, in one process:
 
 The step time is set above the feed's time per batch (measured first, synchronously): 1.5x it, at
 least 60 ms. Reported from metrics.jsonl (the logged windows after the first, which holds start-up):
-data_wait_seconds / step_seconds. Goal for the feed thread: under 5 %.
+data_wait_seconds / step_seconds. Goal for the feed thread: under 5 %. The script's runs also hold
+the GIL for 10 ms of each step (pure Python, as a step's kernel launches would) and time it: how
+much the feed thread, which needs the GIL for its Python parts, slows the step's host part.
 
     pytest --benchmark bench/bench_feed.py      # the pair (pytest-benchmark), ratios in bench/results
     python bench/bench_feed.py [ROUNDS]         # both sides ROUNDS times, interleaved, and a table
@@ -40,6 +42,7 @@ IMAGES, BATCH, SIZE, THREADS, STEPS, LOG_EVERY = 1024, 64, 64, 2, 40, 5
 WIDTH, HEIGHT = 500, 375
 SIDES = {"baseline": 0, "feed_thread": 2}  # side -> build_loader prefetch
 GOAL = 0.05
+LAUNCH_S = 0.01  # the script's stand-in step also holds the GIL this long (a step's kernel launches)
 
 
 def write_set(folder: Path) -> tuple[Path, Path]:
@@ -65,10 +68,27 @@ def feed_seconds_per_batch(data: Path, store: Path, batches: int = 8) -> float:
     return seconds
 
 
+def python_work(iterations: int) -> None:
+    """Pure Python that holds the GIL throughout: a stand-in for a step's kernel launches."""
+    total = 0
+    for i in range(iterations):
+        total += i * i
+    return total
+
+
+def launch_iterations(seconds: float = 0.01) -> int:
+    """How many python_work iterations take `seconds` on this machine, with no feed running."""
+    began = time.perf_counter()
+    python_work(200_000)
+    return int(200_000 * seconds / (time.perf_counter() - began))
+
+
 @contextlib.contextmanager
-def stand_in_step(step_s: float, prefetch: int):
+def stand_in_step(step_s: float, prefetch: int, launches: int, host_seconds: list[float]):
     """Patch lift_fast.train.loop for one run: its loader built with `prefetch`, and its step the
-    trainer's own on 2 samples of the batch, then a sleep (the GIL released) up to `step_s`."""
+    trainer's own on 2 samples of the batch, `launches` iterations of GIL-holding Python (timed into
+    `host_seconds`: how much the feed thread slows the step's host part), then a sleep (the GIL
+    released) up to `step_s`."""
     from lift_fast.train import loop
 
     real_step, real_build = loop._train_step, loop.build_loader
@@ -78,6 +98,9 @@ def stand_in_step(step_s: float, prefetch: int):
         few = {**batch, "images": batch["images"][:2], "text_embeddings": batch["text_embeddings"][:2],
                "keys": batch["keys"][:2]}
         result = real_step(cfg, ctx, parts, progress, few, *args, **kwargs)
+        launched = time.perf_counter()
+        python_work(launches)
+        host_seconds.append(time.perf_counter() - launched)
         time.sleep(max(0.0, step_s - (time.perf_counter() - start)))  # the device's share of the step
         return result
 
@@ -91,9 +114,10 @@ def stand_in_step(step_s: float, prefetch: int):
         loop._train_step, loop.build_loader = real_step, real_build
 
 
-def run(data: Path, store: Path, run_dir: Path, prefetch: int, step_s: float) -> dict:
+def run(data: Path, store: Path, run_dir: Path, prefetch: int, step_s: float, launches: int = 0) -> dict:
     """One train() run; returns the means over its logged windows after the first: step_seconds,
-    data_wait_seconds, and their ratio data_wait_share."""
+    data_wait_seconds, and their ratio data_wait_share; and launch_seconds, the mean time of the
+    step's GIL-holding part (`launches` iterations) after the first 5 steps."""
     from image_shards import ENCODER
 
     from lift_fast.config import load_config
@@ -104,12 +128,15 @@ def run(data: Path, store: Path, run_dir: Path, prefetch: int, step_s: float) ->
         f"data.num_workers={THREADS}", f"train.batch_size={BATCH}", f"train.steps={STEPS}",
         f"train.log_every={LOG_EVERY}", "train.checkpoint_every=0", "train.tensorboard=false", "train.threads=1",
         "train.precision=fp32", "train.compile=off", f"embed.model={ENCODER}"])
-    with stand_in_step(step_s, prefetch):
+    host_seconds: list[float] = []
+    with stand_in_step(step_s, prefetch, launches, host_seconds):
         train(cfg, data, store, run_dir, progress=False)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     step = sum(r["step_seconds"] for r in records) / len(records)
     wait = sum(r["data_wait_seconds"] for r in records) / len(records)
-    return {"step_seconds": step, "data_wait_seconds": wait, "data_wait_share": wait / step}
+    steady = host_seconds[LOG_EVERY:]
+    return {"step_seconds": step, "data_wait_seconds": wait, "data_wait_share": wait / step,
+            "launch_seconds": sum(steady) / len(steady)}
 
 
 def step_time(feed_s: float) -> float:
@@ -161,16 +188,19 @@ def main(rounds: int) -> None:
         data, store = write_set(Path(tmp))
         feed_s = feed_seconds_per_batch(data, store)
         step_s = step_time(feed_s)
-        print(f"synchronous feed: {feed_s * 1e3:.1f} ms a batch of {BATCH}; stand-in step {step_s * 1e3:.0f} ms; "
-              f"{STEPS} steps a run, windows of {LOG_EVERY} after the first", flush=True)
-        print(f"{'round':>5}  {'side':<12} {'step ms':>8} {'data wait ms':>13} {'wait / step':>12}")
+        launches = launch_iterations(LAUNCH_S)
+        print(f"synchronous feed: {feed_s * 1e3:.1f} ms a batch of {BATCH}; stand-in step {step_s * 1e3:.0f} ms with "
+              f"{LAUNCH_S * 1e3:.0f} ms of GIL-holding Python (measured alone); {STEPS} steps a run, windows of "
+              f"{LOG_EVERY} after the first", flush=True)
+        print(f"{'round':>5}  {'side':<12} {'step ms':>8} {'data wait ms':>13} {'wait / step':>12} {'launch ms':>10}")
         shares: dict[str, list[float]] = {side: [] for side in SIDES}
         for number in range(rounds):
             for side, prefetch in SIDES.items():
-                result = run(data, store, Path(tmp) / f"run-{side}-{number}", prefetch, step_s)
+                result = run(data, store, Path(tmp) / f"run-{side}-{number}", prefetch, step_s, launches)
                 shares[side].append(result["data_wait_share"])
                 print(f"{number:>5}  {side:<12} {result['step_seconds'] * 1e3:>8.1f} "
-                      f"{result['data_wait_seconds'] * 1e3:>13.2f} {result['data_wait_share']:>11.1%}", flush=True)
+                      f"{result['data_wait_seconds'] * 1e3:>13.2f} {result['data_wait_share']:>11.1%} "
+                      f"{result['launch_seconds'] * 1e3:>10.1f}", flush=True)
         for side, values in shares.items():
             print(f"{side}: data wait {min(values):.1%}..{max(values):.1%} of the step (mean {sum(values) / len(values):.1%})")
         print(json.dumps(machine_info()))

@@ -10,8 +10,8 @@ The feed runs ahead of the training step (BatchesAhead): the thread drives the w
 and hands finished batches over through a queue of `prefetch` batches, so the step's wait for data
 is a queue read while the next batches are prepared. The GIL is shared, but the thread's heavy parts
 (pread, numpy, DALI's own threads, torch's resize) release it, and so does a step waiting for the
-GPU. prefetch=0 runs the same generator on the calling thread, in step with it (today's behaviour
-before the feed thread; the benchmark's baseline). Either way the batches, their order and their
+GPU. prefetch=0 runs the same generator on the calling thread, in step with it (the feed as it was
+before the thread, and the benchmark's baseline). Either way the batches, their order and their
 errors are the same: an error comes out of next() after every batch before it.
 
 A sample DALI cannot decode is an error naming shard and key, or with on_error="skip" a counted
@@ -221,7 +221,9 @@ class BatchesAhead:
                 return
 
     def __del__(self):
-        self.close()
+        thread = getattr(self, "_thread", None)  # None: __init__ raised before it made one
+        if thread is not None and thread.is_alive():  # a stopped feed needs nothing, even late at exit
+            self.close()
 
 
 def _produce(source: Iterator, items: queue.Queue, stop: threading.Event, device: torch.device | None) -> None:
