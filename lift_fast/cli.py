@@ -1,4 +1,4 @@
-"""The `lift-fast` command: synth, index, embed, train, eval, export and demo.
+"""The `lift-fast` command: synth, index, embed, train, eval, export, flops and demo.
 
 Every command that reads settings takes `--config FILE` (YAML or TOML) and dotted overrides
 (`train.steps=200 model.name=vit_tiny_patch16`) after its options; see `lift-fast config` for
@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the newest)")
     _settings(p)  # on top of the run's config.yaml; only eval.* and data loading settings may differ
 
+    p = command("export", "write a run's image tower for timm, open_clip or lift_fast.load_image_encoder "
+                "(with lift_export.json: checkpoint step, config, store manifest)")
+    p.add_argument("--run", type=Path, required=True, help="run folder")
+    p.add_argument("--out", type=Path, required=True, help="new (or empty) folder for the export")
+    p.add_argument("--format", required=True, choices=("timm", "open_clip", "lift"), help="layout of the export")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the newest)")
+    p.add_argument("--embeddings", type=Path, default=None,
+                   help="the run's training store, whose manifest is recorded as the encoder identity")
+
     p = command("flops", "FLOPs per sample and per step, LIFT vs CLIP, of a config (and, with --memory-batch, "
                 "peak memory per step measured here)")
     p.add_argument("--global-batch", type=_at_least(1), default=None, help="samples per step (default train.batch_size)")
@@ -116,15 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="for --memory-batch: cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     _settings(p)
-
-    p = command("export", "write a run's image tower for timm, open_clip or lift_fast.load_image_encoder "
-                "(with lift_export.json: checkpoint step, config, store manifest)")
-    p.add_argument("--run", type=Path, required=True, help="run folder")
-    p.add_argument("--out", type=Path, required=True, help="new (or empty) folder for the export")
-    p.add_argument("--format", required=True, choices=("timm", "open_clip", "lift"), help="layout of the export")
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the newest)")
-    p.add_argument("--embeddings", type=Path, default=None,
-                   help="the run's training store, whose manifest is recorded as the encoder identity")
 
     p = command("demo", "synth -> embed -> train -> eval on this machine, with a report")
     p.add_argument("--out", type=Path, required=True, help="folder for data, store, run and report")
@@ -179,16 +179,16 @@ def run_command(args) -> None:
         tasks = (load_task_file(args.tasks) if args.tasks else []) + [parse_task(text) for text in args.task]
         print(json.dumps(evaluate(args.run, args.data, args.embeddings, tasks=tasks, config_path=args.config,
                                   overrides=args.overrides, checkpoint=args.checkpoint, progress=progress)))
-    elif args.command == "flops":
-        from lift_fast.flops import run_flops
-
-        run_flops(_load(args), global_batch=args.global_batch, epochs=args.epochs, memory_batch=args.memory_batch,
-                  device=args.device or ("cuda" if _cuda() else "cpu"), as_json=args.json)
     elif args.command == "export":
         from lift_fast.export import export_run
 
         record = export_run(args.run, args.out, args.format, checkpoint=args.checkpoint, embeddings=args.embeddings)
         print(json.dumps({key: record[key] for key in ("format", "checkpoint", "checkpoint_step", "files")}))
+    elif args.command == "flops":
+        from lift_fast.flops import run_flops
+
+        run_flops(_load(args), global_batch=args.global_batch, epochs=args.epochs, memory_batch=args.memory_batch,
+                  device=args.device or ("cuda" if _cuda() else "cpu"), as_json=args.json)
     elif args.command == "demo":
         from lift_fast.demo import run_demo
 

@@ -255,7 +255,7 @@ def _store_record(run_dir: Path, cfg: Config, embeddings: str | Path | None) -> 
     is the manifest's, or the run's embed settings when neither is there."""
     manifest = None
     if embeddings is not None:
-        from lift_fast.train.loop import check_store  # the trainer's own check of a store against a config
+        from lift_fast.train.store_check import check_store  # the trainer's own check of a store against a config
 
         manifest = check_store(embeddings, cfg)
     elif (run_dir / "store_manifest.json").is_file():

@@ -162,7 +162,13 @@ def test_export_command_records_the_run(synth_data, stores, tmp_path, capsys):
     assert record["store_manifest"] == read_manifest(stores / "train")
     assert record["encoder"]["weights_sha256"] == read_manifest(stores / "train")["encoder"]["weights_sha256"]
     assert record["preprocess"]["image_size"] == 32 and record["text_dim"] == TEXT_DIM
-    # without the store, the run's embed settings are the identity recorded
+    # without --embeddings, the manifest training left in the run folder is the one recorded
+    assert json.loads((run / "store_manifest.json").read_text()) == read_manifest(stores / "train")
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "from_run"), "--format", "timm"]) == 0
+    from_run = json.loads((tmp_path / "from_run" / "lift_export.json").read_text())
+    assert from_run["store_manifest"] == read_manifest(stores / "train")
+    # without either, the run's embed settings are the identity recorded
+    (run / "store_manifest.json").unlink()
     assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "bare"), "--format", "timm"]) == 0
     bare = json.loads((tmp_path / "bare" / "lift_export.json").read_text())
     assert bare["store_manifest"] is None and bare["encoder"]["model"] == load_config(run / "config.yaml").embed.model

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lift_fast.atomic import write_json
 from lift_fast.config import (
     Config,
     ConfigError,
@@ -314,6 +315,8 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        # the store the run trains on, as checked: export and the CLIP_benchmark adapter name the encoder from it
+        write_json(run_dir / "store_manifest.json", manifest)
         run_log = RunLog(run_dir, progress.step, tensorboard=cfg.train.tensorboard)
     distributed.barrier(ctx)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lift_fast.atomic import write_text
 from lift_fast.train import RunFolderError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int):
         if path.exists():
             kept = self._records_up_to(path, resume_step) if resume_step > 0 else []
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            # atomically: a crash here must not leave the run with no loss history at all
+            write_text(path, "".join(line + "\n" for line in kept))
         self.file = path.open("a", encoding="utf-8")
 
     @staticmethod
