@@ -267,6 +267,10 @@ def test_fused_projection_checks_shapes_and_loss_name():
         fused_projection_clip_loss(image_hidden, weight, bias[:15], text, 10.0)
     with pytest.raises(ValueError, match=r"text_features \(7, 15\)"):
         fused_projection_clip_loss(image_hidden, weight, bias, text[:, :15], 10.0)
+    with pytest.raises(ValueError, match=r"rank=2, world_size=2"):
+        fused_projection_clip_loss(image_hidden, weight, bias, text, 10.0, rank=2, world_size=2)
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        fused_projection_clip_loss(image_hidden, weight, bias, text, 10.0, rank=0, world_size=2)
 
 
 # --- input checks ----------------------------------------------------------------------------------
