@@ -62,7 +62,7 @@ def loss_implementation(device: torch.device | str = "cpu") -> str:
     if choice == "torch":
         return "torch"
     chosen = "triton" if on_cuda and slab_ops.triton is not None else "torch"
-    if not _logged_auto_choice:
+    if not _logged_auto_choice and not torch.compiler.is_compiling():  # logging inside a traced graph breaks it
         logger.info("%s=auto: %s contrastive loss on %s", KERNELS_ENV_VAR,
                     "Triton" if chosen == "triton" else "plain-torch chunked", torch.device(device).type)
         _logged_auto_choice = True

@@ -276,7 +276,7 @@ def contract_losses() -> dict[str, Callable]:
     }
 
 
-@gpu_check("loss_dtypes_syncs", est_seconds=CONTRACT_EST_S)
+@gpu_check("loss_dtypes_syncs", est_seconds=CONTRACT_EST_S, proof=True)
 def loss_dtypes_syncs(ctx: Context) -> list[Row]:
     """Before the timings (registered first of this module): every public loss, fp32 features under
     bf16 autocast and bf16 features without, runs every GEMM of forward and backward in bf16 and
