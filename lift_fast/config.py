@@ -50,6 +50,8 @@ class DataConfig:
     shuffle_window: int = _field(32, "shards whose samples are mixed together in the training stream (memory: "
                                  "one permutation of their samples)", min=1)
     on_error: str = _field("error", "bad sample (corrupt image, no embedding): error or counted skip", choices=("error", "skip"))
+    prefetch: int = _field(2, "DALI loader: batches prepared ahead on a feed thread (0: in the training step, "
+                           "as the synchronous baseline)", min=0)
 
 
 @dataclass

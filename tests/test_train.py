@@ -667,3 +667,18 @@ def test_metrics_report_achieved_tflops_and_mfu_when_the_peak_is_given(synth_dat
     assert last["tflops"] == pytest.approx(last["samples_per_second"] * per_sample / 1e12)
     assert last["mfu"] == pytest.approx(last["tflops"] / 2.0)
     assert "peak_memory_gib" not in last  # CUDA only
+
+
+def test_data_prefetch_reaches_the_loader(synth_data, stores, tmp_path, monkeypatch):
+    """data.prefetch is the DALI feed thread's depth (0: the synchronous feed) that build_loader gets."""
+    asked = []
+
+    def recording_build_loader(*args, **kwargs):
+        asked.append(kwargs["prefetch"])
+        return build(*args, **kwargs)
+
+    build = loop_module.build_loader
+    monkeypatch.setattr(loop_module, "build_loader", recording_build_loader)
+    train(tiny_config("train.steps=1", "train.checkpoint_every=0", "data.prefetch=0"), synth_data / "train",
+          stores / "train", tmp_path / "run", progress=False)
+    assert asked == [0]

@@ -68,8 +68,8 @@ log = logging.getLogger(__name__)
 # the run a different one than its config.yaml says. train.schedule_steps: a deliberate re-stretch of
 # the cosine (optim.resumed_schedule).
 RESUME_SETTINGS = ("train.steps", "train.schedule_steps", "train.log_every", "train.checkpoint_every",
-                   "train.keep_checkpoints", "train.threads", "data.num_workers", "data.backend", "train.precision",
-                   "train.compile", "train.tensorboard", "train.max_nonfinite", "train.parallel")
+                   "train.keep_checkpoints", "train.threads", "data.num_workers", "data.prefetch", "data.backend",
+                   "train.precision", "train.compile", "train.tensorboard", "train.max_nonfinite", "train.parallel")
 
 # Signals that stop training after the current step, saving it: SIGTERM (preemption, scancel, the
 # end of a SLURM time limit) and SIGUSR1 (SLURM's --signal=USR1@SECONDS warning ahead of it).
@@ -294,7 +294,7 @@ def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: di
                           rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
                           crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, shuffle_window=cfg.data.shuffle_window,
                           start_step=progress.step, on_error=cfg.data.on_error, pin_memory=device.type == "cuda",
-                          worker_init_fn=_ignore_stop_signals,
+                          worker_init_fn=_ignore_stop_signals, prefetch=cfg.data.prefetch,
                           # DALI on a GPU hands over images in the compute dtype: half the copy and no cast
                           dtype=precision if precision is not None and device.type == "cuda" else torch.float32)
     _check_batch_size(cfg, loader)
