@@ -124,6 +124,17 @@ def load_image_encoder(path: str | Path, *, checkpoint: str | Path | None = None
     return build_from_weights(cfg, folder), EvalTransform(cfg.data.image_size)
 
 
+def lift_export_record(path: str | Path) -> dict:
+    """The lift_export.json of the lift export in folder `path` (checkpoint, step, config, store manifest,
+    preprocessing). Raises RunFolderError for a timm or open_clip export (their weights load with those
+    libraries), FileNotFoundError when there is no lift_export.json."""
+    record = json.loads((Path(path) / PROVENANCE).read_text(encoding="utf-8"))
+    if record.get("format") != "lift":
+        raise RunFolderError(f"{Path(path) / PROVENANCE}: a {record.get('format')!r} export; lift-fast reads --format "
+                             "lift exports here (timm and open_clip exports load with those libraries)")
+    return record
+
+
 def export_config(path: str | Path) -> Config:
     """The resolved config a lift export (from its lift_export.json) or a run folder (config.yaml) was
     trained with: cfg.embed is the frozen text encoder to embed class names and captions with
@@ -131,10 +142,7 @@ def export_config(path: str | Path) -> Config:
     RunFolderError for a timm or open_clip export (their weights load with those libraries)."""
     path = Path(path)
     if (path / PROVENANCE).is_file():
-        record = json.loads((path / PROVENANCE).read_text(encoding="utf-8"))
-        if record.get("format") != "lift":
-            raise RunFolderError(f"{path / PROVENANCE}: a {record.get('format')!r} export; load_image_encoder reads "
-                                 "--format lift exports (timm and open_clip exports load with those libraries)")
+        record = lift_export_record(path)
         return load_config(overrides={f"{section}.{name}": value for section, fields in record["config"].items()
                                       for name, value in fields.items()})
     if (path / "config.yaml").is_file():

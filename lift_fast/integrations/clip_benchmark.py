@@ -30,6 +30,7 @@ from torch import nn
 from lift_fast.config import Config, load_config
 from lift_fast.embed import check_manifest
 from lift_fast.eval.model import EvalModel, load_run_model, preprocess
+from lift_fast.export import PROVENANCE, export_config, lift_export_record
 from lift_fast.train.checkpoint import PATTERN
 
 MODEL_TYPE = "lift_fast"
@@ -89,28 +90,20 @@ class LiftClipModel(nn.Module):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
 
 
-EXPORT_RECORD = "lift_export.json"  # lift_fast.export.PROVENANCE
-
-
 def resolve_pretrained(pretrained: str | Path) -> tuple[Path, Config, Path | None, dict | None]:
     """(run or export folder, its config, the checkpoint folder or None for the newest, the store
     manifest it records or None) of a run folder, a checkpoint folder of one, or a lift export.
-    Raises FileNotFoundError for anything else, naming what was looked for."""
+    Raises FileNotFoundError for anything else, naming what was looked for, and RunFolderError for a timm
+    or open_clip export."""
     path = Path(pretrained)
-    if (path / EXPORT_RECORD).is_file():
-        record = json.loads((path / EXPORT_RECORD).read_text(encoding="utf-8"))
-        if record.get("format") != "lift":
-            raise FileNotFoundError(f"--pretrained {path}: a {record.get('format')!r} export; clip_benchmark reads "
-                                    "lift-fast's own (`lift-fast export --format lift`), with the head")
-        cfg = load_config(overrides={f"{section}.{name}": value for section, fields in record["config"].items()
-                                     for name, value in fields.items()})
-        return path, cfg, path, record.get("store_manifest")
+    if (path / PROVENANCE).is_file():
+        return path, export_config(path), path, lift_export_record(path).get("store_manifest")
     run_dir, checkpoint = path, None
     if PATTERN.fullmatch(path.name) and path.parent.name == "checkpoints":
         run_dir, checkpoint = path.parent.parent, path
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"--pretrained {path}: not a lift-fast run folder (config.yaml), a checkpoint folder "
-                                f"RUN/checkpoints/step_N, nor a lift export ({EXPORT_RECORD})")
+                                f"RUN/checkpoints/step_N, nor a lift export ({PROVENANCE})")
     manifest_file = run_dir / "store_manifest.json"
     manifest = json.loads(manifest_file.read_text(encoding="utf-8")) if manifest_file.is_file() else None
     return run_dir, load_config(run_dir / "config.yaml"), checkpoint, manifest
