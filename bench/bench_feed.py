@@ -85,13 +85,14 @@ def launch_iterations(seconds: float = 0.01) -> int:
 
 @contextlib.contextmanager
 def stand_in_step(step_s: float, prefetch: int, launches: int, host_seconds: list[float]):
-    """Patch lift_fast.train.loop for one run: its loader built with `prefetch`, and its step the
+    """Patch lift_fast.train.loop and train.build for one run: its loader built with `prefetch`, and its step the
     trainer's own on 2 samples of the batch, `launches` iterations of GIL-holding Python (timed into
     `host_seconds`: how much the feed thread slows the step's host part), then a sleep (the GIL
     released) up to `step_s`."""
+    from lift_fast.train import build as parts
     from lift_fast.train import loop
 
-    real_step, real_build = loop._train_step, loop.build_loader
+    real_step, real_build = loop._train_step, parts.build_loader
 
     def step(cfg, ctx, parts, progress, batch, *args, **kwargs):
         start = time.perf_counter()
@@ -107,11 +108,11 @@ def stand_in_step(step_s: float, prefetch: int, launches: int, host_seconds: lis
     def build(*args, **kwargs):
         return real_build(*args, **{**kwargs, "prefetch": prefetch})
 
-    loop._train_step, loop.build_loader = step, build
+    loop._train_step, parts.build_loader = step, build
     try:
         yield
     finally:
-        loop._train_step, loop.build_loader = real_step, real_build
+        loop._train_step, parts.build_loader = real_step, real_build
 
 
 def run(data: Path, store: Path, run_dir: Path, prefetch: int, step_s: float, launches: int = 0) -> dict:

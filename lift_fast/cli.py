@@ -167,10 +167,6 @@ def run_command(args) -> None:
         from lift_fast.train.loop import run_config, train
 
         cfg = run_config(args.run, args.resume, args.config, args.overrides)  # the saved one when resuming
-        if cfg.model.text_tower != "frozen":  # until the loop, loader and eval take the text tower (issue 12)
-            raise ConfigError("model.text_tower=transformer (the CLIP baseline) cannot be trained yet: the text "
-                              "tower (lift_fast/models/text_tower.py) and `lift-fast flops` exist, the training loop "
-                              "does not use them; use model.text_tower=frozen")
         print(json.dumps(train(cfg, args.data, args.embeddings, args.run, resume=args.resume, progress=progress)))
     elif args.command == "eval":
         from lift_fast.eval.run import evaluate

@@ -23,6 +23,7 @@ from lift_fast.embed import StoreMismatchError
 from lift_fast.embed.encoder import resolve_model
 from lift_fast.models.vit import build_model
 from lift_fast.train import NonFiniteLossError, RunFolderError
+from lift_fast.train import build as build_module
 from lift_fast.train import checkpoint as checkpoint_module
 from lift_fast.train import device as device_module
 from lift_fast.train import loop as loop_module
@@ -281,7 +282,7 @@ def test_sigterm_then_resume_continues_the_exact_loss_curve(synth_data, stores, 
 def test_interrupt_during_the_update_keeps_the_last_checkpoint(synth_data, stores, tmp_path, monkeypatch):
     """Weights half way through optimizer.step are not saved: the newest checkpoint stays the answer."""
     run = tmp_path / "run"
-    build = loop_module.build_optimizer
+    build = build_module.build_optimizer
     updates = []
 
     def interrupted_in_third_update(optimizer, args, kwargs):
@@ -294,7 +295,7 @@ def test_interrupt_during_the_update_keeps_the_last_checkpoint(synth_data, store
         optimizer.register_step_post_hook(interrupted_in_third_update)
         return optimizer
 
-    monkeypatch.setattr(loop_module, "build_optimizer", optimizer_with_hook)
+    monkeypatch.setattr(build_module, "build_optimizer", optimizer_with_hook)
     with pytest.raises(TrainingInterrupted) as err:
         train(tiny_config("train.steps=6", "train.checkpoint_every=2"), synth_data / "train", stores / "train", run,
               progress=False)
@@ -490,7 +491,7 @@ def nan_loss_at(monkeypatch, steps, snapshots: dict | None = None) -> None:
     with {step: copies of the head's first weight} as it is when each step's loss is computed."""
     loss = loop_module.contrastive_loss
     calls = []
-    build = loop_module.build_optimizer
+    build = build_module.build_optimizer
 
     def optimizer_kept(model, train_cfg):
         calls.append(model)
@@ -504,7 +505,7 @@ def nan_loss_at(monkeypatch, steps, snapshots: dict | None = None) -> None:
         value = loss(*args)
         return value * float("nan") if step in steps else value
 
-    monkeypatch.setattr(loop_module, "build_optimizer", optimizer_kept)
+    monkeypatch.setattr(build_module, "build_optimizer", optimizer_kept)
     monkeypatch.setattr(loop_module, "contrastive_loss", wrapped)
 
 
@@ -677,8 +678,8 @@ def test_data_prefetch_reaches_the_loader(synth_data, stores, tmp_path, monkeypa
         asked.append(kwargs["prefetch"])
         return build(*args, **kwargs)
 
-    build = loop_module.build_loader
-    monkeypatch.setattr(loop_module, "build_loader", recording_build_loader)
+    build = build_module.build_loader
+    monkeypatch.setattr(build_module, "build_loader", recording_build_loader)
     train(tiny_config("train.steps=1", "train.checkpoint_every=0", "data.prefetch=0"), synth_data / "train",
           stores / "train", tmp_path / "run", progress=False)
     assert asked == [0]

@@ -161,7 +161,7 @@ class DaliImageTextBatches:
                  "keys": [s[3].key for s in pending.samples], "skipped": pending.skipped}
         if pending.step is not None:
             batch["step"] = pending.step
-        return batch
+        return self.batches.with_tokens(batch, [s[3].caption for s in pending.samples])  # CLIP mode's token ids
 
 
 _END = object()  # the feed thread's last queue entry after the source's last batch

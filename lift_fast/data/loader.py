@@ -4,6 +4,7 @@ Every batch is a dict:
     images           [B, 3, H, W] float32, normalised with OpenAI CLIP's mean/std
     text_embeddings  [B, D] float32, the store rows of exactly these samples
     keys             list[str], the samples' keys in batch order
+    tokens           [B, context] int64, the captions' token ids (only with a tokenizer: the CLIP baseline)
     skipped          int, samples that could not be used (on_error="skip") since the previous batch
     step             int, the training step the batch is for (train split)
 
@@ -64,8 +65,9 @@ class ImageTextBatches(IterableDataset):
 
     def __init__(self, reader: SampleReader, stream: SampleStream, *, split: str, image_size: int, dim: int,
                  crop_scale: tuple[float, float], hflip: bool, rank: int, world_size: int, start_step: int,
-                 on_error: str):
+                 on_error: str, tokenizer: Callable[[list[str]], torch.Tensor] | None = None):
         super().__init__()
+        self.tokenizer = tokenizer  # CLIP mode: captions -> token ids, in the worker that reads them
         self.reader, self.stream, self.split = reader, stream, split
         self.image_size, self.dim, self.crop_scale, self.hflip = image_size, dim, crop_scale, hflip
         self.rank, self.world_size, self.start_step, self.on_error = rank, world_size, start_step, on_error
@@ -111,10 +113,11 @@ class ImageTextBatches(IterableDataset):
         return (raw, image, *train_view(*size, self.crop_scale, self.hflip, draws))
 
     def example(self, ref: SampleRef, train: bool, draws: np.ndarray | None = None
-                ) -> tuple[torch.Tensor, np.ndarray, str]:
-        """(image [3, S, S], embedding [D], key) of one sample; raises ShardError for a bad one."""
+                ) -> tuple[torch.Tensor, np.ndarray, str, str]:
+        """(image [3, S, S], embedding [D], key, caption) of one sample; raises ShardError for a bad one."""
         raw, image, box, flip = self.prepare(ref, train, draws)
-        return to_tensor(crop_resize(image, box, self.image_size, flip, f"{raw.where}: its image")), raw.embedding, raw.key
+        image = to_tensor(crop_resize(image, box, self.image_size, flip, f"{raw.where}: its image"))
+        return image, raw.embedding, raw.key, raw.caption
 
     def batch_draws(self, refs: list[SampleRef]) -> np.ndarray:
         """[len(refs), DRAWS]: the augmentation draws of a training batch's samples (one epoch)."""
@@ -159,13 +162,21 @@ class ImageTextBatches(IterableDataset):
         kept = [example for example in examples if example is not None]
         return {**self.collate(kept), "skipped": len(examples) - len(kept)}
 
-    def collate(self, examples: list[tuple[torch.Tensor, np.ndarray, str]]) -> dict:
+    def collate(self, examples: list[tuple[torch.Tensor, np.ndarray, str, str]]) -> dict:
         if not examples:
-            return {"images": torch.empty(0, 3, self.image_size, self.image_size),
-                    "text_embeddings": torch.empty(0, self.dim), "keys": []}
-        return {"images": torch.stack([e[0] for e in examples]),
-                "text_embeddings": torch.from_numpy(np.stack([e[1] for e in examples])),
-                "keys": [e[2] for e in examples]}
+            batch = {"images": torch.empty(0, 3, self.image_size, self.image_size),
+                     "text_embeddings": torch.empty(0, self.dim), "keys": []}
+        else:
+            batch = {"images": torch.stack([e[0] for e in examples]),
+                     "text_embeddings": torch.from_numpy(np.stack([e[1] for e in examples])),
+                     "keys": [e[2] for e in examples]}
+        return self.with_tokens(batch, [e[3] for e in examples])
+
+    def with_tokens(self, batch: dict, captions: list[str]) -> dict:
+        """batch with "tokens" [B, context] (int64) of `captions` added when the loader has a tokenizer."""
+        if self.tokenizer is not None:
+            batch["tokens"] = self.tokenizer(captions)
+        return batch
 
 
 class Loader:
@@ -216,7 +227,7 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
                  crop_scale: tuple[float, float] = (0.9, 1.0), hflip: bool = False, shuffle_window: int = 32,
                  start_step: int = 0, on_error: str = "error", pin_memory: bool = False,
                  worker_init_fn: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32,
-                 prefetch: int = 2) -> Loader:
+                 prefetch: int = 2, tokenizer: Callable[[list[str]], torch.Tensor] | None = None) -> Loader:
     """Batches of images joined with their caption embeddings (see the module docstring).
 
     data_dir: folder of `*.tar` shards (with `lift-fast index` files, or scanned at start);
@@ -228,7 +239,8 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
     CUDA device when there is one; images come out there, in `dtype`), or "auto" (DALI when it is
     usable, else PIL). Both backends give the same samples, crops and flips. prefetch: DALI backend:
     batches prepared ahead on a feed thread, overlapped with the caller's step (0: prepared on the
-    calling thread when asked for); the PIL backend's workers always run ahead.
+    calling thread when asked for); the PIL backend's workers always run ahead. tokenizer: for the
+    CLIP baseline, captions -> token ids, applied where the batch is made (batch["tokens"]).
     Raises ShardError / StoreError naming the folder, shard or key that is missing or bad (when
     iterating also for a bad sample, unless on_error="skip"), and ConfigError for a backend that
     is not available.
@@ -243,7 +255,7 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
                           shuffle=split == "train", window=shuffle_window)
     batches = ImageTextBatches(reader, stream, split=split, image_size=image_size, dim=store.dim,
                                crop_scale=crop_scale, hflip=hflip, rank=rank, world_size=world_size,
-                               start_step=start_step, on_error=on_error)
+                               start_step=start_step, on_error=on_error, tokenizer=tokenizer)
     if use_dali:
         from lift_fast.data.dali import DaliDecoder
         from lift_fast.data.dali_batches import DaliImageTextBatches

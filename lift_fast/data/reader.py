@@ -32,6 +32,7 @@ class RawSample:
     image: bytes
     embedding: np.ndarray
     where: str  # "SHARD: sample 'KEY'", for error messages
+    caption: str = ""  # the caption text (stripped): what the CLIP baseline's loader tokenises
 
 
 class SampleReader:
@@ -97,16 +98,17 @@ class SampleReader:
             raise ShardError(f"{where} has no row in the embedding store {self.store.path} (shard {shard.stem})")
         caption = self._pread(fd, index.caption_offset[ref.row], index.caption_size[ref.row], where)
         try:
-            same = caption_hash(caption.decode("utf-8").strip()) == int(self.store.caption_hashes(shard.stem)[row])
+            text = caption.decode("utf-8").strip()
+            same = caption_hash(text) == int(self.store.caption_hashes(shard.stem)[row])
         except UnicodeDecodeError:
-            same = False
+            text, same = "", False
         if not same:
             raise ShardError(f"{where}: its caption is not the one its row in {self.store.path} (shard {shard.stem}) "
                              "was embedded from: the embedding store was made from other captions (another data "
                              "folder, or shards changed since); embed this data folder into its own store")
         image = self._pread(fd, index.image_offset[ref.row], index.image_size[ref.row], where)
         embedding = np.asarray(self.store.embeddings(shard.stem)[row], dtype=np.float32)
-        return RawSample(key, image, embedding, where)
+        return RawSample(key, image, embedding, where, text)
 
     @staticmethod
     def _pread(fd: int, offset: int, size: int, where: str) -> bytes:

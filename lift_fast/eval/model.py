@@ -4,6 +4,9 @@
     features = model.encode_images(image_refs)        # [N, D] L2-normalised, on model.device
     encoder = model.text_encoder(max_length=0)        # the run's embed settings (the store's)
 
+A CLIP-mode run (model.text_tower=transformer) embeds class names and captions with its own trained
+text tower instead (`TowerTextEncoder`, the same encode() interface), cut at model.text_context tokens.
+
 On CUDA the tower runs under bf16 autocast (eval.precision=auto) with the run's attention backend:
 a run trained with model.attention=flash evaluates with flash where it can run (CUDA, bf16/fp16) and
 with torch SDPA elsewhere (a CPU, or eval.precision=fp32), so a flash-trained run evaluates anywhere.
@@ -104,6 +107,11 @@ class EvalModel:
     def image_size(self) -> int:
         return self.cfg.data.image_size
 
+    @property
+    def clip_mode(self) -> bool:
+        """Whether the run trained its own text tower (model.text_tower=transformer)."""
+        return self.cfg.model.text_tower == "transformer"
+
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -128,7 +136,17 @@ class EvalModel:
         """The run's frozen text encoder with its store settings (embed.*), on self.device; with
         max_length > 0 the same encoder cutting captions at max_length tokens instead (long-caption
         retrieval). Raises ConfigError when max_length exceeds the model's positions, or when the
-        encoder's width is not the tower's."""
+        encoder's width is not the tower's. A CLIP-mode run: its trained text tower (TowerTextEncoder),
+        whose cut is model.text_context whatever max_length asks."""
+        if self.clip_mode:
+            if self._encoder is None:
+                from lift_fast.models.tokenizer import build_tokenizer
+
+                self._encoder = TowerTextEncoder(self.model.text, build_tokenizer(self.cfg.model), self)
+            if max_length and max_length != self.cfg.model.text_context:
+                log.warning("max_length=%d: a CLIP-mode run's text tower reads model.text_context=%d tokens; "
+                            "captions are cut there", max_length, self.cfg.model.text_context)
+            return self._encoder
         if self._encoder is None:
             from lift_fast.embed import load_encoder
 
@@ -148,6 +166,40 @@ class EvalModel:
         longer.cfg = dataclasses.replace(self.cfg.embed, max_length=max_length)
         longer._identity = None
         return longer
+
+
+class TowerTextEncoder:
+    """A CLIP-mode run's trained text tower behind the frozen encoder's interface (encode, cfg.max_length,
+    identity), so retrieval, zero-shot and compositional eval embed text with it unchanged.
+
+    tower: the run's TextTransformer (model.text, on the eval device); tokenizer: its CaptionTokenizer;
+    model: the EvalModel (device, autocast, eval.batch_size).
+    """
+
+    def __init__(self, tower: torch.nn.Module, tokenizer, model: EvalModel):
+        self.tower, self.tokenizer, self.model = tower, tokenizer, model
+        self.cfg = dataclasses.replace(model.cfg.embed, max_length=tokenizer.context_length)
+        self.dim = tower.embed_dim
+        self.identity = {"text_tower": "transformer", "checkpoint": str(model.checkpoint)}
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], return_truncated: bool = False, on_batch=None):
+        """texts -> L2-normalised float32 features [N, D] on the eval device; with return_truncated also a
+        bool [N]: the caption filled the whole context (it was cut, or fits exactly). on_batch(captions,
+        tokens) is called after each batch of eval.batch_size captions, as the frozen encoder does."""
+        rows, filled, batch_size = [], [], self.model.cfg.eval.batch_size
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start:start + batch_size]))
+            filled.append(tokens[:, -1] != self.tokenizer.pad_token_id)
+            with self.model.autocast():
+                features = self.tower(tokens.to(self.model.device)).float()
+            rows.append(features)
+            if on_batch is not None:
+                on_batch(len(tokens), int((tokens != self.tokenizer.pad_token_id).sum()))
+        out = torch.cat(rows) if rows else torch.empty(0, self.dim, device=self.model.device)
+        if return_truncated:
+            return out, (torch.cat(filled) if filled else torch.zeros(0, dtype=torch.bool))
+        return out
 
 
 def checkpoint_text_dim(checkpoint: Path) -> int:
@@ -180,6 +232,10 @@ def load_run_model(run_dir: str | Path, cfg: Config, checkpoint: str | Path | No
         model_cfg = dataclasses.replace(model_cfg, attention="auto")
     text_dim = checkpoint_text_dim(checkpoint)
     model = build_model(model_cfg, cfg.data.image_size, text_dim)
+    if model_cfg.text_tower == "transformer":  # CLIP mode: the trained text tower is part of the checkpoint
+        from lift_fast.models.text_tower import build_text_tower
+
+        model.text = build_text_tower(model_cfg, text_dim)[0]
     if cfg.train.loss == "siglip":
         model.register_parameter("logit_bias", torch.nn.Parameter(torch.zeros(())))
     load_weights(model, checkpoint)

@@ -148,12 +148,16 @@ def shard_eval(model: EvalModel, data_dir, embeddings_dir, manifest: dict, negat
     first_row = {}
     for row, index in enumerate(caption_index):
         first_row.setdefault(index, row)
-    text_features = torch.nn.functional.normalize(rows[[first_row[i] for i in range(len(unique))]].float(), dim=-1)
+    if model.clip_mode:  # the run's own text tower embeds the captions (the store's rows are the frozen encoder's)
+        text_features = model.text_encoder().encode(unique)
+    else:
+        text_features = torch.nn.functional.normalize(rows[[first_row[i] for i in range(len(unique))]].float(), dim=-1)
     results = retrieval_metrics(features, text_features, torch.tensor(caption_index))
     results.update({"num_images": len(keys), "num_captions": len(unique), "skipped_images": skipped})
     if negatives is not None:
         encoder = model.text_encoder()
-        check_manifest(manifest, encoder.identity, Path(embeddings_dir))
+        if not model.clip_mode:  # the frozen encoder must be the store's; a CLIP-mode run's tower is its own
+            check_manifest(manifest, encoder.identity, Path(embeddings_dir))
         results.update(compositional(Path(data_dir) / "sugarcrepe", negatives, keys, every_key, features, encoder,
                                      progress))
     return results

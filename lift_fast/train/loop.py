@@ -1,8 +1,10 @@
-"""`lift-fast train`: the ViT + LIFT head trained with InfoNCE against fixed caption embeddings.
+"""`lift-fast train`: the ViT + LIFT head trained with InfoNCE against fixed caption embeddings, or
+(model.text_tower=transformer, the CLIP baseline) jointly with a text tower on the raw captions.
 
 Builders live with what they build (model in models/, data in data/, optimiser in train/optim.py,
 process group in train/distributed.py, device switches in train/device.py, logs in
-train/metrics.py); this module wires them and runs the loop. Outputs in the run folder:
+train/metrics.py); train/build.py puts the parts together and restores them from a checkpoint, and
+this module runs the loop over them. Outputs in the run folder:
 config.yaml, metrics.jsonl, tensorboard/, checkpoints/step_NNNNNN/. The run folder is written only
 once every input has been checked (store, shards, model settings, the checkpoint to resume from),
 so a refused start leaves nothing behind. Ctrl-C, SIGTERM or SIGUSR1 saves the last finished step
@@ -23,7 +25,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,35 +32,21 @@ from torch import nn
 from tqdm import tqdm
 
 from lift_fast.atomic import write_json
-from lift_fast.config import (
-    Config,
-    ConfigError,
-    check_changes,
-    load_config,
-    load_run_config,
-    save_config,
-)
-from lift_fast.data.loader import Loader, build_loader
-from lift_fast.kernels import ClipLoss, SigLipLoss, fused_projection_clip_loss
-from lift_fast.models.flops import train_flops_per_sample
-from lift_fast.models.vit import build_model
+from lift_fast.config import Config, check_changes, load_config, load_run_config, save_config
 from lift_fast.train import NonFiniteLossError, distributed
-from lift_fast.train.checkpoint import (
-    checkpoint_path,
-    checkpoint_step,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
+from lift_fast.train.build import (  # noqa: F401 (Parts, Progress, build_loss, local_batch_size: re-exported)
+    STOP_SIGNALS,
+    Parts,
+    Progress,
+    build_loss,
+    build_parts,
+    local_batch_size,
 )
-from lift_fast.train.device import (
-    autocast,
-    peak_tflops,
-    resolve_compile,
-    resolve_precision,
-)
+from lift_fast.train.checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint, save_checkpoint
+from lift_fast.train.device import autocast
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.metrics import MetricsLog, RunLog, StepTally, Throughput, utilisation
-from lift_fast.train.optim import build_optimizer, build_scheduler, resumed_schedule
+from lift_fast.train.optim import resumed_schedule
 from lift_fast.train.store_check import check_store
 
 log = logging.getLogger(__name__)
@@ -70,10 +57,6 @@ log = logging.getLogger(__name__)
 RESUME_SETTINGS = ("train.steps", "train.schedule_steps", "train.log_every", "train.checkpoint_every",
                    "train.keep_checkpoints", "train.threads", "data.num_workers", "data.prefetch", "data.backend",
                    "train.precision", "train.compile", "train.tensorboard", "train.max_nonfinite", "train.parallel")
-
-# Signals that stop training after the current step, saving it: SIGTERM (preemption, scancel, the
-# end of a SLURM time limit) and SIGUSR1 (SLURM's --signal=USR1@SECONDS warning ahead of it).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 __all__ = ["MetricsLog", "TrainingInterrupted", "check_store", "run_config", "train"]
 
@@ -106,60 +89,9 @@ def run_config(run_dir: str | Path, resume: str | None, config_path: str | Path 
     return load_run_config(saved, config_path, overrides, allowed=RESUME_SETTINGS, action="resuming a run")
 
 
-def build_loss(cfg: Config, ctx: Distributed, model: nn.Module | None = None) -> nn.Module:
-    """The contrastive loss of train.loss. Under torch.distributed each rank's value is its part of
-    the global-batch loss (local rows against all ranks' texts), so the mean over ranks is the
-    global-batch loss and DDP's gradient average is its gradient. With model.fuse_projection, a
-    FusedProjectionLoss over `model`'s last head Linear (ConfigError under train.parallel=fsdp)."""
-    if cfg.model.fuse_projection:
-        if cfg.train.parallel == "fsdp" and ctx.enabled:
-            raise ConfigError("model.fuse_projection=true cannot run under train.parallel=fsdp: the fused loss reads the "
-                              "head's last Linear weight outside the model's forward, where FSDP2 holds only this rank's "
-                              "shard of it; use train.parallel=ddp or model.fuse_projection=false")
-        return FusedProjectionLoss(model.head.fc2, cfg.train.loss, ctx.rank, ctx.world_size)
-    if cfg.train.loss == "siglip":
-        return SigLipLoss(rank=ctx.rank, world_size=ctx.world_size)
-    return ClipLoss(local_loss=True, gather_with_grad=True, rank=ctx.rank, world_size=ctx.world_size)
-
-
-class FusedProjectionLoss(nn.Module):
-    """model.fuse_projection: the head's last Linear, the L2 norm and train.loss in one call
-    (lift_fast.kernels.fused_projection_clip_loss) on the hidden states [b, H] the model returns with
-    project=False, so no [b, D] image features are kept between forward and backward.
-
-    The Linear's weights, cast to the hidden states' dtype (the compute dtype), take part in the
-    loss; their gradients reach the fp32 master weights through the cast (and DDP all-reduces them
-    as it does the logit scale's, used outside forward too).
-    """
-
-    def __init__(self, last: nn.Linear, loss: str, rank: int, world_size: int):
-        super().__init__()
-        self.last = [last]  # a list, not a submodule: the weights are the model's, saved and optimised there
-        self.loss, self.rank, self.world_size = loss, rank, world_size
-
-    def forward(self, image_hidden, text_embeddings, logit_scale, logit_bias=None):
-        """image_hidden [b, H], text_embeddings [b, D] -> the 0-d loss (this rank's part under torch.distributed)."""
-        last, dtype = self.last[0], image_hidden.dtype
-        bias = None if last.bias is None else last.bias.to(dtype)
-        return fused_projection_clip_loss(image_hidden, last.weight.to(dtype), bias, text_embeddings, logit_scale,
-                                          logit_bias, loss=self.loss, rank=self.rank, world_size=self.world_size)
-
-
 def contrastive_loss(loss_fn: nn.Module, image_features, text_embeddings, logit_scale, logit_bias):
     """One step's loss: image_features [b, D], text_embeddings [b, D], logit_scale (exponentiated)."""
     return loss_fn(image_features, text_embeddings, logit_scale, logit_bias)
-
-
-def local_batch_size(cfg: Config, world_size: int) -> int:
-    """train.batch_size (global) split over the ranks; ConfigError naming it when it does not split evenly."""
-    batch_size = cfg.train.batch_size
-    if batch_size % world_size:
-        lower, higher = batch_size // world_size * world_size, (batch_size // world_size + 1) * world_size
-        choices = f"{lower} or {higher}" if lower else f"{higher}"
-        raise ConfigError(f"train.batch_size={batch_size} is the global batch and does not split evenly over the "
-                          f"{world_size} ranks of this job (WORLD_SIZE={world_size}); use a multiple of "
-                          f"{world_size}, e.g. train.batch_size={choices}")
-    return batch_size // world_size
 
 
 @contextlib.contextmanager
@@ -178,20 +110,10 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn of the loader's workers: SIGTERM and SIGUSR1 are for the main process.
-
-    SLURM and torchrun signal every process of the job, loader workers included; a worker killed by
-    SIGTERM would make the loader raise in the main process while it saves. The main process stops
-    the workers when it is done (or they see it gone and exit).
-    """
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def train(cfg: Config, data_dir: str | Path, embeddings_dir: str | Path, run_dir: str | Path, *,
           resume: str | None = None, progress: bool = True) -> dict:
-    """Train the image tower, in this process or, under torchrun, as one rank of a DDP or FSDP2 job.
+    """Train the image tower (and in CLIP mode the text tower), in this process or, under torchrun, as
+    one rank of a DDP or FSDP2 job (CLIP mode: DDP only).
 
     resume: None (start fresh; refuses a run folder that already has checkpoints), "auto" (continue
     from the newest complete checkpoint, or start fresh) or a checkpoint folder. When resuming, cfg
@@ -229,87 +151,9 @@ def train(cfg: Config, data_dir: str | Path, embeddings_dir: str | Path, run_dir
         distributed.teardown(ctx)
 
 
-@dataclass
-class Parts:
-    """What a run trains with, built by `_build`."""
-
-    model: nn.Module  # the plain module: weights, logit_scale, optional logit_bias
-    forward: nn.Module  # what the step calls: model wrapped (DDP) or sharded (FSDP2) and compiled as configured
-    loss_fn: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: Loader
-    precision: torch.dtype | None  # compute dtype (bf16), None for plain fp32
-    flops_per_sample: int
-    peak: float | None  # dense peak TFLOP/s of one device, when known
-    sharded_precision: bool = False  # FSDP2 gathers the weights in `precision`, so the step runs without autocast
-
-
-@dataclass
-class Progress:
-    """What the loop changes as it goes; a checkpoint saves step, nonfinite and the loader position."""
-
-    step: int
-    nonfinite: int = 0  # steps skipped for a NaN/inf loss or gradient, over the run, as of the last read-back
-    skipped: int = 0  # samples skipped by the loader (data.on_error=skip), all ranks
-    loss_value: float = float("nan")  # the loss (mean over ranks) of the last read-back's step
-    saved_step: int = 0  # the newest checkpoint's step
-    updating: bool = False  # inside optimizer.step(): the weights are neither the old nor the new ones
-    tally: StepTally | None = None  # the step's numbers on the device, read back at logged steps (`_read_back`)
-    agreement: distributed.Agreement | None = None  # the ranks' stop flag and skip count, read a step later
-
-    def finished_step(self) -> int:
-        """The last step whose update completed: what an interrupt may save."""
-        return self.saved_step if self.updating else self.step
-
-
-def _build(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifest: dict, start_ckpt: Path | None,
-           batch_size: int) -> tuple[Parts, Progress]:
-    """Model, optimiser, schedule and loader, restored from `start_ckpt` when resuming."""
-    device = ctx.device
-    precision = resolve_precision(cfg.train.precision, device)
-    torch.manual_seed(cfg.train.seed)
-    dim = int(manifest["dim"])
-    model = build_model(cfg.model, cfg.data.image_size, dim, cfg.train.logit_scale_init).to(device)
-    if cfg.model.init and start_ckpt is None:  # a resumed run takes the checkpoint's weights instead
-        from lift_fast.models.pretrained import init_tower
-
-        init_tower(model, cfg.model.init)
-    if cfg.train.loss == "siglip":
-        model.register_parameter("logit_bias", nn.Parameter(torch.tensor(-10.0, device=device)))
-    # Sharded (fsdp) before the optimiser is built over the shards and the checkpoint loads into them.
-    param_dtype = distributed.sharded_param_dtype(cfg.train.parallel, ctx, precision)
-    forward = distributed.wrap_model(model, ctx, cfg.train.parallel, compile=resolve_compile(cfg.train.compile, device),
-                                     param_dtype=param_dtype)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    progress, state = Progress(step=0), None
-    if start_ckpt is not None:
-        state = load_checkpoint(start_ckpt, model, optimizer, scheduler)
-        progress = Progress(step=state["step"], nonfinite=state["extra"].get("nonfinite_steps", 0),
-                            saved_step=state["step"])
-        log.info("resumed from %s at step %d", start_ckpt, progress.step)
-    loader = build_loader(data_dir, embeddings_dir, split="train", batch_size=batch_size,
-                          image_size=cfg.data.image_size, backend=cfg.data.backend, seed=cfg.train.seed,
-                          rank=ctx.rank, world_size=ctx.world_size, num_workers=cfg.data.num_workers,
-                          crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, shuffle_window=cfg.data.shuffle_window,
-                          start_step=progress.step, on_error=cfg.data.on_error, pin_memory=device.type == "cuda",
-                          worker_init_fn=_ignore_stop_signals, prefetch=cfg.data.prefetch,
-                          # DALI on a GPU hands over images in the compute dtype: half the copy and no cast
-                          dtype=precision if precision is not None and device.type == "cuda" else torch.float32)
-    _check_batch_size(cfg, loader)
-    if state is not None:
-        _check_loader_position(state["extra"].get("loader"), loader.state(progress.step), start_ckpt)
-    flops = train_flops_per_sample(model.visual.spec, cfg.data.image_size, dim, batch_size * ctx.world_size,
-                                   head_hidden=cfg.model.head_hidden, patch_dropout=cfg.model.patch_dropout,
-                                   pooling=cfg.model.pooling)
-    return Parts(model, forward, build_loss(cfg, ctx, model), optimizer, scheduler, loader, precision, flops,
-                 peak_tflops(device, precision, cfg.train.peak_tflops), param_dtype is not None), progress
-
-
 def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Path, manifest: dict,
            start_ckpt: Path | None, batch_size: int, show_progress: bool) -> dict:
-    parts, progress = _build(cfg, ctx, data_dir, embeddings_dir, manifest, start_ckpt, batch_size)
+    parts, progress = build_parts(cfg, ctx, data_dir, embeddings_dir, manifest, start_ckpt, batch_size)
     # Everything is checked and the checkpoint has loaded: only now is the run folder written.
     run_log = None
     if ctx.is_main:
@@ -394,11 +238,14 @@ def _train_step(cfg: Config, ctx: Distributed, parts: Parts, progress: Progress,
         progress.agreement = distributed.Agreement(ctx)
     torch.manual_seed(step_seed(cfg.train.seed, progress.step, ctx.rank))  # patch dropout's draws
     images = batch["images"].to(device, non_blocking=True)  # [b, 3, H, W]
-    text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)  # [b, D]
-    if not manifest["normalized"]:
-        text_embeddings = torch.nn.functional.normalize(text_embeddings, dim=-1)
     with autocast(device, None if parts.sharded_precision else parts.precision):
         image_features = parts.forward(images, project=not cfg.model.fuse_projection)  # [b, D] (hidden [b, H] fused)
+        if parts.text_tower is not None:  # CLIP mode: text features [b, D] with gradients, from the raw captions
+            text_embeddings = parts.text_tower(batch["tokens"].to(device, non_blocking=True))
+    if parts.text_tower is None:  # LIFT mode: the store's rows of these samples [b, D]
+        text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)
+        if not manifest["normalized"]:
+            text_embeddings = torch.nn.functional.normalize(text_embeddings, dim=-1)
     # One compute dtype for the loss, whatever autocast did: CUDA autocast runs F.normalize in float32,
     # so the features leave the model in float32 there and the loss's GEMMs would be float32 ones.
     compute_dtype = parts.precision or torch.float32
@@ -477,8 +324,9 @@ def _record(parts: Parts, progress: Progress, speed: Throughput, numbers: dict, 
         record["grad_norm"] = numbers["grad_norm"]
     record.update(utilisation(record["samples_per_second"], parts.flops_per_sample, parts.peak, ctx.device,
                                ctx.world_size))
-    if not speed.compile_reported:
+    if not speed.compile_reported:  # once, in the first line: the first step's time, and what tflops counts per sample
         record["compile_seconds"] = speed.first_seconds
+        record["flops_per_sample"] = parts.flops_per_sample
         speed.compile_reported = True
     return record
 
@@ -532,30 +380,6 @@ def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, 
                     "own, so step %d is not saved; %s", finished,
                     f"--resume auto continues from {checkpoint}" if checkpoint else "the run has no checkpoint yet")
     return TrainingInterrupted(signum, progress.saved_step if checkpoint is not None else 0, checkpoint)
-
-
-def _check_batch_size(cfg: Config, loader: Loader) -> None:
-    """Refuse a batch larger than the training set: an epoch would have no step."""
-    samples, shards = loader.stream.samples, loader.shards
-    if cfg.train.batch_size > samples:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {samples} training samples "
-                          f"({len(shards)} shard(s) in {shards[0].parent}); use train.batch_size={samples} or less")
-
-
-def _check_loader_position(saved: dict | None, current: dict, checkpoint: Path) -> None:
-    """Warn when the checkpoint's loader position was saved for another stream (other data, batch or
-    shuffle window): the run goes on from the same step, but its samples are not the ones an
-    uninterrupted run would have seen."""
-    if saved is None:
-        log.warning("%s holds no loader position (an older checkpoint): the data stream restarts at step %d of the "
-                    "current stream", checkpoint, current["step"])
-        return
-    differ = [f"{name} {saved.get(name)} -> {value}" for name, value in current.items()
-              if name != "step" and saved.get(name) != value]
-    if differ:
-        log.warning("%s: the data stream differs from the one it was saved with (%s); resuming at step %d of the new "
-                    "stream, so the samples are not the ones an uninterrupted run would have seen",
-                    checkpoint, ", ".join(differ), current["step"])
 
 
 def _saved_config(run_dir: Path, checkpoint: Path) -> Path | None:

@@ -17,8 +17,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Parameters that never get weight decay besides biases and norm weights (all 1-D).
-NO_DECAY_NAMES = ("logit_scale", "pos_embed", "cls_token")
+# Parameters that never get weight decay besides biases and norm weights (all 1-D); the text tower's
+# (CLIP mode) position and token embeddings, as open_clip excludes them too.
+NO_DECAY_NAMES = ("logit_scale", "pos_embed", "cls_token", "positional_embedding")
+NO_DECAY_MODULES = ("token_embedding",)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -27,7 +29,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES:
+        parts = name.split(".")
+        if param.ndim < 2 or parts[-1] in NO_DECAY_NAMES or any(part in NO_DECAY_MODULES for part in parts[:-1]):
             no_decay.append(param)
         else:
             decay.append(param)

@@ -7,7 +7,7 @@ tests/test_step_syncs.py) and on CUDA by bench/gpu_checks/train.py:
 - no host sync: a step that is not logged calls `aten::_local_scalar_dense` (what .item(), float()
   and bool() of a tensor dispatch to, each a wait for the device) zero times.
 
-`synthetic_parts` builds the trainer's parts as `loop._build` does, without a loader, for steps on
+`synthetic_parts` builds the trainer's parts as `build.build_parts` does, without a loader, for steps on
 synthetic batches.
 """
 
@@ -107,14 +107,14 @@ def host_syncs(events: Iterable, *, device: torch.device | str = "cuda") -> list
 
 
 def synthetic_parts(cfg, ctx, dim: int, batch: int):
-    """The trainer's Parts for cfg on ctx (model, wrapped/sharded and compiled as `loop._build` does it,
+    """The trainer's Parts for cfg on ctx (model, wrapped/sharded and compiled as `build.build_parts` does it,
     loss, optimiser, schedule; no loader) and a synthetic batch dict for `loop._train_step`: images
     [batch, 3, S, S] and unit text embeddings [batch, dim] on ctx.device, seeded."""
     from lift_fast.models.flops import train_flops_per_sample
     from lift_fast.models.vit import build_model
     from lift_fast.train import distributed
+    from lift_fast.train.build import Parts, build_loss
     from lift_fast.train.device import peak_tflops, resolve_compile, resolve_precision
-    from lift_fast.train.loop import Parts, build_loss
     from lift_fast.train.optim import build_optimizer, build_scheduler
 
     device = ctx.device
