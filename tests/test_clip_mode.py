@@ -12,6 +12,7 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
+from two_ranks import fork_ranks
 
 from lift_fast.config import ConfigError, load_config
 from lift_fast.data.dali import dali_available
@@ -134,6 +135,29 @@ def test_clip_mode_evaluates_with_its_trained_text_tower(clip_run, synth_data, s
         direct = model.model.text(tokens.to(model.device))
     torch.testing.assert_close(features, direct, rtol=1e-5, atol=1e-6)
     assert filled.tolist() == [False, True] and features.shape == (2, model.text_dim)
+
+
+def _rank_train(rank: int, overrides: list[str], data, store, run) -> None:
+    train(load_config(overrides=overrides), data, store, run, progress=False)
+
+
+@pytest.mark.slow
+def test_clip_mode_on_two_ddp_ranks_matches_one_process(synth_data, stores, tmp_path):
+    """Two gloo ranks of a CLIP-mode run follow one process on the same global batches: each rank's
+    loss is its part of the global-batch loss with text gradients gathered, and DDP all-reduces the
+    text tower's gradients though it runs outside the wrapped forward."""
+    overrides = CLIP + ["train.steps=4", "train.batch_size=8", "data.hflip=true", "data.shuffle_window=2"]
+    single = tmp_path / "single" / "run"
+    train(load_config(overrides=overrides), synth_data / "train", stores / "train", single, progress=False)
+    run = tmp_path / "ddp" / "run"
+    fork_ranks(_rank_train, overrides, synth_data / "train", stores / "train", run)
+    assert [r["loss"] for r in read_metrics(run)] == pytest.approx([r["loss"] for r in read_metrics(single)], rel=1e-5)
+    assert [r["grad_norm"] for r in read_metrics(run)] == pytest.approx(
+        [r["grad_norm"] for r in read_metrics(single)], rel=1e-4)
+    final = load_file(str(run / "checkpoints" / "step_000004" / "model.safetensors"))
+    reference = load_file(str(single / "checkpoints" / "step_000004" / "model.safetensors"))
+    for name in ("text.projection.weight", "text.blocks.0.mlp.fc1.weight", "head.fc2.weight"):
+        torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-3 * 3e-4 * 4, msg=name)
 
 
 @pytest.mark.parametrize("backend", ["pil", "dali"])
