@@ -52,6 +52,9 @@ class DataConfig:
     on_error: str = _field("error", "bad sample (corrupt image, no embedding): error or counted skip", choices=("error", "skip"))
     prefetch: int = _field(2, "DALI loader: batches prepared ahead on a feed thread (0: in the training step, "
                            "as the synchronous baseline)", min=0)
+    caption_weights: str = _field("", "training: probability of each caption source of the store, drawn per sample "
+                                  "per step, as SOURCE=WEIGHT,... (e.g. txt=0.2,json:re_caption=0.8; '': each "
+                                  "source equally; a source left out is never drawn)")
 
 
 @dataclass
@@ -88,7 +91,10 @@ class EmbedConfig:
     fidelity_sample: int = _field(256, "captions (from the first data shard) for the fidelity check", min=1)
     compile: str = _field("auto", "torch.compile the model; auto: on for CUDA, off on CPU (quote on/off in YAML)",
                           choices=("auto", "on", "off"))
-    on_error: str = _field("error", "empty/undecodable/missing caption: error or counted skip", choices=("error", "skip"))
+    captions: str = _field("txt", "caption sources, one store row per (key, source): txt (KEY.txt) and/or "
+                           "json:FIELD (a string field of KEY.json, e.g. json:re_caption), comma-separated")
+    on_error: str = _field("error", "empty/undecodable/missing caption (of any source): error or counted skip",
+                           choices=("error", "skip"))
     on_long: str = _field("truncate", "caption longer than max_length: cut at max_length (counted as truncated, "
                           "as LIFT does), counted skip, or error", choices=("truncate", "skip", "error"))
     trust_remote_code: bool = _field(False, "allow code from the model folder (only for models that need it, "
@@ -178,6 +184,8 @@ class EvalConfig:
                             choices=("auto", "bf16", "fp32"))
     max_length: int = _field(0, "tokens kept of the eval tasks' own captions and prompts (0: the run's "
                              "embed.max_length; a task's max_length wins); for long-caption retrieval", min=0)
+    caption_source: str = _field("", "the store's caption source the eval shards are scored against (txt, "
+                                 "json:FIELD; '': the store's first)")
 
 
 @dataclass

@@ -74,7 +74,7 @@ def test_int8_store_reads_as_float32_through_the_store_api(tmp_path, minilm):
                            progress=False)
     _keys, embeddings, manifest = load_store(tmp_path / "store")
 
-    assert summary["rows"] == 13 and manifest["dtype"] == "int8" and manifest["version"] == 4
+    assert summary["rows"] == 13 and manifest["dtype"] == "int8" and manifest["version"] == 5
     assert embeddings.dtype == np.float32 and embeddings.shape == (13, 384)
     expected = minilm.encode(captions).numpy()
     np.testing.assert_allclose(embeddings, expected, atol=np.abs(expected).max() / 254 + 1e-6)

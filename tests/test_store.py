@@ -64,7 +64,8 @@ def test_roundtrip_rows_follow_keys(tmp_path, minilm, dtype):
     expected = minilm.encode(list(captions.values()), batch_size=23).numpy()  # one order, one batch: independent of the run's
     np.testing.assert_allclose(embeddings.astype(np.float32), expected, atol=2e-3 if dtype == "float16" else 1e-5)
     assert summary["shards"] == 3 and summary["rows"] == 23 and summary["skipped"] == 0
-    assert manifest["version"] == 4 and manifest["dtype"] == dtype and manifest["dim"] == 384 and manifest["normalized"]
+    assert manifest["version"] == 5 and manifest["captions"] == ["txt"]
+    assert manifest["dtype"] == dtype and manifest["dim"] == 384 and manifest["normalized"]
     assert manifest["data_dir"] == str((tmp_path / "data").resolve())
     assert manifest["encoder"]["weights_sha256"] == minilm.identity["weights_sha256"]
     assert {k: v["count"] for k, v in manifest["shards"].items()} == {"00000": 8, "00001": 8, "00002": 7}

@@ -48,6 +48,7 @@ from lift_fast.data.augment import (  # noqa: F401 (re-exported: the preparation
     to_tensor,
     train_view,
 )
+from lift_fast.data.captions import caption_choice
 from lift_fast.data.index import sample_count
 from lift_fast.data.reader import RawSample, SampleReader
 from lift_fast.data.shards import ShardError, list_shards
@@ -75,9 +76,7 @@ class ImageTextBatches(IterableDataset):
     def __getstate__(self) -> dict:
         # Workers started by forkserver or spawn get a pickled copy: the stream's per-instance lru_caches
         # do not pickle, so it travels as its settings and is rebuilt (its caches empty) in the worker.
-        stream = self.stream
-        return {**self.__dict__, "stream": (stream.counts, {"batch_size": stream.batch_size, "seed": stream.seed,
-                                                            "shuffle": stream.shuffle, "window": stream.window})}
+        return {**self.__dict__, "stream": (self.stream.counts, self.stream.settings())}
 
     def __setstate__(self, state: dict) -> None:
         counts, settings = state.pop("stream")
@@ -227,7 +226,8 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
                  crop_scale: tuple[float, float] = (0.9, 1.0), hflip: bool = False, shuffle_window: int = 32,
                  start_step: int = 0, on_error: str = "error", pin_memory: bool = False,
                  worker_init_fn: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32,
-                 prefetch: int = 2, tokenizer: Callable[[list[str]], torch.Tensor] | None = None) -> Loader:
+                 prefetch: int = 2, tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+                 caption_weights: str = "", caption_source: str = "") -> Loader:
     """Batches of images joined with their caption embeddings (see the module docstring).
 
     data_dir: folder of `*.tar` shards (with `lift-fast index` files, or scanned at start);
@@ -241,6 +241,9 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
     batches prepared ahead on a feed thread, overlapped with the caller's step (0: prepared on the
     calling thread when asked for); the PIL backend's workers always run ahead. tokenizer: for the
     CLIP baseline, captions -> token ids, applied where the batch is made (batch["tokens"]).
+    caption_weights (train): the probability of each of the store's caption sources, drawn per sample
+    per step ("SOURCE=WEIGHT,...", "" for each equally; lift_fast.data.captions.parse_weights);
+    caption_source (eval): the one source every row is taken from ("": the store's first).
     Raises ShardError / StoreError naming the folder, shard or key that is missing or bad (when
     iterating also for a bad sample, unless on_error="skip"), and ConfigError for a backend that
     is not available.
@@ -251,8 +254,10 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
     shards = list_shards(data_dir)
     store = open_store(embeddings_dir)
     reader = SampleReader(shards, store)
+    probabilities, eval_source = caption_choice(store.sources, caption_weights, caption_source)
     stream = SampleStream([sample_count(s) for s in shards], batch_size=batch_size * world_size, seed=seed,
-                          shuffle=split == "train", window=shuffle_window)
+                          shuffle=split == "train", window=shuffle_window,
+                          caption_probabilities=tuple(probabilities), eval_source=eval_source)
     batches = ImageTextBatches(reader, stream, split=split, image_size=image_size, dim=store.dim,
                                crop_scale=crop_scale, hflip=hflip, rank=rank, world_size=world_size,
                                start_step=start_step, on_error=on_error, tokenizer=tokenizer)

@@ -5,6 +5,12 @@ rows of the same shard, so a gap or a different order on either side can never s
 caption read for the sample must also hash to the caption hash the store recorded for that row:
 two data folders can share shard names and keys, and a store made from the other one is an error
 naming shard and key (or a counted skip), not a silent wrong pairing.
+
+In a store of several caption sources a sample's rows follow each other, one per source: the
+sample takes the row of the source its SampleRef drew. The hash check reads KEY.txt and checks the
+key's "txt" row, which was written with the key's other rows and so vouches for all of them; a store
+without a "txt" source is checked on the drawn source's own text, read from KEY.json (whose place in
+the tar is found by one scan of the shard's members when the shard is opened).
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lift_fast.data.index import NO_MEMBER, ShardIndex, read_index
-from lift_fast.data.shards import ShardError
+from lift_fast.data.captions import TXT, caption_from
+from lift_fast.data.index import NO_MEMBER, ShardIndex, read_index, scan_members
+from lift_fast.data.shards import ShardError, split_member_name
 from lift_fast.data.stream import SampleRef
 from lift_fast.embed.store import EmbeddingStore, caption_hash
 
@@ -47,7 +54,7 @@ class SampleReader:
             raise ShardError(f"embedding store {store.path} has no rows for shard(s) {', '.join(missing[:5])}; "
                              "run `lift-fast embed` on this data folder")
         self.shards, self.store = shards, store
-        self._open: OrderedDict[int, tuple[ShardIndex, np.ndarray, int]] = OrderedDict()
+        self._open: OrderedDict[int, tuple[ShardIndex, np.ndarray, int, dict]] = OrderedDict()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
@@ -56,8 +63,9 @@ class SampleReader:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["shards"], state["store"])
 
-    def _shard(self, number: int) -> tuple[ShardIndex, np.ndarray, int]:
-        """(index, store row of each index row or -1, file descriptor) of shard `number`."""
+    def _shard(self, number: int) -> tuple[ShardIndex, np.ndarray, int, dict]:
+        """(index, store row of each index row (its first source's) or -1, file descriptor, and for a
+        store without a "txt" source key -> (offset, size) of KEY.json, else {}) of shard `number`."""
         if self._pid != os.getpid():  # forked: descriptors are shared with the parent; open our own
             self._open.clear()
             self._pid = os.getpid()
@@ -68,7 +76,10 @@ class SampleReader:
         index = read_index(shard)
         rows_by_key = self.store.row_index(shard.stem)
         rows = np.array([rows_by_key.get(key, -1) for key in index.keys], dtype=np.int64)
-        entry = (index, rows, os.open(shard, os.O_RDONLY))
+        json_members = ({} if TXT in self.store.sources else
+                        {split_member_name(name)[0]: (offset, size) for name, offset, size in scan_members(shard)
+                         if split_member_name(name)[1] == "json"})
+        entry = (index, rows, os.open(shard, os.O_RDONLY), json_members)
         self._open[number] = entry
         if len(self._open) > OPEN_SHARDS:
             os.close(self._open.popitem(last=False)[1][2])
@@ -85,7 +96,7 @@ class SampleReader:
         truncated after it was indexed); naming the shard when it cannot be opened (truncated or
         corrupt, a stale index) or holds fewer samples than when the stream counted them.
         """
-        index, rows, fd = self._shard(ref.shard)
+        index, rows, fd, json_members = self._shard(ref.shard)
         if ref.row >= len(index):  # reopened (another process, or evicted) after it was replaced or cut
             raise ShardError(f"{index.shard} holds {len(index)} samples now, fewer than when this run counted them "
                              f"(sample {ref.row + 1} was asked for): the shard changed during the run")
@@ -93,15 +104,20 @@ class SampleReader:
         where = f"{shard}: sample {key!r}"
         if index.image_offset[ref.row] == NO_MEMBER:
             raise ShardError(f"{where} has no image (.jpg/.png/.webp)")
-        row = int(rows[ref.row])
-        if row < 0:
+        first = int(rows[ref.row])
+        if first < 0:
             raise ShardError(f"{where} has no row in the embedding store {self.store.path} (shard {shard.stem})")
-        caption = self._pread(fd, index.caption_offset[ref.row], index.caption_size[ref.row], where)
-        try:
-            text = caption.decode("utf-8").strip()
-            same = caption_hash(text) == int(self.store.caption_hashes(shard.stem)[row])
-        except UnicodeDecodeError:
-            text, same = "", False
+        row = first + ref.source
+        if TXT in self.store.sources:
+            checked = first + self.store.sources.index(TXT)
+            caption = self._pread(fd, index.caption_offset[ref.row], index.caption_size[ref.row], where)
+            try:
+                text = caption.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                text = None
+        else:
+            checked, text = row, self._json_caption(fd, json_members, key, ref.source, index.shard, where)
+        same = text is not None and caption_hash(text) == int(self.store.caption_hashes(shard.stem)[checked])
         if not same:
             raise ShardError(f"{where}: its caption is not the one its row in {self.store.path} (shard {shard.stem}) "
                              "was embedded from: the embedding store was made from other captions (another data "
@@ -109,6 +125,15 @@ class SampleReader:
         image = self._pread(fd, index.image_offset[ref.row], index.image_size[ref.row], where)
         embedding = np.asarray(self.store.embeddings(shard.stem)[row], dtype=np.float32)
         return RawSample(key, image, embedding, where, text)
+
+    def _json_caption(self, fd: int, json_members: dict, key: str, source: int, shard: Path, where: str) -> str | None:
+        """The caption of store source `source` from the sample's KEY.json, None when it has none."""
+        offset, size = json_members.get(key, (NO_MEMBER, 0))
+        try:
+            return caption_from({"json": self._pread(fd, offset, size, where)} if offset != NO_MEMBER else {},
+                                self.store.sources[source], shard, key)
+        except ShardError:
+            return None
 
     @staticmethod
     def _pread(fd: int, offset: int, size: int, where: str) -> bytes:
@@ -121,6 +146,6 @@ class SampleReader:
         return data
 
     def close(self) -> None:
-        for _, _, fd in self._open.values():
+        for _, _, fd, _ in self._open.values():
             os.close(fd)
         self._open.clear()

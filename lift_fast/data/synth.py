@@ -89,9 +89,15 @@ class Scene:
         first, second = self.objects
         return f"{first.phrase()} {self.relation} {second.phrase()}"
 
+    def recaption(self) -> str:
+        """A longer caption of the same scene, as a recaptioning model writes (KEY.json's `re_caption`)."""
+        count = "one shape" if self.relation is None else "two shapes"
+        return f"a picture of {count} on a plain background: {self.caption()}"
+
     def metadata(self) -> dict:
         return {
             "caption": self.caption(),
+            "re_caption": self.recaption(),
             "relation": self.relation,
             "objects": [vars(o) for o in self.objects],
         }

@@ -26,8 +26,10 @@ FORMAT = "lift-fast-embeddings"
 #    the shard), and the encoder's `weights_fingerprint` (paths, sizes, times, inodes of its weight files, so
 #    that train and eval can take `weights_sha256` from here instead of hashing GBs again). Version 2
 #    and 3 stores are still read, without the file check.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)
+# 5: several caption sources (`captions`, e.g. ["txt", "json:re_caption"]): one row per (key, source),
+#    a key's rows together in the order of `captions`; older stores read as the one source "txt".
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (2, 3, 4, 5)
 MANIFEST = "manifest.json"
 # The embed settings (EmbedConfig fields) that decide what a row means: the one list embed, train
 # and eval take from their config to compare with a store's manifest (with the weights hash, see below).
@@ -70,10 +72,10 @@ def _read_json(path: Path, what: str) -> dict:
     return obj
 
 
-def new_manifest(identity: dict, dtype: str, data_dir: str | Path) -> dict:
+def new_manifest(identity: dict, dtype: str, data_dir: str | Path, captions: tuple[str, ...] = ("txt",)) -> dict:
     """A manifest for an empty store of the shards in `data_dir` (recorded as an absolute path),
     written by the encoder with this identity (a TextEncoder.identity plus `quantize`), rows stored
-    as `dtype` (one of STORE_DTYPES)."""
+    as `dtype` (one of STORE_DTYPES), one row per key and caption source in `captions`."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"embed.dtype={dtype!r} is not one of {', '.join(STORE_DTYPES)}")
     return {
@@ -84,9 +86,15 @@ def new_manifest(identity: dict, dtype: str, data_dir: str | Path) -> dict:
         "dim": identity["dim"],
         "normalized": identity["normalize"],
         "data_dir": str(Path(data_dir).resolve()),
+        "captions": list(captions),
         "data_shards": [],
         "shards": {},
     }
+
+
+def caption_sources(manifest: dict) -> tuple[str, ...]:
+    """The caption sources of a store, in row order within a key ("txt" for a store older than version 5)."""
+    return tuple(manifest.get("captions", ["txt"]))
 
 
 def read_manifest(store_dir: str | Path) -> dict:
@@ -117,6 +125,10 @@ def read_manifest(store_dir: str | Path) -> dict:
         if not isinstance(manifest[name], kind) or (kind is int and isinstance(manifest[name], bool)):
             raise StoreError(f"{path}: field {name!r} must be a JSON {_JSON_NAMES[kind]}, "
                              f"got {manifest[name]!r}")
+    captions = manifest.get("captions", ["txt"])
+    if (not isinstance(captions, list) or not captions or len(set(map(str, captions))) != len(captions)
+            or not all(isinstance(c, str) and c for c in captions)):
+        raise StoreError(f"{path}: field 'captions' must be a list of distinct caption source names, got {captions!r}")
     if manifest["dtype"] not in STORE_DTYPES:
         raise StoreError(f"{path}: field 'dtype' must be one of {', '.join(STORE_DTYPES)}, got {manifest['dtype']!r}")
     for shard, info in manifest["shards"].items():
@@ -200,44 +212,46 @@ def manifest_lock(store_dir: Path) -> Iterator[None]:
 
 
 def open_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_shards: list[str],
-                     data_dir: str | Path) -> dict:
+                     data_dir: str | Path, captions: tuple[str, ...] = ("txt",)) -> dict:
     """Create the store (folder and manifest) or check that an existing one matches; return its manifest.
 
     identity: the encoder's identity; dtype: storage dtype; data_shards: names of all shards of the
-    data; data_dir: the shard folder they are in (the manifest records its absolute path).
-    Raises StoreMismatchError (nothing is touched) when the store was made with another encoder or
-    setting, or from another data folder, and StoreError when the folder holds shard files but no
+    data; data_dir: the shard folder they are in (the manifest records its absolute path); captions:
+    the caption sources (embed.captions).
+    Raises StoreMismatchError (nothing is touched) when the store was made with another encoder,
+    setting or caption sources, or from another data folder, and StoreError when the folder holds shard files but no
     manifest, or is a store of an older format.
     """
     store_dir = Path(store_dir)
     data_dir = Path(data_dir).resolve()
-    check_for_writing(store_dir, identity, dtype, data_dir)  # refuse before creating anything (the lock file included)
+    check_for_writing(store_dir, identity, dtype, data_dir, captions)  # refuse before creating anything (the lock file included)
     store_dir.mkdir(parents=True, exist_ok=True)
     with manifest_lock(store_dir):
         for stale in store_dir.glob(f".{MANIFEST}.*.tmp"):  # left by a killed run; the lock keeps out live writers
             stale.unlink(missing_ok=True)
         path = store_dir / MANIFEST
         if path.exists():
-            manifest = _check_existing(store_dir, identity, dtype, data_dir)
+            manifest = _check_existing(store_dir, identity, dtype, data_dir, captions)
         else:
             strays = sorted(p.name for p in store_dir.glob("*.npy"))
             if strays:
                 raise StoreError(f"{store_dir} holds embedding files ({', '.join(strays[:3])}, ...) but no {MANIFEST}; "
                                  "its encoder is unknown, so lift-fast will not add to it: use an empty folder")
-            manifest = new_manifest(identity, dtype, data_dir)
+            manifest = new_manifest(identity, dtype, data_dir, captions)
         manifest["data_shards"] = sorted(set(manifest["data_shards"]) | set(data_shards))
         write_json(path, manifest)
     return manifest
 
 
-def check_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_dir: str | Path) -> None:
+def check_for_writing(store_dir: str | Path, identity: dict, dtype: str, data_dir: str | Path,
+                      captions: tuple[str, ...] = ("txt",)) -> None:
     """Refuse, touching nothing, to add to an existing store made otherwise (see open_for_writing);
     a folder without a manifest passes."""
     if (Path(store_dir) / MANIFEST).exists():
-        _check_existing(Path(store_dir), identity, dtype, Path(data_dir).resolve())
+        _check_existing(Path(store_dir), identity, dtype, Path(data_dir).resolve(), captions)
 
 
-def _check_existing(store_dir: Path, identity: dict, dtype: str, data_dir: Path) -> dict:
+def _check_existing(store_dir: Path, identity: dict, dtype: str, data_dir: Path, captions: tuple[str, ...]) -> dict:
     """The manifest of an existing store after checking it was made by this encoder from `data_dir`."""
     path = store_dir / MANIFEST
     manifest = read_manifest(store_dir)
@@ -254,6 +268,11 @@ def _check_existing(store_dir: Path, identity: dict, dtype: str, data_dir: Path)
             f"embedding store {store_dir} was made from the shards in {manifest['data_dir']}, not from {data_dir} "
             f"(recorded in {path}); its finished shards would be kept or overwritten by another folder's "
             "shards of the same names. Use another --out folder for this data.")
+    if caption_sources(manifest) != tuple(captions):
+        raise StoreMismatchError(
+            f"embedding store manifest {path}: its rows are of the caption sources {', '.join(caption_sources(manifest))}, "
+            f"not embed.captions={','.join(captions)}; one store holds one set of sources. Use the store's "
+            "embed.captions to add to it, or another --out folder.")
     return manifest
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lift_fast.atomic import write_json
 from lift_fast.config import ConfigError, EmbedConfig
+from lift_fast.data.captions import TXT, caption_from, members_of, parse_sources
 from lift_fast.data.shards import ShardError, iter_samples, list_shards
 from lift_fast.embed import store
 from lift_fast.embed.encoder import (
@@ -50,7 +51,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ShardCaptions:
-    """The good captions of one shard, in shard order, and the samples skipped with their reasons."""
+    """The good captions of one shard, in shard order, and the samples skipped with their reasons.
+
+    keys and captions are per store row: a sample's key once per caption source, its captions in the
+    order of the sources.
+    """
 
     keys: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
@@ -58,32 +63,33 @@ class ShardCaptions:
     sha256: str = ""  # over every sample's key and raw caption bytes: tells a copied shard from a changed one
 
 
-def read_captions(shard: Path, on_error: str) -> ShardCaptions:
-    """Read the captions of one shard.
+def read_captions(shard: Path, on_error: str, sources: tuple[str, ...] = (TXT,)) -> ShardCaptions:
+    """Read the captions of one shard from each of the caption `sources` (see lift_fast.data.captions).
 
-    A sample whose caption is missing, not UTF-8 or empty, or whose key repeats an earlier one, is
-    bad: on_error="error" raises ShardError naming shard and key, "skip" records it in `skipped`.
-    A shard that cannot be read at all always raises ShardError.
+    A sample whose caption of any source is missing, not UTF-8 or empty (or, for json:FIELD, whose
+    KEY.json is not JSON or lacks the field), or whose key repeats an earlier one, is bad:
+    on_error="error" raises ShardError naming shard, key and source, "skip" records it (none of its
+    rows is written) in `skipped`. A shard that cannot be read at all always raises ShardError.
     """
     out = ShardCaptions()
     seen: set[str] = set()
     digest = hashlib.sha256()
+    members = members_of(sources)
     for sample in iter_samples(shard):
-        digest.update(sample.key.encode() + b"\0" + sample.files.get("txt", b"\0missing") + b"\n")
+        digest.update(sample.key.encode() + b"\0" + b"\0".join(sample.files.get(m, b"\0missing") for m in members)
+                      + b"\n")
         try:
             if sample.key in seen:
                 raise ShardError(f"{shard}: key {sample.key!r} occurs twice; its rows could not be told apart")
-            caption = sample.caption()
-            if not caption:
-                raise ShardError(f"{shard}: caption {sample.key}.txt is empty")
+            captions = [caption_from(sample.files, source, shard, sample.key) for source in sources]
         except ShardError as err:
             if on_error == "error":
                 raise ShardError(f"{err} (set embed.on_error=skip to skip such samples)") from None
             out.skipped.append({"key": sample.key, "reason": str(err)})
             continue
         seen.add(sample.key)
-        out.keys.append(sample.key)
-        out.captions.append(caption)
+        out.keys += [sample.key] * len(sources)
+        out.captions += captions
     out.sha256 = digest.hexdigest()
     return out
 
@@ -98,14 +104,15 @@ class PreparedShard:
     inverse: torch.Tensor  # [rows] index of each good sample's caption in tokenized
 
 
-def prepare_shard(shard: Path, encoder: TextEncoder, on_error: str, on_long: str = "truncate") -> PreparedShard:
-    """Read a shard's captions, keep each distinct caption once and tokenize those.
+def prepare_shard(shard: Path, encoder: TextEncoder, on_error: str, on_long: str = "truncate",
+                  sources: tuple[str, ...] = (TXT,)) -> PreparedShard:
+    """Read a shard's captions (of every source), keep each distinct caption once and tokenize those.
 
     on_long: a caption longer than the encoder's max_length is cut and counted ("truncate"), skipped
     and counted with its reason ("skip"), or an error ("error"). Raises ShardError naming shard and
     key (see read_captions for the other bad captions).
     """
-    shard_captions = read_captions(shard, on_error)
+    shard_captions = read_captions(shard, on_error, sources)
     distinct: dict[str, int] = {}
     for caption in shard_captions.captions:
         distinct.setdefault(caption, len(distinct))
@@ -221,14 +228,15 @@ class Progress:
 def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *, device: str = "cpu",
                  rank: int = 0, world_size: int = 1, progress: bool = True,
                  encoder: TextEncoder | None = None) -> dict:
-    """Embed the captions of this rank's shards of `data_dir` into the store at `out_dir`.
+    """Embed the captions of this rank's shards of `data_dir` into the store at `out_dir`: one row per
+    sample and caption source of cfg.captions (the rows of a sample together, in that order).
 
     cfg: the encoder and its settings (see EmbedConfig). encoder: an already loaded encoder for cfg
     (else one is loaded on `device`); it is quantized and compiled here as cfg asks.
     Returns a summary: shards (this rank's), shards_embedded, shards_resumed (finished earlier),
     shards_redone (finished earlier, embedded again because their tar changed; also counted in
     shards_embedded), captions (samples read), rows (written), embedded (distinct captions run
-    through the encoder), duplicates, skipped, truncated, tokens (of the embedded captions),
+    through the encoder), duplicates, skipped (samples), truncated, tokens (of the embedded captions),
     padded_tokens (run through the model), seconds, captions_per_second, tokens_per_second,
     load_seconds, warmup_seconds (first passes of each input shape: compilation), precision,
     quantize, compiled, fidelity (the quantized encoder's report, or None) and precision_fidelity
@@ -241,6 +249,7 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world_size {world_size})")
+    sources = parse_sources(cfg.captions)
     shards = list_shards(data_dir)
     mine = shards[rank::world_size]
     out_dir = Path(out_dir)
@@ -260,10 +269,10 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     if (out_dir / store.MANIFEST).is_file():  # a rerun, or another rank: the recorded hash, while the weights are unchanged
         weights_sha256(encoder.path, store.read_manifest(out_dir)["encoder"])
     identity = {**encoder.identity, "quantize": cfg.quantize, "on_long": cfg.on_long}
-    store.check_for_writing(out_dir, identity, cfg.dtype, data_dir)
+    store.check_for_writing(out_dir, identity, cfg.dtype, data_dir, sources)
     todo, finished = _todo(mine, out_dir)
     reports = prepare_encoder(encoder, cfg, shards) if todo else {"fidelity": None, "precision_fidelity": None}
-    manifest = store.open_for_writing(out_dir, identity, cfg.dtype, [s.stem for s in shards], data_dir)
+    manifest = store.open_for_writing(out_dir, identity, cfg.dtype, [s.stem for s in shards], data_dir, sources)
     if any(reports.values()):
         store.record_fields(out_dir, **{name: report for name, report in reports.items() if report})
 
@@ -279,10 +288,11 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     bar = Progress(progress, "embed" if world_size == 1 else f"embed rank {rank}")
     # Read and tokenize the next shard in a thread while the encoder works on the current one.
     with ThreadPoolExecutor(max_workers=1) as reader, bar.bar:
-        pending = reader.submit(prepare_shard, todo[0][0], encoder, cfg.on_error, cfg.on_long) if todo else None
+        pending = reader.submit(prepare_shard, todo[0][0], encoder, cfg.on_error, cfg.on_long, sources) if todo else None
         for i, (shard, previous, keep_if_same) in enumerate(todo):
             prepared = pending.result()
-            pending = (reader.submit(prepare_shard, todo[i + 1][0], encoder, cfg.on_error, cfg.on_long)
+            pending = (reader.submit(prepare_shard, todo[i + 1][0], encoder, cfg.on_error, cfg.on_long,
+                                     sources)
                        if i + 1 < len(todo) else None)
             shard_captions = prepared.captions
             stat = shard.stat()
@@ -307,7 +317,7 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
                                       scales)
             store.record_shard(out_dir, shard.stem, entry)  # with the files' fingerprints, which readers check
             summary["shards_embedded"] += 1
-            summary["captions"] += len(shard_captions.keys) + len(shard_captions.skipped)
+            summary["captions"] += len(shard_captions.keys) // len(sources) + len(shard_captions.skipped)
             summary["rows"] += len(shard_captions.keys)
             summary["embedded"] += len(shard_captions.keys) - duplicates
             summary["duplicates"] += duplicates

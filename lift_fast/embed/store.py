@@ -3,11 +3,15 @@
     store/
       manifest.json      format version, encoder identity, dtype, dim, normalized, data shards, per-shard
                          counts and file fingerprints
-      00000.keys.txt     one sample key per line, in shard order
+      00000.keys.txt     one sample key per row, in shard order (a key once per caption source, its rows together)
       00000.json         count, skipped (with keys and reasons), truncated, duplicates, source tar stamp, files
       00000.caption_hash.npy  [count] uint64: blake2b-8 digest of the exact caption text of each row
       00000.scales.npy   [count] float32 per-row scales, int8 stores only (row = int8 row * scale)
       00000.npy          [count, dim] rows in the order of 00000.keys.txt (float16 by default)
+
+A store of several caption sources (manifest `captions`, e.g. ["txt", "json:re_caption"]) holds one row
+per (key, source): the rows of a key follow each other in the order of `captions`, so the row of
+source s is row_index(name)[key] + s, and a sample with a source missing has none of its rows.
 
 Every file is written under a temporary name, fsynced and renamed into place (store_writer); a
 shard's `.npy` is written last, so its presence marks a finished shard. Ranks of one job write
@@ -50,6 +54,7 @@ from lift_fast.embed.manifest import (  # noqa: F401
     WRITE_FIELDS,
     StoreError,
     StoreMismatchError,
+    caption_sources,
     check_for_writing,
     check_manifest,
     manifest_lock,
@@ -158,6 +163,7 @@ class EmbeddingStore:
         self.manifest_path = self.path / MANIFEST
         self.dim = int(self.manifest["dim"])
         self.dtype = np.dtype(self.manifest["dtype"])
+        self.sources = caption_sources(self.manifest)  # caption sources, in row order within a key
         self.open_shards = open_shards
         missing = [s for s in self.manifest.get("data_shards", []) if s not in self.manifest["shards"]]
         if missing:
@@ -284,8 +290,12 @@ class EmbeddingStore:
         return shard.hashes
 
     def row_index(self, name: str) -> dict[str, int]:
-        """Key -> row of shard `name` (a new dict each call: callers keep it as long as they need it)."""
-        return {key: row for row, key in enumerate(self.keys(name))}
+        """Key -> row of shard `name`, the row of its first caption source (add s for source s: see the
+        module docstring); a new dict each call: callers keep it as long as they need it."""
+        rows: dict[str, int] = {}
+        for row, key in enumerate(self.keys(name)):
+            rows.setdefault(key, row)
+        return rows
 
     def __len__(self) -> int:
         return sum(info["count"] for info in self.manifest["shards"].values())
@@ -306,7 +316,8 @@ def load_store(path: str | Path) -> tuple[list[str], np.ndarray, dict]:
     """All of a store in memory: keys (N), embeddings [N, D] in the store's dtype (float32, dequantized,
     for an int8 store), and the manifest.
 
-    Rows follow the shards in name order, each in shard order. Raises StoreError when the folder,
+    Rows follow the shards in name order, each in shard order; in a store of several caption sources
+    a key appears once per source (its rows together, in the order of manifest["captions"]). Raises StoreError when the folder,
     manifest or a shard file is missing, disagrees with the manifest, or holds a NaN or inf row.
     """
     store = open_store(path)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from lift_fast.atomic import write_json
 from lift_fast.config import Config, ConfigError, check_changes, load_config, load_run_config
+from lift_fast.data.captions import caption_from
 from lift_fast.data.loader import build_loader
 from lift_fast.data.shards import iter_samples, list_shards
 from lift_fast.embed import check_manifest
@@ -50,16 +51,17 @@ def image_features(model: EvalModel, loader, progress: bool) -> tuple[list[str],
     return keys, torch.cat(features), torch.cat(rows), skipped
 
 
-def captions_by_key(data_dir: str | Path, keys: Iterable[str]) -> tuple[dict[str, str], set[str]]:
-    """The caption text of each of `keys` (the samples the loader yielded, whose captions it has
-    read), and the set of every key in the shards. Samples the loader skipped are not decoded, so
-    a bad caption among them (data.on_error=skip) is no error here."""
+def captions_by_key(data_dir: str | Path, keys: Iterable[str], source: str = "txt") -> tuple[dict[str, str], set[str]]:
+    """The caption text (of caption `source`, see lift_fast.data.captions) of each of `keys` (the
+    samples the loader yielded, whose captions it has read), and the set of every key in the shards.
+    Samples the loader skipped are not decoded, so a bad caption among them (data.on_error=skip) is
+    no error here."""
     wanted, captions, every_key = set(keys), {}, set()
     for shard in list_shards(data_dir):
         for sample in iter_samples(shard):
             every_key.add(sample.key)
             if sample.key in wanted:
-                captions[sample.key] = sample.caption()
+                captions[sample.key] = caption_from(sample.files, source, shard, sample.key)
     return captions, every_key
 
 
@@ -133,17 +135,20 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, embeddings
 
 def shard_eval(model: EvalModel, data_dir, embeddings_dir, manifest: dict, negatives: dict | None,
                progress: bool) -> dict[str, float]:
-    """Retrieval over the eval shards' own captions (their store's rows), and compositional accuracy
-    of the SugarCrepe files beside them (`negatives`, or None to skip)."""
+    """Retrieval over the eval shards' own captions (their store's rows of one caption source,
+    eval.caption_source, named in the results as `caption_source/NAME`: 1), and compositional
+    accuracy of the SugarCrepe files beside them (`negatives`, or None to skip)."""
     cfg = model.cfg
     loader = build_loader(data_dir, embeddings_dir, split="eval", batch_size=cfg.eval.batch_size,
                           image_size=cfg.data.image_size, backend=cfg.data.backend, num_workers=cfg.data.num_workers,
-                          on_error=cfg.data.on_error)
+                          on_error=cfg.data.on_error, caption_source=cfg.eval.caption_source)
+    source = loader.dataset.reader.store.sources[loader.stream.eval_source]
+    log.info("eval: retrieval against caption source %r of %s", source, embeddings_dir)
     keys, features, rows, skipped = image_features(model, loader, progress)
 
     # Retrieval over unique captions: a synthetic set repeats captions, and an image whose caption
     # text is retrieved has found its caption, whichever copy it is.
-    captions, every_key = captions_by_key(data_dir, keys)
+    captions, every_key = captions_by_key(data_dir, keys, source)
     unique, caption_index = unique_captions([captions[k] for k in keys])
     first_row = {}
     for row, index in enumerate(caption_index):
@@ -153,7 +158,8 @@ def shard_eval(model: EvalModel, data_dir, embeddings_dir, manifest: dict, negat
     else:
         text_features = torch.nn.functional.normalize(rows[[first_row[i] for i in range(len(unique))]].float(), dim=-1)
     results = retrieval_metrics(features, text_features, torch.tensor(caption_index))
-    results.update({"num_images": len(keys), "num_captions": len(unique), "skipped_images": skipped})
+    results.update({"num_images": len(keys), "num_captions": len(unique), "skipped_images": skipped,
+                    f"caption_source/{source}": 1})
     if negatives is not None:
         encoder = model.text_encoder()
         if not model.clip_mode:  # the frozen encoder must be the store's; a CLIP-mode run's tower is its own
