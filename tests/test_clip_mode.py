@@ -202,3 +202,19 @@ def test_clip_mode_refuses_what_it_cannot_run_before_writing_anything(synth_data
     with pytest.raises(ConfigError, match=named):
         train(clip_config(*change), synth_data / "train", stores / "train", tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_clip_mode_refuses_fsdp_across_ranks():
+    """The text tower is not sharded: train.parallel=fsdp over several ranks is a ConfigError naming it
+    (checked before any weights are built); a single process runs fsdp whole, as in LIFT mode."""
+    from lift_fast.models.vit import build_model
+    from lift_fast.train.build import attach_text_tower
+    from lift_fast.train.distributed import Distributed
+
+    cfg = clip_config("train.parallel=fsdp")
+    model = build_model(cfg.model, 32, 48)
+    with pytest.raises(ConfigError, match="train.parallel=fsdp"):
+        attach_text_tower(model, cfg, Distributed(world_size=2), 48)
+    assert not hasattr(model, "text")
+    attach_text_tower(model, cfg, Distributed(), 48)
+    assert model.text.projection.out_features == 48
