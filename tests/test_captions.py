@@ -213,3 +213,22 @@ def test_a_store_without_txt_is_checked_on_the_json_text(synth_data, text_encode
     other = write_shard(tmp_path / "other", {k: {"re_caption": f"another caption of {k}"} for k in batch["keys"][:4]})
     with pytest.raises(ShardError, match=r"its caption is not the one its row .* was embedded from"):
         next(iter(build_loader(other, store, split="eval", batch_size=4, image_size=32, backend="pil", num_workers=0)))
+
+
+def test_a_run_trains_on_two_sources_and_eval_names_its_source(two_sources, synth_data, text_encoder, tmp_path):
+    from lift_fast.config import load_config
+    from lift_fast.eval import run as eval_run
+    from lift_fast.train.loop import train
+
+    eval_store = tmp_path / "eval_store"
+    embed_shards(synth_data / "eval", eval_store, EmbedConfig(captions=SOURCES), progress=False, encoder=text_encoder)
+    cfg = load_config(overrides=["data.image_size=32", "model.depth=1", "train.steps=2", "train.batch_size=16",
+                                 "train.warmup_steps=1", "train.log_every=1", "data.num_workers=0", "data.backend=pil",
+                                 "train.checkpoint_every=2", "data.caption_weights=txt=0.5,json:re_caption=0.5"])
+    run = tmp_path / "run"
+    train(cfg, synth_data / "train", two_sources, run, progress=False)
+    results = eval_run.evaluate(run, synth_data / "eval", eval_store, overrides=["eval.caption_source=json:re_caption"],
+                                progress=False)
+    assert results["caption_source/json:re_caption"] == 1 and "caption_source/txt" not in results
+    assert results["num_images"] == 32 and 0 <= results["i2t_r1"] <= 1
+    assert all(isinstance(v, (int, float)) for v in results.values())
