@@ -232,3 +232,19 @@ def test_a_run_trains_on_two_sources_and_eval_names_its_source(two_sources, synt
     assert results["caption_source/json:re_caption"] == 1 and "caption_source/txt" not in results
     assert results["num_images"] == 32 and 0 <= results["i2t_r1"] <= 1
     assert all(isinstance(v, (int, float)) for v in results.values())
+
+
+def test_a_long_caption_of_one_source_leaves_its_whole_sample_out(tmp_path, text_encoder):
+    long = " ".join(["word"] * 120)  # past embed.max_length=77 tokens
+    data = write_shard(tmp_path / "data", {"k0": {"re_caption": "short"}, "k1": {"re_caption": long},
+                                            "k2": {"re_caption": "also short"}})
+    with pytest.raises(ShardError, match=r"caption k1\.json field 're_caption' \(caption source 'json:re_caption'\) is "
+                                         r"longer than embed.max_length=77"):
+        embed_shards(data, tmp_path / "refused", EmbedConfig(captions=SOURCES, on_long="error"), progress=False,
+                     encoder=text_encoder)
+    embed_shards(data, tmp_path / "store", EmbedConfig(captions=SOURCES, on_long="skip"), progress=False,
+                 encoder=text_encoder)
+    keys, rows, manifest = load_store(tmp_path / "store")
+    assert keys == ["k0", "k0", "k2", "k2"] and manifest["shards"]["00000"]["skipped_samples"][0]["key"] == "k1"
+    expected = text_encoder.encode(["caption of k0", "short", "caption of k2", "also short"]).float().numpy()
+    np.testing.assert_allclose(rows.astype(np.float32), expected, atol=2e-3)

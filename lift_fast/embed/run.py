@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lift_fast.atomic import write_json
 from lift_fast.config import ConfigError, EmbedConfig
-from lift_fast.data.captions import TXT, caption_from, members_of, parse_sources
+from lift_fast.data.captions import JSON_PREFIX, TXT, caption_from, members_of, parse_sources
 from lift_fast.data.shards import ShardError, iter_samples, list_shards
 from lift_fast.embed import store
 from lift_fast.embed.encoder import (
@@ -119,18 +119,23 @@ def prepare_shard(shard: Path, encoder: TextEncoder, on_error: str, on_long: str
     tokenized = encoder.tokenize(list(distinct))
     if on_long != "truncate" and bool(tokenized.truncated.any()):
         shard_captions, distinct, tokenized = _drop_long(shard, shard_captions, tokenized, encoder.cfg.max_length,
-                                                         on_long)
+                                                         on_long, sources)
     inverse = torch.tensor([distinct[c] for c in shard_captions.captions], dtype=torch.long)
     return PreparedShard(shard, shard_captions, tokenized, inverse)
 
 
 def _drop_long(shard: Path, shard_captions: ShardCaptions, tokenized: Tokenized, max_length: int,
-               on_long: str) -> tuple[ShardCaptions, dict[str, int], Tokenized]:
-    """The shard without its samples whose caption is longer than max_length (on_long="skip"), or a
-    ShardError naming the first (on_long="error")."""
+               on_long: str, sources: tuple[str, ...] = (TXT,)) -> tuple[ShardCaptions, dict[str, int], Tokenized]:
+    """The shard without its samples whose caption (of any source) is longer than max_length
+    (on_long="skip": none of the sample's rows is kept), or a ShardError naming the first (on_long="error")."""
     long = {text for text, cut in zip(tokenized.texts, tokenized.truncated.tolist()) if cut}
-    reasons = {key: f"{shard}: caption {key}.txt is longer than embed.max_length={max_length} tokens"
-               for key, caption in zip(shard_captions.keys, shard_captions.captions) if caption in long}
+    reasons: dict[str, str] = {}
+    for row, (key, caption) in enumerate(zip(shard_captions.keys, shard_captions.captions)):
+        source = sources[row % len(sources)]  # a key's rows follow each other, one per source
+        if caption in long and key not in reasons:
+            what = (f"{key}.txt" if source == TXT
+                    else f"{key}.json field {source[len(JSON_PREFIX):]!r} (caption source {source!r})")
+            reasons[key] = f"{shard}: caption {what} is longer than embed.max_length={max_length} tokens"
     if on_long == "error":
         first = next(iter(reasons.values()))
         raise ShardError(f"{first} (set embed.on_long=truncate to cut such captions, or skip to leave them out)")
@@ -144,12 +149,13 @@ def _drop_long(shard: Path, shard_captions: ShardCaptions, tokenized: Tokenized,
     return out, {text: i for i, text in enumerate(short.texts)}, short
 
 
-def fidelity_sample(shards: list[Path], size: int) -> tuple[list[str], str]:
-    """The first `size` distinct good captions of the data, from its first shard on, and where they came from."""
+def fidelity_sample(shards: list[Path], size: int, sources: tuple[str, ...] = (TXT,)) -> tuple[list[str], str]:
+    """The first `size` distinct good captions (of the caption `sources`) of the data, from its first
+    shard on, and where they came from."""
     sample: dict[str, None] = {}
     used = []
     for shard in shards:
-        for caption in read_captions(shard, "skip").captions:
+        for caption in read_captions(shard, "skip", sources).captions:
             sample.setdefault(caption, None)
             if len(sample) == size:
                 break
@@ -168,7 +174,7 @@ def prepare_encoder(encoder: TextEncoder, cfg: EmbedConfig, shards: list[Path]) 
     """
     report = mixed = None
     checked = cfg.quantize != "none" or encoder.autocast_dtype is not None
-    sample, where = fidelity_sample(shards, cfg.fidelity_sample) if checked else ([], "")
+    sample, where = fidelity_sample(shards, cfg.fidelity_sample, parse_sources(cfg.captions)) if checked else ([], "")
     if encoder.autocast_dtype is not None and sample:
         mixed = check_mixed_precision(encoder, sample, min_fidelity=cfg.min_fidelity, where=where)
     if cfg.quantize != "none" and getattr(encoder, "quantize", "none") != cfg.quantize:
