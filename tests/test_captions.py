@@ -116,6 +116,8 @@ def test_the_draw_follows_the_probabilities_and_skips_zero_weights():
 
 def test_the_draw_is_the_same_over_ranks_and_per_sample():
     stream = SampleStream([16, 9, 23], batch_size=8, seed=5, caption_probabilities=(0.3, 0.7))
+    # What a forkserver/spawn worker rebuilds the stream from (ImageTextBatches.__getstate__).
+    assert SampleStream(stream.counts, **stream.settings()).batch(4) == stream.batch(4)
     for step in (0, 3, 11):
         whole = stream.batch(step)
         split = stream.batch(step, 0, 2) + stream.batch(step, 1, 2)
@@ -147,9 +149,10 @@ def store_rows_by_key(store: Path) -> dict[str, np.ndarray]:
     return {key: np.stack(r) for key, r in out.items()}
 
 
-def train_batches(data: Path, store: Path, steps: int, start_step: int = 0, backend: str = "pil") -> list[dict]:
+def train_batches(data: Path, store: Path, steps: int, start_step: int = 0, backend: str = "pil",
+                  workers: int = 0) -> list[dict]:
     loader = build_loader(data, store, split="train", batch_size=8, image_size=32, backend=backend, seed=3,
-                          num_workers=0 if backend == "pil" else 1, start_step=start_step,
+                          num_workers=workers if backend == "pil" else 1, start_step=start_step,
                           caption_weights="txt=0.4,json:re_caption=0.6", prefetch=0)
     batches = []
     for batch in loader:
@@ -171,7 +174,7 @@ def test_training_rows_are_the_drawn_sources_and_resume_draws_the_same(two_sourc
             np.testing.assert_array_equal(embedding, rows[key][ref.source])
             drawn.append(ref.source)
     assert 0 < sum(drawn) < len(drawn)  # both sources occur in these 32 samples
-    resumed = train_batches(data, two_sources, 2, start_step=2)
+    resumed = train_batches(data, two_sources, 2, start_step=2, workers=1)  # in a worker process
     for before, after in zip(batches[2:], resumed):
         assert before["keys"] == after["keys"]
         assert torch.equal(before["text_embeddings"], after["text_embeddings"])
