@@ -83,7 +83,6 @@ def test_clip_mode_logs_the_flops_module_count(clip_run, stores):
     assert records[5]["tflops"] == pytest.approx(records[5]["samples_per_second"] * expected / 1e12)
 
 
-@pytest.mark.slow
 def test_clip_mode_sigterm_then_resume_gives_the_exact_run(synth_data, stores, tmp_path, monkeypatch):
     """Stopped by SIGTERM at step 4 and resumed, a CLIP-mode run logs the very losses and ends with the
     very weights (both towers) of an uninterrupted one."""
@@ -141,7 +140,6 @@ def _rank_train(rank: int, overrides: list[str], data, store, run) -> None:
     train(load_config(overrides=overrides), data, store, run, progress=False)
 
 
-@pytest.mark.slow
 def test_clip_mode_on_two_ddp_ranks_matches_one_process(synth_data, stores, tmp_path):
     """Two gloo ranks of a CLIP-mode run follow one process on the same global batches: each rank's
     loss is its part of the global-batch loss with text gradients gathered, and DDP all-reduces the
@@ -218,3 +216,15 @@ def test_clip_mode_refuses_fsdp_across_ranks():
     assert not hasattr(model, "text")
     attach_text_tower(model, cfg, Distributed(), 48)
     assert model.text.projection.out_features == 48
+
+
+def test_the_train_command_runs_clip_mode(synth_data, stores, tmp_path, capsys):
+    """`lift-fast train model.text_tower=transformer` trains (the refusal it once had is gone)."""
+    from lift_fast.cli import main
+
+    run = tmp_path / "run"
+    code = main(["-q", "train", "--data", str(synth_data / "train"), "--embeddings", str(stores / "train"),
+                 "--run", str(run), *CLIP, "train.steps=2"])
+    assert code in (0, None)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    assert load_config(run / "config.yaml").model.text_tower == "transformer"
