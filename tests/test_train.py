@@ -670,16 +670,17 @@ def test_metrics_report_achieved_tflops_and_mfu_when_the_peak_is_given(synth_dat
     assert "peak_memory_gib" not in last  # CUDA only
 
 
-def test_data_prefetch_reaches_the_loader(synth_data, stores, tmp_path, monkeypatch):
-    """data.prefetch is the DALI feed thread's depth (0: the synchronous feed) that build_loader gets."""
+def test_data_settings_reach_the_loader(synth_data, stores, tmp_path, monkeypatch):
+    """data.prefetch (the DALI feed thread's depth; 0: the synchronous feed) and data.caption_weights
+    (the draw over the store's caption sources) are what build_loader gets."""
     asked = []
 
     def recording_build_loader(*args, **kwargs):
-        asked.append(kwargs["prefetch"])
+        asked.append((kwargs["prefetch"], kwargs["caption_weights"]))
         return build(*args, **kwargs)
 
     build = build_module.build_loader
     monkeypatch.setattr(build_module, "build_loader", recording_build_loader)
-    train(tiny_config("train.steps=1", "train.checkpoint_every=0", "data.prefetch=0"), synth_data / "train",
-          stores / "train", tmp_path / "run", progress=False)
-    assert asked == [0]
+    train(tiny_config("train.steps=1", "train.checkpoint_every=0", "data.prefetch=0", "data.caption_weights=txt=1"),
+          synth_data / "train", stores / "train", tmp_path / "run", progress=False)
+    assert asked == [(0, "txt=1")]

@@ -170,6 +170,7 @@ def build_parts(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifes
                           crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip, shuffle_window=cfg.data.shuffle_window,
                           start_step=progress.step, on_error=cfg.data.on_error, pin_memory=device.type == "cuda",
                           worker_init_fn=ignore_stop_signals, prefetch=cfg.data.prefetch, tokenizer=tokenizer,
+                          caption_weights=cfg.data.caption_weights,
                           # DALI on a GPU hands over images in the compute dtype: half the copy and no cast
                           dtype=precision if precision is not None and device.type == "cuda" else torch.float32)
     _check_batch_size(cfg, loader)
