@@ -127,7 +127,7 @@ class ModelConfig:
                                    "(lift_fast.kernels.fused_projection_clip_loss): no [B, D] features kept; not under fsdp")
     text_tower: str = _field("frozen", "frozen: LIFT (caption embeddings from the store); transformer: the CLIP "
                              "baseline, a text transformer trained jointly on the raw captions (models/text_tower.py; "
-                             "train/build.py; DDP, not fsdp; docs/training.md)",
+                             "train/build.py; DDP or fsdp; docs/training.md)",
                              choices=("frozen", "transformer"))
     text_width: int = _field(512, "text transformer width (CLIP ViT-B/16: 512)", min=8)
     text_layers: int = _field(12, "text transformer blocks (CLIP: 12)", min=1)

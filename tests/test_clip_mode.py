@@ -202,20 +202,61 @@ def test_clip_mode_refuses_what_it_cannot_run_before_writing_anything(synth_data
     assert not (tmp_path / "run").exists()
 
 
-def test_clip_mode_refuses_fsdp_across_ranks():
-    """The text tower is not sharded: train.parallel=fsdp over several ranks is a ConfigError naming it
-    (checked before any weights are built); a single process runs fsdp whole, as in LIFT mode."""
-    from lift_fast.models.vit import build_model
-    from lift_fast.train.build import attach_text_tower
-    from lift_fast.train.distributed import Distributed
+def _fsdp_rank_train(rank: int, overrides: list[str], data, store, run) -> None:
+    """_rank_train, recording which text-tower modules shard_model made FSDP groups and the share of the
+    text tower's elements this rank holds."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
-    cfg = clip_config("train.parallel=fsdp")
-    model = build_model(cfg.model, 32, 48)
-    with pytest.raises(ConfigError, match="train.parallel=fsdp"):
-        attach_text_tower(model, cfg, Distributed(world_size=2), 48)
-    assert not hasattr(model, "text")
-    attach_text_tower(model, cfg, Distributed(), 48)
-    assert model.text.projection.out_features == 48
+    from lift_fast.train import distributed
+
+    shard_model = distributed.shard_model
+
+    def recording_shards(model, ctx, **kwargs):
+        model = shard_model(model, ctx, **kwargs)
+        params = list(model.text.parameters())
+        groups = [name for name, module in model.text.named_modules() if isinstance(module, FSDPModule)]
+        share = sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params)
+        run.parent.mkdir(parents=True, exist_ok=True)
+        (run.parent / f"sharding.rank{rank}.json").write_text(json.dumps(
+            {"groups": groups, "share": share, "all_dtensors": all(isinstance(p, DTensor) for p in params)}))
+        return model
+
+    distributed.shard_model = recording_shards  # in the forked child only
+    _rank_train(rank, overrides, data, store, run)
+
+
+def test_clip_mode_on_two_fsdp_ranks_matches_one_process_and_resumes_in_one(synth_data, stores, tmp_path):
+    """Two fsdp gloo ranks of a CLIP-mode run (text blocks and the text tower sharded, each gathered by its
+    own hooks as the step calls model.text) log one process's losses and end with its weights, both
+    towers; the fsdp step-2 checkpoint (full `text.*` tensors) resumes in one process on that curve."""
+    overrides = CLIP + ["train.steps=4", "train.batch_size=8", "data.hflip=true", "data.shuffle_window=2",
+                        "train.checkpoint_every=2"]
+    single = tmp_path / "single" / "run"
+    train(load_config(overrides=overrides), synth_data / "train", stores / "train", single, progress=False)
+    run = tmp_path / "fsdp" / "run"
+    fork_ranks(_fsdp_rank_train, overrides + ["train.parallel=fsdp"], synth_data / "train", stores / "train", run)
+    for rank in range(2):  # one group per text block and one for the tower; about half its elements each
+        sharding = json.loads((run.parent / f"sharding.rank{rank}.json").read_text())
+        assert sharding["groups"] == ["", "blocks.0"] and sharding["all_dtensors"]
+        assert 0.45 < sharding["share"] < 0.55
+    assert [r["loss"] for r in read_metrics(run)] == pytest.approx([r["loss"] for r in read_metrics(single)], rel=1e-5)
+    assert [r["grad_norm"] for r in read_metrics(run)] == pytest.approx(
+        [r["grad_norm"] for r in read_metrics(single)], rel=1e-4)
+    reference = load_file(str(single / "checkpoints" / "step_000004" / "model.safetensors"))
+    final = load_file(str(run / "checkpoints" / "step_000004" / "model.safetensors"))
+    assert final.keys() == reference.keys() and any(name.startswith("text.blocks.") for name in final)
+    for name, tensor in reference.items():  # the fsdp tests' rule: about 1e-3 of Adam's lr a step
+        assert final[name].shape == tensor.shape, name
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-3 * 3e-4 * 4, msg=name)
+    resumed = tmp_path / "resumed" / "run"
+    train(load_config(overrides=overrides), synth_data / "train", stores / "train", resumed,
+          resume=str(run / "checkpoints" / "step_000002"), progress=False)
+    assert [r["loss"] for r in read_metrics(resumed)] == pytest.approx(
+        [r["loss"] for r in read_metrics(single)][2:], rel=1e-5)
+    weights = load_file(str(resumed / "checkpoints" / "step_000004" / "model.safetensors"))
+    for name in ("text.projection.weight", "text.token_embedding.weight", "text.blocks.0.attn.qkv.weight"):
+        torch.testing.assert_close(weights[name], reference[name], rtol=0, atol=1e-3 * 3e-4 * 4, msg=name)
 
 
 def test_the_train_command_runs_clip_mode(synth_data, stores, tmp_path, capsys):

@@ -4,7 +4,8 @@ loss, optimiser, schedule, loader and the state restored from a checkpoint (`bui
 train/loop.py runs the loop over them. model.text_tower=transformer (the CLIP baseline) attaches the
 text tower (models/text_tower.py) to the image model as its `text` submodule, so that one module's
 weights are saved, restored, optimised (same AdamW groups) and all-reduced under DDP (its hooks cover
-every parameter, wherever the graph uses it, as for the logit scale); the loader then tokenises each
+every parameter, wherever the graph uses it, as for the logit scale) or sharded under fsdp
+(train/distributed.py `shard_model`); the loader then tokenises each
 batch's raw captions with the tower's tokenizer (batch["tokens"]).
 """
 
@@ -138,8 +139,8 @@ def build_parts(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifes
                 batch_size: int) -> tuple[Parts, Progress]:
     """Model (and text tower in CLIP mode), optimiser, schedule and loader on ctx.device, restored from
     `start_ckpt` when resuming; the Progress to start from. manifest: the checked store's (its dim is
-    the joint width). Raises ConfigError for settings CLIP mode cannot run with (train.parallel=fsdp
-    across ranks, model.fuse_projection), and what the builders and load_checkpoint raise."""
+    the joint width). Raises ConfigError for settings CLIP mode cannot run with
+    (model.fuse_projection), and what the builders and load_checkpoint raise."""
     device = ctx.device
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
@@ -192,9 +193,6 @@ def attach_text_tower(model: nn.Module, cfg: Config, ctx: Distributed, dim: int)
     Raises ConfigError naming the setting CLIP mode cannot train with."""
     from lift_fast.models.text_tower import build_text_tower
 
-    if cfg.train.parallel == "fsdp" and ctx.enabled:
-        raise ConfigError("model.text_tower=transformer cannot run under train.parallel=fsdp yet: the text tower is "
-                          "not sharded (train/distributed.py shards the image tower's blocks); use train.parallel=ddp")
     if cfg.model.fuse_projection:
         raise ConfigError("model.fuse_projection=true is for LIFT mode (frozen text embeddings); with "
                           "model.text_tower=transformer use model.fuse_projection=false")

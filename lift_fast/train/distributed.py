@@ -166,7 +166,10 @@ def shard_model(model: nn.Module, ctx: Distributed, *, compile: bool = False,
     """FSDP2 over the LIFT image encoder (`model.visual.blocks`), in place, as torchtitan applies it.
 
     One fully_shard group per ViT block, then one for the root (patch embedding, position
-    embedding, final norm, head); the 0-d parameters stay whole (`replicated_parameters`). Every
+    embedding, final norm, head); the 0-d parameters stay whole (`replicated_parameters`). In CLIP
+    mode the text tower (`model.text`) gets one group per text block and one for the rest of the
+    tower (embeddings, final norm, projection), which the step calls on its own: its pre-forward
+    hook gathers those weights. Every
     block but the last frees its gathered weights after forward and gathers them again in
     backward; the last block's and the root's are needed at once when backward starts, so they are
     kept. compile: each block is compiled before it is sharded (the stem and the head stay eager),
@@ -181,8 +184,16 @@ def shard_model(model: nn.Module, ctx: Distributed, *, compile: bool = False,
         if compile:
             block.compile()  # in place: the state-dict names stay those of the plain model
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+    text = getattr(model, "text", None)  # CLIP mode's text tower, called by the step on its own (its own hooks)
+    if text is not None:
+        for block in text.blocks:
+            if compile:
+                block.compile()
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(text, mesh=mesh, mp_policy=policy)  # token/position embeddings, final norm, projection
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(replicated_parameters(model)))
-    log.info("FSDP2 over %d ranks: %d block groups + the root%s%s", ctx.world_size, len(blocks),
+    log.info("FSDP2 over %d ranks: %d block groups%s + the root%s%s", ctx.world_size, len(blocks),
+             f", {len(text.blocks)} text block groups + the text tower" if text is not None else "",
              f", weights gathered in {param_dtype}" if param_dtype else "", ", blocks compiled" if compile else "")
     return model
 

@@ -113,7 +113,7 @@ def _stop_requests() -> Iterator[list[int]]:
 def train(cfg: Config, data_dir: str | Path, embeddings_dir: str | Path, run_dir: str | Path, *,
           resume: str | None = None, progress: bool = True) -> dict:
     """Train the image tower (and in CLIP mode the text tower), in this process or, under torchrun, as
-    one rank of a DDP or FSDP2 job (CLIP mode: DDP only).
+    one rank of a DDP or FSDP2 job (either in CLIP mode too).
 
     resume: None (start fresh; refuses a run folder that already has checkpoints), "auto" (continue
     from the newest complete checkpoint, or start fresh) or a checkpoint folder. When resuming, cfg
