@@ -98,6 +98,10 @@ def build_from_weights(cfg: Config, folder: Path) -> LiftImageEncoder:
         raise FileNotFoundError(f"{weights_file} does not exist")
     model_cfg = dataclasses.replace(cfg.model, attention="auto") if cfg.model.attention == "flash" else cfg.model
     model = build_model(model_cfg, cfg.data.image_size, text_dim_of(weights_file), cfg.train.logit_scale_init)
+    if model_cfg.text_tower == "transformer":  # a CLIP-mode run: its trained text tower is in the weights too
+        from lift_fast.models.text_tower import build_text_tower
+
+        model.text = build_text_tower(model_cfg, text_dim_of(weights_file))[0]
     with safe_open(str(weights_file), framework="pt") as file:
         if "logit_bias" in file.keys():  # noqa: SIM118 (not a dict)
             model.register_parameter("logit_bias", nn.Parameter(torch.zeros(())))

@@ -269,3 +269,22 @@ def test_the_train_command_runs_clip_mode(synth_data, stores, tmp_path, capsys):
     assert code in (0, None)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     assert load_config(run / "config.yaml").model.text_tower == "transformer"
+
+
+def test_a_clip_mode_run_exports(clip_run, tmp_path, capsys):
+    """The image tower of a CLIP-mode run exports for timm (the text tower stays behind) and whole for
+    load_image_encoder (both towers, equal to the checkpoint's)."""
+    import timm
+
+    from lift_fast import cli, load_image_encoder
+
+    run, _ = clip_run
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "timm"), "--format", "timm"]) == 0
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "lift"), "--format", "lift"]) == 0
+    capsys.readouterr()
+    tower = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    assert not any(name.startswith("text.") for name in tower.state_dict())
+    model, _ = load_image_encoder(tmp_path / "lift")
+    saved = load_file(str(run / "checkpoints" / "step_000040" / "model.safetensors"))
+    assert any(name.startswith("text.") for name in saved)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in saved.items())
