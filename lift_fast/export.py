@@ -40,8 +40,9 @@ from torch import nn
 from lift_fast import __version__
 from lift_fast.atomic import publish_dir, write_json
 from lift_fast.config import Config, ConfigError, config_to_dict, load_config
-from lift_fast.data.augment import CLIP_MEAN, CLIP_STD, center_box, crop_resize, to_tensor
+from lift_fast.data.augment import CLIP_MEAN, CLIP_STD
 from lift_fast.embed.store import EMBED_SETTINGS
+from lift_fast.eval.model import preprocess
 from lift_fast.models.timm_names import image_tower, timm_kwargs, to_timm_state_dict
 from lift_fast.models.vit import SIZES, LiftImageEncoder, build_model
 from lift_fast.train import RunFolderError
@@ -68,7 +69,7 @@ class EvalTransform:
         self.image_size = image_size
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return to_tensor(crop_resize(image, center_box(*image.size), self.image_size, False, "image"))
+        return preprocess(image, self.image_size)
 
     def __repr__(self) -> str:
         return f"EvalTransform(centre square, bicubic {self.image_size}px, CLIP mean/std)"

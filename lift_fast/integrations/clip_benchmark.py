@@ -29,8 +29,8 @@ from torch import nn
 
 from lift_fast.config import Config, load_config
 from lift_fast.embed import check_manifest
-from lift_fast.eval.model import EvalModel, load_run_model, preprocess
-from lift_fast.export import PROVENANCE, export_config, lift_export_record
+from lift_fast.eval.model import EvalModel, load_run_model
+from lift_fast.export import PROVENANCE, EvalTransform, export_config, lift_export_record
 from lift_fast.train.checkpoint import PATTERN
 
 MODEL_TYPE = "lift_fast"
@@ -123,10 +123,7 @@ def load_lift_fast(model_name: str = "lift", pretrained: str = "", cache_dir: st
     if manifest is not None:
         check_manifest(manifest, model.encoder.identity, Path(pretrained))
 
-    def transform(image):
-        return preprocess(image, cfg.data.image_size)
-
-    return model, transform, LiftTokenizer(model.encoder)
+    return model, EvalTransform(cfg.data.image_size), LiftTokenizer(model.encoder)
 
 
 def _topk_accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[float]:
