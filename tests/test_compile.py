@@ -110,7 +110,7 @@ def test_model_forward_and_loss_trace_without_graph_breaks(request, loss_name, a
         request.getfixturevalue("flash")
     _, forward_and_loss, inputs = _model_and_loss(loss_name, attention_backend)
     # One eager call first: LIFT_FAST_KERNELS=auto logs its choice on the first loss call of a
-    # process, and a logging call breaks a graph (kernels/reference.py loss_implementation).
+    # process, and a logging call breaks a graph (kernels/lift_fast_kernels/reference.py loss_implementation).
     forward_and_loss(*inputs)
     explained = torch._dynamo.explain(forward_and_loss)(*inputs)
     assert explained.graph_break_count == 0, explained.break_reasons

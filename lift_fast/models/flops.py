@@ -14,7 +14,7 @@ kernels skip about half of it.
 Per sample of a training step (`step_flops_per_sample`), for a global batch N and joint width D:
 - LIFT (model.text_tower=frozen): image tower + head (3 x forward), the loss against frozen texts
   (2 N D forward; 4 N D backward: the similarity recomputed and the image gradient, see
-  kernels/clip_loss.py), and the frozen encoder's one-off pass over every caption spread over the
+  kernels/lift_fast_kernels/clip_loss.py), and the frozen encoder's one-off pass over every caption spread over the
   samples seen (its forward FLOPs per caption / epochs).
 - CLIP (model.text_tower=transformer): the same image side, the text tower (3 x forward, every step),
   and the loss with text gradients (2 N D forward, 6 N D backward).
