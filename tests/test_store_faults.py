@@ -13,13 +13,14 @@ import pytest
 from test_atomic import events  # noqa: F401  (the fixture: every fsync and rename, in order)
 
 from lift_fast.atomic import write_json
-from lift_fast.embed import store as store_module
-from lift_fast.embed.manifest import new_manifest, record_shard
-from lift_fast.embed.store import (
+from lift_fast.store import reader as store_module
+from lift_fast.store.manifest import new_manifest, record_shard
+from lift_fast.store import (
     StoreError,
     finished_shard,
     load_store,
     open_store,
+    record_files,
     shard_files,
     store_rows,
     write_shard,
@@ -46,7 +47,7 @@ def poison(folder, name: str, rows: np.ndarray) -> None:
     """Put rows holding NaN/inf into a written shard, as bit rot or a foreign tool would (write_shard
     refuses them), and record the files so that the fingerprint check lets them through to the row check."""
     np.save(folder / f"{name}.npy", rows.astype(np.load(folder / f"{name}.npy", mmap_mode="r").dtype))
-    store_module.record_files(folder, name)
+    record_files(folder, name)
 
 
 def rows_of(count: int, seed: int) -> np.ndarray:
@@ -126,7 +127,7 @@ def test_int8_store_with_a_nonfinite_scale_is_refused(tmp_path):
     scales = np.load(scales_path)
     scales[2] = np.inf
     np.save(scales_path, scales)
-    store_module.record_files(folder, "00000")  # a deliberate rewrite, so the fingerprint check passes
+    record_files(folder, "00000")  # a deliberate rewrite, so the fingerprint check passes
     with pytest.raises(StoreError, match=r"00000.npy: 1 row\(s\) hold NaN or inf \(its scale in 00000.scales.npy\): row 2"):
         open_store(folder).embeddings("00000")
 

@@ -17,10 +17,10 @@ from PIL import Image
 from shard_tools import write_members
 
 from lift_fast.data.loader import build_loader
-from lift_fast.embed.manifest import FORMAT, FORMAT_VERSION
-from lift_fast.embed.shard_files import HASH_DTYPE, caption_hash, fingerprint_bytes
-from lift_fast.embed.store import OPEN_SHARDS, open_store
-from lift_fast.embed.store_writer import _npy_bytes
+from lift_fast.store.files import HASH_DTYPE, caption_hash, fingerprint_bytes
+from lift_fast.store.manifest import FORMAT, FORMAT_VERSION
+from lift_fast.store.reader import OPEN_SHARDS, open_store
+from lift_fast.store.writer import _npy_bytes
 
 SHARDS = 2500
 ROWS = 200  # keys per shard: what the cache holds per shard is mostly these strings

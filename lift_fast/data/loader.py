@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -53,11 +54,14 @@ from lift_fast.data.index import sample_count
 from lift_fast.data.reader import RawSample, SampleReader
 from lift_fast.data.shards import ShardError, list_shards
 from lift_fast.data.stream import SampleRef, SampleStream
-from lift_fast.embed.store import open_store
+from lift_fast.store import open_store
 
 log = logging.getLogger(__name__)
 
 MAX_REPLACEMENTS = 16  # stand-ins tried for one bad training sample before giving up
+# Signals a cluster sends every process of a job (SLURM: SIGTERM at preemption or the time limit, SIGUSR1
+# ahead of it): a PIL loader's fork server must survive them (start_fork_server).
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 T = TypeVar("T")
 
 
@@ -271,16 +275,18 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
     else:
         # Its own generator: DataLoader draws a worker base seed on every iter(), which would otherwise
         # move the global torch RNG that the training step (patch dropout) draws from after a resume.
+        start_method = worker_start_method() if num_workers else None
+        if start_method == "forkserver":
+            worker_init_fn = _WorkerInit(worker_init_fn)
         data = DataLoader(batches, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                           prefetch_factor=2 if num_workers else None, worker_init_fn=worker_init_fn,
-                          generator=torch.Generator().manual_seed(seed),
-                          multiprocessing_context=worker_start_method() if num_workers else None)
+                          generator=torch.Generator().manual_seed(seed), multiprocessing_context=start_method)
     return Loader(batches, data, split=split, shards=shards, stream=stream, rank=rank, world_size=world_size)
 
 
 def worker_start_method() -> str | None:
     """How the PIL loader starts its worker processes: None (the platform's default, fork on Linux) unless a
-    DALI pipeline is alive in this process, then "forkserver".
+    DALI pipeline is alive in this process, then "forkserver" (the fork server started by start_fork_server).
 
     A forked child inherits a copy of every DALI pipeline but none of the threads behind it; if the
     child's garbage collector ever finalises one, Pipeline.__del__ waits for those threads forever (the
@@ -288,11 +294,7 @@ def worker_start_method() -> str | None:
     The price is the worker start (measured in docs/data.md), and that a script must guard its entry
     point with `if __name__ == "__main__":`, as it must for any non-fork start method.
     """
-    dali = sys.modules.get("nvidia.dali.pipeline")
-    if dali is None:
-        return None
-    pipes = getattr(dali.Pipeline, "_pipes", None)  # DALI's weak references to its pipelines, for atexit
-    if pipes is not None and not any(ref() is not None for ref in list(pipes)):
+    if not _dali_pipeline_alive():
         return None
     # The server imports this module (torch, numpy, PIL, the store) once; each worker is then a fork of
     # it (0.3 s, as with fork) instead of a fresh interpreter importing torch (4-8 s on 2 busy cores).
@@ -300,7 +302,46 @@ def worker_start_method() -> str | None:
     preload = getattr(multiprocessing.forkserver._forkserver, "_preload_modules", ["__main__"])
     if __name__ not in preload:
         multiprocessing.set_forkserver_preload([*preload, __name__])
+    start_fork_server()
     return "forkserver"
+
+
+def _dali_pipeline_alive() -> bool:
+    dali = sys.modules.get("nvidia.dali.pipeline")
+    if dali is None:
+        return False
+    pipes = getattr(dali.Pipeline, "_pipes", None)  # DALI's weak references to its pipelines, for atexit
+    return pipes is None or any(ref() is not None for ref in list(pipes))
+
+
+def start_fork_server() -> None:
+    """Start multiprocessing's fork server (unless it runs) with JOB_SIGNALS blocked, so that it never dies of them.
+
+    SLURM signals every process of a job step, and the fork server is one of them. Had it died of the
+    SIGTERM, the workers it forked would exit too (their parent is gone: DataLoader's watchdog) and
+    the training process, which learns of its workers' exits through the server, would raise
+    "DataLoader worker exited unexpectedly" instead of saving its last step. The mask is inherited
+    through fork and exec; a signal that arrives here while it is blocked is delivered when this
+    thread unblocks it. Workers unblock the signals after their worker_init_fn (_WorkerInit).
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+class _WorkerInit:
+    """A forkserver worker's worker_init_fn: the caller's (which may ignore JOB_SIGNALS, as training's
+    does), then JOB_SIGNALS unblocked, so the worker acts on them as a forked one would."""
+
+    def __init__(self, init: Callable[[int], None] | None):
+        self.init = init
+
+    def __call__(self, worker_id: int) -> None:
+        if self.init is not None:
+            self.init(worker_id)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
 
 
 def _cuda_device() -> int | None:

@@ -26,7 +26,7 @@ from lift_fast.data.captions import TXT, caption_from
 from lift_fast.data.index import NO_MEMBER, ShardIndex, read_index, scan_members
 from lift_fast.data.shards import ShardError, split_member_name
 from lift_fast.data.stream import SampleRef
-from lift_fast.embed.store import EmbeddingStore, caption_hash
+from lift_fast.store import EmbeddingStore, caption_hash
 
 OPEN_SHARDS = 64  # indexes and file handles kept per process: a mixing window's worth of shards
 

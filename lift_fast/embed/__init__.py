@@ -1,11 +1,10 @@
 """Embed stage: the frozen text encoder, the embedding store, and the run over all shards.
 
-The store is four modules: manifest (format, identity checks, the lock), shard_files (file names,
-caption hashes, fingerprints), store_writer (rows in the storage dtype, writing a shard) and store
-(the reader, which also exports every name of the other three).
+The store itself (format, reader, writer) is the package lift_fast.store, below both this stage and
+the data loader; its reader's names are re-exported here (`lift_fast.embed.load_store` etc.).
 """
 
-from lift_fast.embed.store import (
+from lift_fast.store import (
     EmbeddingStore,
     StoreError,
     StoreMismatchError,

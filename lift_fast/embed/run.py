@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lift_fast import store
 from lift_fast.atomic import write_json
 from lift_fast.config import ConfigError, EmbedConfig
 from lift_fast.data.captions import JSON_PREFIX, TXT, caption_from, members_of, parse_sources
 from lift_fast.data.shards import ShardError, iter_samples, list_shards
-from lift_fast.embed import store
 from lift_fast.embed.encoder import (
     TextEncoder,
     Tokenized,

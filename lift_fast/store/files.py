@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lift_fast.embed.manifest import StoreError
+from lift_fast.store.manifest import StoreError
 
 HASH_DTYPE = np.dtype("<u8")
 # Bytes read at each end of a file for its fingerprint. A .npy's first 64 KiB hold its header and its

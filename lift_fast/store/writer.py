@@ -3,7 +3,7 @@ written atomically and durably, and the check that tells a finished shard from o
 
     stored, scales = store_rows(rows, "float16")                  # rows [N, D] float32
     entry = write_shard(store_dir, "00000", keys, stored, info, captions, scales)
-    record_shard(store_dir, "00000", entry)                       # lift_fast.embed.manifest
+    record_shard(store_dir, "00000", entry)                       # lift_fast.store.manifest
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from lift_fast.atomic import atomic_write, write_json
-from lift_fast.embed.manifest import MANIFEST, StoreError, read_manifest, record_shard
-from lift_fast.embed.shard_files import (
+from lift_fast.store.manifest import MANIFEST, StoreError, read_manifest, record_shard
+from lift_fast.store.files import (
     HASH_DTYPE,
     caption_hash,
     fingerprint_bytes,
@@ -64,7 +64,7 @@ def write_shard(store_dir: str | Path, name: str, keys: list[str], embeddings: n
     captions: the exact text each row was embedded from (its hash is stored, see `caption_hash`).
     scales: [len(keys)] float32, with int8 rows only (see `store_rows`).
     Returns the shard's manifest entry: info with `count` and `files` (each file's fingerprint, see
-    lift_fast.embed.shard_files), as also written to NAME.json.
+    lift_fast.store.files), as also written to NAME.json.
     Raises ValueError when the lengths disagree or int8 rows come without scales, and StoreError naming
     the key when a key holds a line break or its row (or int8 scale) a NaN or inf.
     """
