@@ -470,20 +470,42 @@ def test_sigusr1_saves_like_sigterm(synth_data, stores, tmp_path, monkeypatch):
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == handlers
 
 
-def test_loader_workers_ignore_the_stop_signals(synth_data, stores, tmp_path, monkeypatch):
-    """SLURM and torchrun signal every process of a job, loader workers included. A worker must not
-    die of it (the main process would then fail on the next batch instead of saving): the main
-    process alone acts on the signal, and it stops the workers itself."""
-    def sigterm_the_workers():
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid()):
-                os.kill(int(entry.name), signal.SIGTERM)  # a child of this process: the loader's worker
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_loader_workers_ignore_the_stop_signals(synth_data, stores, tmp_path, monkeypatch, start_method):
+    """SLURM signals every process of a job step, loader workers and the fork server included. None
+    may die of it (the main process would then fail on the next batch instead of saving): the main
+    process alone acts on the signal, and it stops the workers itself. The loader forks its workers
+    from the fork server while a DALI pipeline is alive in the process (worker_start_method), which
+    in a full test run depends on when earlier tests' pipelines were collected: forced here."""
+    from lift_fast.data import loader as loader_module
 
-    interrupt_at(monkeypatch, 2, sigterm_the_workers)
+    monkeypatch.setattr(loader_module, "_dali_pipeline_alive", lambda: start_method == "forkserver")
+
+    def sigterm_the_job():
+        for pid in descendants(os.getpid()):  # the workers, and the fork server with the workers it forked
+            os.kill(pid, signal.SIGTERM)
+
+    interrupt_at(monkeypatch, 2, sigterm_the_job)
     # 12 steps: more batches than the worker has prefetched when it gets the signal
     result = train(tiny_config("train.steps=12", "data.num_workers=1"), synth_data / "train", stores / "train",
                    tmp_path / "run", progress=False)
     assert result["step"] == 12
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, their children, ...), from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):  # not a process, or one that has just exited
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def nan_loss_at(monkeypatch, steps, snapshots: dict | None = None) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -324,6 +325,9 @@ def start_fork_server() -> None:
     through fork and exec; a signal that arrives here while it is blocked is delivered when this
     thread unblocks it. Workers unblock the signals after their worker_init_fn (_WorkerInit).
     """
+    # The resource tracker first: starting it unblocks SIGTERM in this thread (CPython's own guard of its
+    # start, bpo-33613), which would undo the mask below if it started inside the server's start.
+    multiprocessing.resource_tracker.ensure_running()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
     try:
         multiprocessing.forkserver.ensure_running()
