@@ -1,7 +1,8 @@
 """A compiled step without graph breaks: the model forward plus the loss under torch.compile
 (fullgraph), and the flash-attn kernels behind torch.library custom ops (registration, fake,
-autograd) so that they trace too. flash-attn is not installed here: a stand-in kernel with
-flash-attn 2's contract (it runs SDPA) is put where the op finds the chosen kernel."""
+autograd) so that they trace too. flash-attn is not installed here: attention.REFERENCE_KERNEL, the
+flash contract (out and the softmax's lse from the forward, a backward from them) in plain torch, is
+put where the op finds the chosen kernel."""
 
 from __future__ import annotations
 
@@ -17,12 +18,6 @@ from lift_fast.models.vit import build_model
 DIM = 16
 
 
-def stand_in_flash(qkv: torch.Tensor) -> torch.Tensor:
-    """flash_attn_qkvpacked_func's contract: qkv [B, N, 3, H, Dh] -> [B, N, H, Dh] (here by SDPA)."""
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, N, Dh]
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-
-
 def reference_attention(qkv: torch.Tensor) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
     weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
@@ -31,11 +26,11 @@ def reference_attention(qkv: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def flash(monkeypatch):
-    """model.attention=flash with the stand-in as the chosen kernel (as resolve_backend leaves it on a GPU)."""
+    """model.attention=flash with the reference kernel as the chosen one (as resolve_backend leaves it on a GPU)."""
     attention._resolve_backend.cache_clear()
-    monkeypatch.setattr(attention, "flash_kernels", lambda: ({"flash-attn-2": stand_in_flash}, ""))
+    monkeypatch.setattr(attention, "flash_kernels", lambda: ({"flash-attn-2": attention.REFERENCE_KERNEL}, ""))
     monkeypatch.setattr(attention, "_flash_kernel_for", lambda device, dtype: ("flash-attn-2", ""))
-    monkeypatch.setitem(attention._CHOSEN_KERNELS, "flash-attn-2", stand_in_flash)
+    monkeypatch.setitem(attention._CHOSEN_KERNELS, "flash-attn-2", attention.REFERENCE_KERNEL)
     yield "flash-attn-2"
     attention._resolve_backend.cache_clear()
 
@@ -52,25 +47,26 @@ def test_flash_op_is_registered_with_a_fake_and_autograd(flash):
     torch.library.opcheck(attention.flash_attention, (qkv_input(torch.float32), flash))
     with torch._subclasses.FakeTensorMode():
         fake = torch.empty(4, 9, 3, 2, 8, dtype=torch.bfloat16)
-        out = attention.flash_attention(fake, flash)
+        out, lse = attention.flash_attention(fake, flash)
     assert out.shape == (4, 9, 2, 8) and out.dtype == torch.bfloat16
+    assert lse.shape == (4, 2, 9) and lse.dtype == torch.float32
 
 
 def test_flash_op_forward_and_gradient_match_float64_reference(flash):
     qkv = qkv_input()
-    out = attention.flash_attention(qkv, flash)
+    out = attention.run_flash(flash, qkv)
     grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
     (grad,) = torch.autograd.grad(out, qkv, grad_out)
     expected = reference_attention(qkv)
     (expected_grad,) = torch.autograd.grad(expected, qkv, grad_out)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grad, expected_grad)
-    assert torch.autograd.gradcheck(lambda x: attention.flash_attention(x, flash), (qkv_input(seed=2),))
+    assert torch.autograd.gradcheck(lambda x: attention.run_flash(flash, x), (qkv_input(seed=2),))
 
 
 def test_the_op_is_what_a_compiled_model_calls(flash):
-    """Eager calls the kernel itself; under torch.compile the graph holds the custom op, not the
-    kernel's Python (which, for the real flash-attn, would not trace)."""
+    """Under torch.compile the graph holds the custom op, not the kernel's Python (which, for the real
+    flash-attn, would not trace)."""
     cfg = load_config(overrides=["model.attention=flash", "model.depth=1", "model.head_hidden=8"])
     model = build_model(cfg.model, 32, DIM)
     graphs = []

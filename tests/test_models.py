@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import flash_stand_ins
 import pytest
 import torch
 import torch.nn.functional as F
@@ -96,19 +97,8 @@ def test_flash_without_flash_attn_is_a_clear_config_error():
     assert "No module named 'flash_attn'" in message and "model.attention=auto" in message
 
 
-def fake_fa2(qkv, dropout_p=0.0, softmax_scale=None, causal=False):
-    """flash-attn 2's flash_attn_qkvpacked_func contract: qkv [B, N, 3, H, Dh] -> [B, N, H, Dh]."""
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, N, Dh]
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-
-
-def fake_fa4(q, k, v, softmax_scale=None, causal=False):
-    """flash_attn.cute.flash_attn_func's contract: q, k, v [B, N, H, Dh] -> (out [B, N, H, Dh], lse)."""
-    return fake_fa2(torch.stack([q, k, v], dim=2)), None
-
-
 def test_flash_on_cpu_float32_names_device_and_dtype(monkeypatch):
-    monkeypatch.setattr(attention, "flash_kernels", lambda: ({"flash-attn-2": fake_fa2}, ""))
+    monkeypatch.setattr(attention, "flash_kernels", lambda: ({"flash-attn-2": flash_stand_ins.KERNELS["flash-attn-2"]}, ""))
     model = tower("flash")
     with pytest.raises(ConfigError) as err:
         model(images())
@@ -120,9 +110,9 @@ def test_flash_on_cpu_float32_names_device_and_dtype(monkeypatch):
 @pytest.mark.parametrize("kernel", ["flash-attn-2", "flash-attn-4"])
 def test_flash_path_packs_qkv_as_the_kernels_expect(monkeypatch, kernel):
     """The flash path's layout (packed qkv in, [B, N, H, Dh] out), with stand-ins that keep flash-attn's
-    contracts, since no GPU or flash-attn is here; the stand-ins run SDPA, so math is the reference."""
-    fakes = {"flash-attn-2": fake_fa2, "flash-attn-4": attention.fa4_qkvpacked(fake_fa4)}
-    monkeypatch.setattr(attention, "flash_kernels", lambda: ({kernel: fakes[kernel]}, ""))
+    low-level signatures (tests/flash_stand_ins.py: torch's CPU flash kernel), since no GPU or flash-attn
+    is here; math is the reference."""
+    monkeypatch.setattr(attention, "flash_kernels", lambda: ({kernel: flash_stand_ins.KERNELS[kernel]}, ""))
     monkeypatch.setattr(attention, "_flash_kernel_for", lambda device, dtype: (kernel, ""))
     flash_out, flash_grads = output_and_grads(tower("flash"), images())
     math_out, math_grads = output_and_grads(tower("math"), images())
@@ -132,7 +122,8 @@ def test_flash_path_packs_qkv_as_the_kernels_expect(monkeypatch, kernel):
 
 
 def test_auto_takes_sdpa_here_and_logs_it_once(caplog, monkeypatch):
-    monkeypatch.setattr(attention, "flash_kernels", lambda: ({"flash-attn-2": fake_fa2}, ""))  # installed, not applicable
+    installed = {"flash-attn-2": flash_stand_ins.KERNELS["flash-attn-2"]}  # installed, not applicable here
+    monkeypatch.setattr(attention, "flash_kernels", lambda: (installed, ""))
     model = tower("auto")
     with caplog.at_level(logging.INFO, logger="lift_fast.models.attention"):
         auto_out = model(images())
