@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images of the zero-shot classification set, CLIP_benchmark's wds layout (default 480)")
     p.add_argument("--num-retrieval", type=_at_least(SYNTH_MINIMUM["num_retrieval"]), default=200,
                    help="images of the multi-caption retrieval set, wds and Karpathy JSON (default 200)")
+    p.add_argument("--num-lift", type=_at_least(SYNTH_MINIMUM["num_lift"]), default=100,
+                   help="images of each miniature of LIFT's evaluation sets in lift/ (Urban-1k, DOCCI, DCI, "
+                   "ShareGPT4V, SugarCrepe++, SugarCrepe layouts; default 100)")
 
     p = command("index", "write a DALI webdataset index (.idx) beside every shard of a folder")
     p.add_argument("data", type=Path, help="folder of .tar shards")
@@ -103,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", default=[], metavar="kind=K,format=F,path=P[,name=N,...]",
                    help="one task (repeatable), fields as in a tasks file")
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: the newest)")
+    p.add_argument("--suite", choices=("lift",), default=None,
+                   help="lift: every set of the LIFT paper found under --root in its downloaded layout (ImageNet, "
+                   "COCO, Flickr30k, SugarCrepe(++), Urban-1k, DOCCI, DCI, ShareGPT4V-1k); prints one table")
+    p.add_argument("--root", type=Path, default=None, help="the folder holding the --suite's data sets")
     _settings(p)  # on top of the run's config.yaml; only eval.* and data loading settings may differ
 
     p = command("export", "write a run's image tower for timm, open_clip or lift_fast.load_image_encoder "
@@ -147,7 +154,7 @@ def run_command(args) -> None:
         summary = write_synthetic(args.out, num_train=args.num_train, num_eval=args.num_eval,
                                   image_size=args.image_size, seed=args.seed,
                                   samples_per_shard=args.samples_per_shard, num_zeroshot=args.num_zeroshot,
-                                  num_retrieval=args.num_retrieval, progress=progress)
+                                  num_retrieval=args.num_retrieval, num_lift=args.num_lift, progress=progress)
         print(json.dumps(summary))
     elif args.command == "index":
         from lift_fast.data.index import index_shards
@@ -173,6 +180,15 @@ def run_command(args) -> None:
         from lift_fast.eval.tasks import load_task_file, parse_task
 
         tasks = (load_task_file(args.tasks) if args.tasks else []) + [parse_task(text) for text in args.task]
+        if (args.suite is None) != (args.root is None):
+            raise ConfigError("--suite and --root go together: --suite lift --root DIR")
+        if args.suite:
+            from lift_fast.eval.suite import run_suite
+
+            print(run_suite(args.run, args.root, tasks=tasks, data_dir=args.data, embeddings_dir=args.embeddings,
+                            config_path=args.config, overrides=args.overrides, checkpoint=args.checkpoint,
+                            progress=progress)[1])
+            return
         print(json.dumps(evaluate(args.run, args.data, args.embeddings, tasks=tasks, config_path=args.config,
                                   overrides=args.overrides, checkpoint=args.checkpoint, progress=progress)))
     elif args.command == "export":

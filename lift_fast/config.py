@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,11 @@ class ConfigError(ValueError):
     """A config key that does not exist or a value that does not fit its field."""
 
 
-def _field(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None):
-    """A dataclass field carrying its docstring and validation rules as metadata."""
-    meta = {"doc": doc, "choices": choices, "min": min}
+def _field(default: Any, doc: str, *, choices: tuple | None = None, min: float | None = None,
+           aliases: dict | None = None):
+    """A dataclass field carrying its docstring and validation rules as metadata (aliases: older
+    spellings of a value, e.g. a bool that became a choice, read as the value they stand for)."""
+    meta = {"doc": doc, "choices": choices, "min": min, "aliases": aliases}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -45,8 +48,10 @@ class DataConfig:
                           choices=("auto", "dali", "pil"))
     crop_scale: tuple[float, float] = _field((0.9, 1.0), "RandomResizedCrop area range (LIFT: 0.9-1.0)")
     hflip: bool = _field(False, "random horizontal flip (off: it would flip left/right relations)")
-    num_workers: int = _field(1, "PIL loader: worker processes (0: in the training process); DALI loader: CPU threads "
-                              "(at least 1; 4-8 per GPU on a GPU node)", min=0)
+    num_workers: int | str = _field("auto", "PIL loader: worker processes (0: in the training process); DALI loader: "
+                                    "CPU threads (0 counts as 1); auto: the cores this process may use (its CPU "
+                                    "affinity) divided by LOCAL_WORLD_SIZE, less one for the training process on "
+                                    "PIL (data/loader.py worker_count)", min=0)
     shuffle_window: int = _field(32, "shards whose samples are mixed together in the training stream (memory: "
                                  "one permutation of their samples)", min=1)
     on_error: str = _field("error", "bad sample (corrupt image, no embedding): error or counted skip", choices=("error", "skip"))
@@ -79,6 +84,12 @@ class EmbedConfig:
                              "beyond batch_size on a GPU)", min=0)
     length_step: int = _field(0, "padded lengths are rounded up to multiples of this, so a compiled model sees "
                               "few shapes (0: auto, 16 or more when compiled, exact lengths otherwise)", min=0)
+    packing: str = _field("auto", "batches without padding: packed (captions end to end with restarting position ids, "
+                          "where the model honours them: checked on two captions; else exact), exact (batches padded to "
+                          "their own longest caption, at most 5 % padding), auto (packed under flash_attention_2, whose "
+                          "variable-length kernel skips the cross-caption attention; exact elsewhere), off (padded "
+                          "batches, lengths bucketed by length_step when compiled)",
+                          choices=("auto", "packed", "exact", "off"))
     precision: str = _field("auto", "compute dtype; auto: bf16 on CUDA, fp32 on CPU; bf16-mixed: fp32 weights, "
                             "bf16 matmuls under autocast (fast on CPUs with AVX512-BF16/AMX, checked against fp32)",
                             choices=("auto", "bf16", "bf16-mixed", "fp16", "fp32"))
@@ -121,8 +132,12 @@ class ModelConfig:
                             choices=("auto", "flash", "sdpa", "math"))
     patch_dropout: float = _field(0.0, "FLIP patch dropout: fraction of patch tokens dropped at random in "
                                   "training, in [0, 1) (0: off)", min=0.0)
-    grad_checkpointing: bool = _field(False, "recompute each ViT block (and text tower block) in backward (less activation "
-                                      "memory, about a third more compute)")
+    grad_checkpointing: str = _field("auto", "activation checkpointing of the ViT blocks: none; selective (keep GEMM and "
+                                     "attention outputs, recompute norms and GELU: no extra GEMM FLOPs); full (recompute "
+                                     "each block, and each text tower block: a third more compute); auto: the least "
+                                     "recompute that fits the GPU, from the planner (lift-fast plan; none on CPU); "
+                                     "true/false mean full/none", choices=("auto", "none", "selective", "full"),
+                                     aliases={"true": "full", "false": "none"})
     fuse_projection: bool = _field(False, "compute the head's last Linear, the norm and the loss in one fused call "
                                    "(lift_fast.kernels.fused_projection_clip_loss): no [B, D] features kept; not under fsdp")
     text_tower: str = _field("frozen", "frozen: LIFT (caption embeddings from the store); transformer: the CLIP "
@@ -184,6 +199,8 @@ class EvalConfig:
                             choices=("auto", "bf16", "fp32"))
     max_length: int = _field(0, "tokens kept of the eval tasks' own captions and prompts (0: the run's "
                              "embed.max_length; a task's max_length wins); for long-caption retrieval", min=0)
+    long_max_length: int = _field(0, "the --suite lift runs each long-caption set at 77 tokens and at this many "
+                                  "(0: the text encoder's position limit)", min=0)
     caption_source: str = _field("", "the store's caption source the eval shards are scored against (txt, "
                                  "json:FIELD; '': the store's first)")
 
@@ -205,6 +222,14 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 def _coerce(key: str, value: Any, annotation: Any, meta: dict) -> Any:
     """Check `value` against a field's type and rules; return it in the field's type."""
     kind = typing.get_origin(annotation) or annotation
+    if meta.get("aliases") and str(value).lower() in meta["aliases"]:
+        value = meta["aliases"][str(value).lower()]
+    if kind is types.UnionType and typing.get_args(annotation) == (int, str):  # a number, or the word auto
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+            raise ConfigError(f"{key}: expected an integer or auto, got {value!r}")
+        kind = int
     try:
         if kind is tuple:
             item_types = typing.get_args(annotation)

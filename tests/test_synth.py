@@ -196,7 +196,7 @@ def test_interrupted_run_is_completed_and_keeps_finished_split(tmp_path):
     (out / ".eval.partial" / "00000.tar").write_bytes(b"half a shard")
     train_before = snapshot(out / "train")
     summary = write_synthetic(out, **settings)
-    assert summary["reused"] == ["train", "zeroshot", "retrieval"]
+    assert summary["reused"] == ["train", "zeroshot", "retrieval", "lift"]
     assert snapshot(out / "train") == train_before
     assert not (out / ".eval.partial").exists()
     for path in (reference / "eval").rglob("*"):
@@ -264,9 +264,10 @@ def test_a_folder_from_before_the_extra_sets_gets_them(tmp_path):
     out = tmp_path / "out"
     write_synthetic(out, **{**SMALL, "num_train": 2, "num_eval": 2})
     settings = json.loads((out / "synth.json").read_text())
-    for name in ("zeroshot", "retrieval"):
+    for name in ("zeroshot", "retrieval", "lift"):
         del settings[f"num_{name}"]
         shutil.rmtree(out / name)
     (out / "synth.json").write_text(json.dumps(settings))
     summary = write_synthetic(out, **{**SMALL, "num_train": 2, "num_eval": 2})
     assert summary["reused"] == ["train", "eval"] and (out / "zeroshot" / "test" / "0.tar").is_file()
+    assert (out / "lift" / "Urban1k" / "caption" / "1.txt").is_file()

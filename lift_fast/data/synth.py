@@ -11,6 +11,12 @@
     out/retrieval/                   two-object scenes with three true captions each, twice: CLIP_benchmark's
                                      retrieval webdataset (test/*.tar with KEY.txt one caption per line,
                                      dataset_type.txt) and a Karpathy JSON (karpathy.json) over images/
+    out/lift/                        miniatures of LIFT's evaluation sets in their downloaded layouts (num_lift
+                                     two-object scenes each, their own images): Urban1k/, docci/,
+                                     densely_captioned_images/, sharegpt4v/ (long captions: the colours in the
+                                     first sentence, the shapes and their relation only after token ~80, so a
+                                     77-token cut loses them), scpp/data/ (SugarCrepe++) and sugar-crepe/data/
+                                     over coco/val2017/; `lift-fast eval --suite lift --root out/lift` runs them
     out/synth.json                   the settings it was written with
 
 The categories follow SugarCrepe: `replace_att` (one colour replaced by one not in the image),
@@ -57,8 +63,8 @@ SETTINGS_FORMAT = "lift-fast-synth/2"  # 2: keys carry the split (train-00000000
 # The smallest value of each write_synthetic setting (checked there and by `lift-fast synth`); below
 # 16 px the shapes are a few pixels wide and colours blur into each other in the JPEG.
 MINIMUM = {"num_train": 1, "num_eval": 1, "samples_per_shard": 1, "image_size": 16, "num_zeroshot": 1,
-           "num_retrieval": 1}
-EXTRA_SETS = ("zeroshot", "retrieval")  # written beside train/ and eval/; older synth.json files lack their counts
+           "num_retrieval": 1, "num_lift": 1}
+EXTRA_SETS = ("zeroshot", "retrieval", "lift")  # written beside train/ and eval/; older synth.json files lack their counts
 
 
 @dataclass
@@ -283,6 +289,144 @@ def write_retrieval(folder: Path, count: int, *, image_size: int, seed: int, sam
                                           encoding="utf-8")
 
 
+# Long captions: sentences that say nothing about which scene it is, between the first sentence (the
+# two colours) and the last (the shapes and their relation), so that the last one starts after token
+# 77 of the all-MiniLM tokenizer (checked in tests/test_eval_long_sets.py).
+LONG_FILLER = (
+    "Nothing else is drawn anywhere in the frame.", "There is no text, no shadow and no border in the picture.",
+    "Both shapes are drawn flat, without any outline or texture.", "The two shapes do not touch or overlap.",
+    "The edges of the shapes are smooth and sharp.", "The background fills the whole square image evenly.",
+    "The colours are bright and fully saturated.", "Each shape is small compared to the size of the picture.",
+    "The picture looks like a simple illustration from a children's book.",
+    "The lighting is even, with no highlights or reflections.", "There is plenty of empty space around the shapes.",
+    "The image is a small square rendering with a light, slightly tinted background.",
+)
+LONG_OPENERS = {  # each set's first sentence, in its own words
+    "urban1k": "The picture shows two flat shapes on a plain light background, one {a} and one {b}.",
+    "docci": "A plain light square background with two flat shapes on it, one of them {a} and the other {b}.",
+    "dci": "Two flat shapes, one {a} and one {b}, on a light background.",
+    "sharegpt4v": "The image presents two flat shapes set against a plain light background: one is {a}, the other {b}.",
+}
+SYNONYM = {"to the left of": "on the left side of", "to the right of": "on the right side of", "above": "over",
+           "below": "under"}
+SCPP_CATEGORIES = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj")
+
+
+def distinct_scenes(rng: np.random.Generator, count: int) -> list[Scene]:
+    """`count` two-object scenes, no two with the same caption (count <= RETRIEVAL_SCENES)."""
+    scenes, seen = [], set()
+    while len(scenes) < count:
+        scene = sample_scene(rng, two_object_fraction=1.0)
+        if scene.caption() not in seen:
+            seen.add(scene.caption())
+            scenes.append(scene)
+    return scenes
+
+
+def long_caption(scene: Scene, rng: np.random.Generator, style: str) -> tuple[str, str]:
+    """(first sentence: the two colours, the rest: seven filler sentences, then the shapes and their
+    relation both ways) of a two-object scene, in the words of `style` (a LONG_OPENERS key)."""
+    first, second = scene.objects
+    opening = LONG_OPENERS[style].format(a=first.color, b=second.color)
+    filler = " ".join(str(sentence) for sentence in rng.choice(LONG_FILLER, size=7, replace=False))
+    last = (f"Looking closely, {first.phrase()} is {scene.relation} {second.phrase()}, so {second.phrase()} is "
+            f"{INVERSE[scene.relation]} {first.phrase()}.")
+    return opening, f"{filler} {last}"
+
+
+def scpp_item(scene: Scene, rng: np.random.Generator) -> dict[str, tuple[str, str]]:
+    """SugarCrepe++'s (caption2, negative_caption) per category that applies to a two-object scene:
+    caption2 says the same with other words for the relation; the negative changes one thing."""
+    first, second = scene.objects
+    caption2 = f"{first.phrase()} {SYNONYM[scene.relation]} {second.phrase()}"
+    unused_colors = [c for c in COLORS if c not in (first.color, second.color)]
+    unused_shapes = [s for s in SHAPES if s not in (first.shape, second.shape)]
+    which = int(rng.integers(2))
+    objects = [first, second]
+    recolored, reshaped = list(objects), list(objects)
+    recolored[which] = Shape(str(rng.choice(unused_colors)), objects[which].shape, 0, 0, 0)
+    reshaped[which] = Shape(objects[which].color, str(rng.choice(unused_shapes)), 0, 0, 0)
+    negatives = {
+        "replace_att": Scene(recolored, scene.relation, scene.background).caption(),
+        "replace_obj": Scene(reshaped, scene.relation, scene.background).caption(),
+        "replace_rel": Scene(objects, str(rng.choice([r for r in RELATIONS if r != scene.relation])),
+                             scene.background).caption(),
+        "swap_att": Scene([Shape(second.color, first.shape, 0, 0, 0), Shape(first.color, second.shape, 0, 0, 0)],
+                          scene.relation, scene.background).caption(),
+        "swap_obj": Scene([second, first], scene.relation, scene.background).caption(),
+    }
+    # a swap of two equal shapes gives the caption back: no test at all
+    return {category: (caption2, negative) for category, negative in negatives.items() if negative != scene.caption()}
+
+
+def _images(folder: Path, names: list[str], scenes: list[Scene], image_size: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, scene in zip(names, scenes):
+        (folder / name).write_bytes(_jpeg(scene, image_size))
+
+
+def _json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+
+def write_lift_sets(folder: Path, count: int, *, image_size: int, seed: int, samples_per_shard: int = 0,
+                    progress: bool = True) -> None:
+    """Miniatures of Urban-1k, DOCCI, DCI, ShareGPT4V-1k, SugarCrepe++ and SugarCrepe in their
+    downloaded layouts (see lift_fast.eval.long_captions and lift_fast.eval.suite), `count` two-object
+    scenes each, drawn from their own random streams (seeded by seed and the set). samples_per_shard
+    is not used (these layouts have no shards); it is taken so every set's writer is called alike."""
+    sets = tqdm(["urban1k", "docci", "dci", "sharegpt4v", "scpp"], desc="synth lift sets", disable=not progress)
+    for number, name in enumerate(sets):
+        rng = np.random.default_rng([seed, 4 + number])
+        scenes = distinct_scenes(rng, count + (3 if name == "docci" else 0))
+        if name == "scpp":
+            names = [f"{i:012d}.jpg" for i in range(1, count + 1)]
+            _images(folder / "coco" / "val2017", names, scenes, image_size)
+            items: dict[str, list[dict]] = {category: [] for category in SCPP_CATEGORIES}
+            for image, scene in zip(names, scenes):
+                for category, (caption2, negative) in scpp_item(scene, rng).items():
+                    items[category].append({"id": len(items[category]), "filename": image, "caption": scene.caption(),
+                                            "caption2": caption2, "negative_caption": negative})
+            for category, entries in items.items():
+                if entries:  # SugarCrepe++'s list, and SugarCrepe's {id: item} of the same pairs
+                    _json(folder / "scpp" / "data" / f"{category}.json", entries)
+                    _json(folder / "sugar-crepe" / "data" / f"{category}.json",
+                          {str(e["id"]): {"filename": e["filename"], "caption": e["caption"],
+                                          "negative_caption": e["negative_caption"]} for e in entries})
+            continue
+        captions = [long_caption(scene, rng, name) for scene in scenes]
+        if name == "urban1k":
+            _images(folder / "Urban1k" / "image", [f"{i}.jpg" for i in range(1, count + 1)], scenes, image_size)
+            (folder / "Urban1k" / "caption").mkdir(parents=True, exist_ok=True)
+            for i, (opening, rest) in enumerate(captions, 1):
+                (folder / "Urban1k" / "caption" / f"{i}.txt").write_text(f"{opening} {rest}\n", encoding="utf-8")
+        elif name == "docci":  # the first three scenes are training rows, which the test split leaves out
+            ids = [f"train_{i:05d}" for i in range(3)] + [f"test_{i:05d}" for i in range(count)]
+            _images(folder / "docci" / "images", [f"{example}.jpg" for example in ids], scenes, image_size)
+            rows = [json.dumps({"example_id": example, "split": example.split("_")[0], "image_file": f"{example}.jpg",
+                                "description": f"{opening} {rest}"}) for example, (opening, rest) in zip(ids, captions)]
+            (folder / "docci" / "docci_descriptions.jsonlines").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        elif name == "dci":
+            base = folder / "densely_captioned_images"
+            names = [f"sa_{100000 + i}" for i in range(count)]
+            _images(base / "photos", [f"{n}.jpg" for n in names], scenes, image_size)
+            for n, (opening, rest) in zip(names, captions):
+                _json(base / "annotations" / f"{n}.json", {"image": f"{n}.jpg", "short_caption": opening,
+                                                           "extra_caption": rest, "mask_data": {}, "mask_keys": []})
+            files = [f"{n}.json" for n in names]
+            cut = (count * 6 // 10, count * 8 // 10)
+            _json(base / "splits.json", {"train": files[:cut[0]], "valid": files[cut[0]:cut[1]], "test": files[cut[1]:]})
+        else:  # ShareGPT4V: image paths relative to the root the JSON sits in; captions in paragraphs
+            names = [f"coco/train2017/{i:012d}.jpg" for i in range(1, count + 1)]
+            for n, scene in zip(names, scenes):
+                _images((folder / "sharegpt4v" / n).parent, [Path(n).name], [scene], image_size)
+            rows = [{"id": Path(n).stem, "image": n, "conversations": [
+                {"from": "human", "value": "What do you see happening in this image?\n<image>"},
+                {"from": "gpt", "value": f"{opening}\n\n{rest}"}]} for n, (opening, rest) in zip(names, captions)]
+            _json(folder / "sharegpt4v" / "share-captioner_coco_lcs_sam_1246k_1107.json", rows)
+
+
 def _check_out_folder(out_dir: Path, settings: dict) -> None:
     """Refuse a folder holding other data, or a synthetic set written with other settings."""
     recorded = out_dir / SETTINGS_FILE
@@ -305,9 +449,10 @@ def _check_out_folder(out_dir: Path, settings: dict) -> None:
 
 def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: int = 1000, image_size: int = 64,
                     seed: int = 0, samples_per_shard: int = 2000, num_zeroshot: int = 480, num_retrieval: int = 200,
-                    progress: bool = True) -> dict:
+                    num_lift: int = 100, progress: bool = True) -> dict:
     """Write the synthetic set (train and eval shards, SugarCrepe-style negatives, a zero-shot set of
-    num_zeroshot images and a multi-caption retrieval set of num_retrieval) under out_dir.
+    num_zeroshot images, a multi-caption retrieval set of num_retrieval, and miniatures of LIFT's
+    evaluation sets with num_lift images each in lift/) under out_dir.
 
     Each split is written into a hidden `.SPLIT.partial` folder and renamed when complete, so an
     interrupted run leaves no half split behind; run again with the same settings and the
@@ -318,17 +463,20 @@ def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: in
     overwritten).
     """
     sizes = {"num_train": num_train, "num_eval": num_eval, "samples_per_shard": samples_per_shard,
-             "image_size": image_size, "num_zeroshot": num_zeroshot, "num_retrieval": num_retrieval}
+             "image_size": image_size, "num_zeroshot": num_zeroshot, "num_retrieval": num_retrieval,
+             "num_lift": num_lift}
     for name, value in sizes.items():
         if value < MINIMUM[name]:
             raise ValueError(f"{name}={value}: must be at least {MINIMUM[name]}")
+    if num_lift > RETRIEVAL_SCENES:
+        raise ValueError(f"num_lift={num_lift}: must be at most {RETRIEVAL_SCENES}, the distinct two-object captions")
     if num_retrieval > RETRIEVAL_SCENES:
         raise ValueError(f"num_retrieval={num_retrieval}: must be at most {RETRIEVAL_SCENES}, the distinct two-object "
                          "captions of the synthetic world (every retrieval image gets its own)")
     out_dir = Path(out_dir)
     settings = {"format": SETTINGS_FORMAT, "num_train": num_train, "num_eval": num_eval, "image_size": image_size,
                 "seed": seed, "samples_per_shard": samples_per_shard, "num_zeroshot": num_zeroshot,
-                "num_retrieval": num_retrieval}
+                "num_retrieval": num_retrieval, "num_lift": num_lift}
     _check_out_folder(out_dir, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
@@ -345,7 +493,8 @@ def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: in
         if split == "eval":
             write_negatives(partial / "sugarcrepe", negatives)
         partial.rename(final)
-    for name, count, write in (("zeroshot", num_zeroshot, write_zeroshot), ("retrieval", num_retrieval, write_retrieval)):
+    for name, count, write in (("zeroshot", num_zeroshot, write_zeroshot), ("retrieval", num_retrieval, write_retrieval),
+                               ("lift", num_lift, write_lift_sets)):
         final = out_dir / name
         if final.is_dir():
             reused.append(name)
@@ -357,4 +506,4 @@ def write_synthetic(out_dir: str | Path, *, num_train: int = 20000, num_eval: in
     counts = {path.stem: len(json.loads(path.read_text(encoding="utf-8")))
               for path in sorted((out_dir / "eval" / "sugarcrepe").glob("*.json"))}
     return {"out": str(out_dir), "train": num_train, "eval": num_eval, "zeroshot": num_zeroshot,
-            "retrieval": num_retrieval, "reused": reused, "negatives": counts}
+            "retrieval": num_retrieval, "lift": num_lift, "reused": reused, "negatives": counts}

@@ -167,6 +167,19 @@ class EvalModel:
         longer._identity = None
         return longer
 
+    def max_text_length(self) -> int:
+        """The most tokens the text side reads (what a task's max_length=max asks for): the frozen
+        encoder's positions (its config's max_position_embeddings, else the tokenizer's
+        model_max_length, else embed.max_length), or a CLIP-mode run's model.text_context."""
+        if self.clip_mode:
+            return self.cfg.model.text_context
+        encoder = self.text_encoder()
+        limit = getattr(getattr(encoder.model, "config", None), "max_position_embeddings", None)
+        if not isinstance(limit, int):
+            limit = getattr(getattr(encoder, "tokenizer", None), "model_max_length", None)
+        # a tokenizer without a known limit reports a huge sentinel (1e30)
+        return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else self.cfg.embed.max_length
+
 
 class TowerTextEncoder:
     """A CLIP-mode run's trained text tower behind the frozen encoder's interface (encode, cfg.max_length,
