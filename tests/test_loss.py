@@ -36,9 +36,10 @@ def kernels(request, monkeypatch):
 
 @pytest.fixture(autouse=True, params=["one slab", "many slabs"])
 def slabs(request, monkeypatch):
-    """The whole batch in one slab, or slabs of a few rows (odd sizes: 130 rows in slabs of 12)."""
+    """The whole batch in one slab, or slabs of a few rows (odd sizes: 130 rows in slabs of 12, and
+    the text gradient's 130 columns in slabs of 12) through a tiny LIFT_FAST_SLAB_BYTES."""
     if request.param == "many slabs":
-        monkeypatch.setattr(chunking, "MIN_SLAB_ELEMENTS", 64)
+        monkeypatch.setenv(chunking.SLAB_BYTES_ENV_VAR, str(12 * 130 * chunking.BYTES_PER_SIMILARITY))
     return request.param
 
 

@@ -39,16 +39,18 @@ CASES = {
 # float64 runs the torch twins exactly; float32 runs the Triton kernels (interpreted) in slabs of
 # two rows, so column statistics are merged across slabs and across ranks.
 SETTINGS = {
-    "float64-torch": (torch.float64, "torch", 2**20, dict()),
-    "float32-triton-slabs": (torch.float32, "triton", 2 * WORLD_SIZE * LOCAL_BATCH, dict(rtol=1e-4, atol=1e-6)),
+    "float64-torch": (torch.float64, "torch", None, dict()),
+    "float32-triton-slabs": (torch.float32, "triton", 2 * WORLD_SIZE * LOCAL_BATCH * chunking.BYTES_PER_SIMILARITY,
+                             dict(rtol=1e-4, atol=1e-6)),
 }
 
 
 @pytest.fixture(params=list(SETTINGS))
 def setting(request, monkeypatch):
-    dtype, kernels, slab_elements, tolerance = SETTINGS[request.param]
+    dtype, kernels, slab_bytes, tolerance = SETTINGS[request.param]
     monkeypatch.setenv(KERNELS_ENV_VAR, kernels)
-    monkeypatch.setattr(chunking, "MIN_SLAB_ELEMENTS", slab_elements)  # forked ranks inherit it
+    if slab_bytes is not None:  # forked ranks inherit it
+        monkeypatch.setenv(chunking.SLAB_BYTES_ENV_VAR, str(slab_bytes))
     return dtype, tolerance
 
 

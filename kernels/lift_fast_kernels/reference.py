@@ -277,22 +277,41 @@ def check_process_group(rank: int, world_size: int, owner: str) -> None:
         )
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather_into_tensor forward; backward: the sum over ranks of each rank's rows' gradient
+    (a reduce-scatter), what torch.distributed.nn.functional.all_gather gives, without per-rank parts."""
+
+    @staticmethod
+    def forward(ctx, tensor, rank, world_size):
+        from .chunking import all_gather_rows
+
+        ctx.config = (rank, world_size)
+        return all_gather_rows(tensor, world_size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .chunking import sum_to_owner
+
+        rank, world_size = ctx.config
+        return sum_to_owner(grad.contiguous().clone(), rank, world_size), None, None
+
+
 def gather_rows(tensor: torch.Tensor, *, rank: int, world_size: int, with_grad: bool,
                 keep_local_grad: bool = False) -> torch.Tensor:
-    """Concatenate every rank's [b, D] tensor into [world_size * b, D], in rank order.
+    """Every rank's [b, D] tensor as one [world_size * b, D] tensor, in rank order (one
+    all_gather_into_tensor: no per-rank parts and no concatenation).
 
     Every rank must pass the same b (as in open_clip). With `with_grad`, gradients flow back to the
     rank that owns each row (summed over ranks). Without it the gathered copy is detached; with
     `keep_local_grad` this rank's own slot is the input tensor itself, so its rows keep their graph.
     """
-    import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
+    from .chunking import all_gather_rows
 
     tensor = tensor.contiguous()
     if with_grad:
-        return torch.cat(dist_fn.all_gather(tensor), dim=0)
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.detach())
+        return _GatherWithGrad.apply(tensor, rank, world_size)
+    gathered = all_gather_rows(tensor.detach(), world_size)
     if keep_local_grad:
-        parts[rank] = tensor
-    return torch.cat(parts, dim=0)
+        rows = tensor.shape[0]
+        return torch.slice_scatter(gathered, tensor, dim=0, start=rank * rows, end=(rank + 1) * rows)
+    return gathered

@@ -13,7 +13,18 @@ import torch
 from torch import nn
 
 from . import slab_ops
-from .chunking import accumulate_matmul, all_gather_rows, autocast_off, similarity, slab_rows, text_gradient
+from .chunking import (
+    all_gather_rows,
+    autocast_off,
+    resolve_gathered,
+    similarity,
+    slab_budget,
+    slab_rows,
+    slab_starts,
+    text_gradient,
+    text_gradient_buffer,
+    write_matmul,
+)
 from .reference import check_process_group, check_rank, loss_implementation, prepare_loss_inputs
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
@@ -21,86 +32,112 @@ DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 @torch.library.custom_op("lift_fast::siglip_forward", mutates_args=())
 def siglip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, rank: int,
-                   world_size: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss of this rank's images against all texts (divided by b), and the gathered texts [N, D]
-    (an empty tensor when world_size is 1). image, text: [b, D]; scale, bias: 0-d."""
+                   world_size: int, use_triton: bool, gathered_in: torch.Tensor | None = None,
+                   slab_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of this rank's images against all texts (divided by b), and the texts this call gathered
+    [N, D] (an empty tensor when world_size is 1 or gathered_in holds them already). image, text: [b, D];
+    scale, bias: 0-d; slab_bytes: the slab budget (0: default). Per slab: one GEMM, one Triton launch."""
     with autocast_off(image.device):  # one GEMM dtype: the one the inputs were cast to
         b, dim = image.shape
-        texts = all_gather_rows(text, world_size) if world_size > 1 else text  # [N, D]
-        s, t = scale, bias  # device tensors: the kernels read them through pointers, no host sync
-        total = torch.zeros((), device=image.device, dtype=scale.dtype)
-        step = slab_rows(b, texts.shape[0], dim)
-        for start in range(0, b, step):
+        gathered = all_gather_rows(text, world_size) if world_size > 1 and gathered_in is None else None
+        texts = text if world_size == 1 else gathered_in if gathered is None else gathered  # [N, D]
+        n = texts.shape[0]
+        step = slab_rows(b, n, slab_bytes)
+        starts = slab_starts(b, step)
+        partials = scale.new_zeros(len(starts), slab_ops.partials_per_slab(min(step, b), n, use_triton,
+                                                                           slab_ops.SIGLIP_BLOCK_M), 3)
+        for index, start in enumerate(starts):
             sim = similarity(image[start:start + step], texts)  # [m, N]
+            # scale and bias are device tensors: the kernels read them through pointers, no host sync;
             # coef weighs the gradient only: any device scalar will do without one
-            total += slab_ops.siglip_slab(sim, None, scale=s, bias=t, coef=s, diag_offset=rank * b + start,
-                                          use_triton=use_triton)[0].to(total.dtype)
-        return total / b, texts if world_size > 1 else text.new_empty(0)
+            slab_ops.siglip_slab(sim, None, partials[index], scale=scale, bias=bias, coef=scale,
+                                 diag_offset=rank * b + start, use_triton=use_triton)
+        return partials[..., 0].sum() / b, text.new_empty(0) if gathered is None else gathered
 
 
 @siglip_forward.register_fake
-def _(image, text, scale, bias, rank, world_size, use_triton):
+def _(image, text, scale, bias, rank, world_size, use_triton, gathered_in=None, slab_bytes=0):
     b, dim = image.shape
-    return scale.new_empty(()), image.new_empty(b * world_size, dim) if world_size > 1 else image.new_empty(0)
+    gathered = image.new_empty(b * world_size, dim) if world_size > 1 and gathered_in is None else image.new_empty(0)
+    return scale.new_empty(()), gathered
 
 
 @torch.library.custom_op("lift_fast::siglip_backward", mutates_args=())
 def siglip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tensor, gathered: torch.Tensor,
                     scale: torch.Tensor, bias: torch.Tensor, rank: int, world_size: int, text_grad: bool,
-                    use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """d image [b, D], d text [b, D] (empty unless text_grad; summed over every rank's loss), d scale, d bias."""
+                    use_triton: bool, slab_bytes: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d image [b, D], d text [b, D] (empty unless text_grad; summed over every rank's loss), d scale, d bias.
+    Row slabs for d image, transposed column slabs for d texts (each row written once), as clip_backward."""
     with autocast_off(image.device):  # one GEMM dtype: the one the inputs were cast to
         b, dim = image.shape
         texts = gathered if world_size > 1 else text  # [N, D]
         n = texts.shape[0]
-        s, t, coef = scale, bias, grad_loss.reshape(()).to(scale.dtype) / b  # device tensors, no host sync
-        step = slab_rows(b, n, dim)
+        coef = grad_loss.reshape(()).to(scale.dtype) / b  # device tensors, no host sync
+        step = slab_rows(b, n, slab_bytes)
+        starts = slab_starts(b, step)
         slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
         grad_image = torch.empty_like(image)
-        grad_texts = torch.zeros(n, dim, device=image.device, dtype=scale.dtype) if text_grad else None
-        sums = torch.zeros(3, device=image.device, dtype=scale.dtype)  # loss, d scale, d bias
-        for start in range(0, b, step):
+        # loss, d scale, d bias partial sums of every slab, summed once after the loop
+        partials = scale.new_zeros(len(starts), slab_ops.partials_per_slab(min(step, b), n, use_triton,
+                                                                           slab_ops.SIGLIP_BLOCK_M), 3)
+        for index, start in enumerate(starts):
             rows = image[start:start + step]
             grad = slab_grad[:rows.shape[0]]
-            sums += slab_ops.siglip_slab(similarity(rows, texts), grad, scale=s, bias=t, coef=coef,
-                                         diag_offset=rank * b + start, use_triton=use_triton).to(sums.dtype)
+            slab_ops.siglip_slab(similarity(rows, texts), grad, partials[index], scale=scale, bias=bias, coef=coef,
+                                 diag_offset=rank * b + start, use_triton=use_triton)
             torch.mm(grad, texts, out=grad_image[start:start + step])
-            if grad_texts is not None:
-                accumulate_matmul(grad_texts, grad.T, rows)
+        del slab_grad
+        grad_texts = None
+        if text_grad:
+            grad_texts = text_gradient_buffer(texts, world_size)
+            col_step = slab_rows(n, b, slab_bytes)
+            column_grad = torch.empty(min(col_step, n), b, device=image.device, dtype=image.dtype)
+            scratch = scale.new_empty(slab_ops.partials_per_slab(min(col_step, n), b, use_triton,
+                                                                 slab_ops.SIGLIP_BLOCK_M), 3)
+            for start in slab_starts(n, col_step):
+                columns = texts[start:start + col_step]
+                grad = column_grad[:columns.shape[0]]  # [k, b] = G[:, cols].T: the sigmoid loss is symmetric
+                slab_ops.siglip_slab(similarity(columns, image), grad, scratch, scale=scale, bias=bias, coef=coef,
+                                     diag_offset=start - rank * b, use_triton=use_triton)
+                write_matmul(grad_texts[start:start + col_step], grad, image)
         grad_text = text_gradient(grad_texts, text, image, rank, world_size)
+        sums = partials.sum(dim=(0, 1))  # loss, d scale, d bias
         return grad_image, grad_text, sums[1].clone(), sums[2].clone()
 
 
 @siglip_backward.register_fake
-def _(grad_loss, image, text, gathered, scale, bias, rank, world_size, text_grad, use_triton):
+def _(grad_loss, image, text, gathered, scale, bias, rank, world_size, text_grad, use_triton, slab_bytes=0):
     grad_text = torch.empty_like(text) if text_grad else image.new_empty(0)
     return torch.empty_like(image), grad_text, torch.empty_like(scale), torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
-    image, text, scale, bias, rank, world_size, use_triton = inputs
-    ctx.save_for_backward(image, text, output[1], scale, bias)
-    ctx.config = (rank, world_size, use_triton)
+    image, text, scale, bias, rank, world_size, use_triton, gathered_in, slab_bytes = inputs
+    ctx.save_for_backward(image, text, output[1] if gathered_in is None else gathered_in, scale, bias)
+    ctx.config = (rank, world_size, use_triton, slab_bytes)
 
 
 def _backward(ctx, grad_loss, _gathered):
     image, text, gathered, scale, bias = ctx.saved_tensors
-    rank, world_size, use_triton = ctx.config
+    rank, world_size, use_triton, slab_bytes = ctx.config
     grads = siglip_backward(grad_loss, image, text, gathered, scale, bias, rank, world_size,
-                            ctx.needs_input_grad[1], use_triton)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])), None, None, None)
+                            ctx.needs_input_grad[1], use_triton, slab_bytes)
+    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])), None, None, None, None, None)
 
 
 torch.library.register_autograd("lift_fast::siglip_forward", _backward, setup_context=_setup_context)
 
 
 def chunked_siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, *,
-                        rank: int = 0, world_size: int = 1) -> torch.Tensor:
+                        rank: int = 0, world_size: int = 1, gathered_text_features=None,
+                        slab_bytes: int | None = None) -> torch.Tensor:
     """The chunked loss on prepared inputs (one dtype, 0-d scale and bias); see `siglip_loss`."""
     use_triton = loss_implementation(image.device) == "triton"
     if bias is None:
         bias = torch.zeros((), device=scale.device, dtype=scale.dtype)
-    loss, _ = siglip_forward(image.contiguous(), text.contiguous(), scale, bias, rank, world_size, use_triton)
+    gathered = resolve_gathered(gathered_text_features, text, world_size)
+    loss, _ = siglip_forward(image.contiguous(), text.contiguous(), scale, bias, rank, world_size, use_triton,
+                             gathered, slab_budget(slab_bytes))
     return loss
 
 
@@ -109,6 +146,8 @@ def siglip_loss(
     text_features: torch.Tensor,
     logit_scale: torch.Tensor | float,
     logit_bias: torch.Tensor | float | None,
+    *,
+    slab_bytes: int | None = None,
 ) -> torch.Tensor:
     """SigLIP loss of matched image/text pairs (row i of each is a pair), as open_clip's SigLipLoss.
 
@@ -120,6 +159,7 @@ def siglip_loss(
         text_features: [B, D]; a different floating dtype is promoted to a common one.
         logit_scale: the already-exponentiated scale, a float or 0-d (one-element) tensor.
         logit_bias: float or 0-d tensor (SigLIP learns it, init -10); None means no bias.
+        slab_bytes: bytes of similarities per slab, as in `clip_loss` (None: the variable or default).
 
     Returns:
         0-d loss in float32 (float64 if an input is float64), computed slab by slab without the
@@ -133,7 +173,7 @@ def siglip_loss(
     """
     image_features, text_features, scale, bias = prepare_loss_inputs(
         image_features, text_features, logit_scale, logit_bias)
-    return chunked_siglip_loss(image_features, text_features, scale, bias)
+    return chunked_siglip_loss(image_features, text_features, scale, bias, slab_bytes=slab_bytes)
 
 
 class SigLipLoss(nn.Module):
@@ -148,9 +188,10 @@ class SigLipLoss(nn.Module):
         cache_labels: accepted for compatibility (open_clip does not use it either).
         rank, world_size: this process's place in the default process group.
         dist_impl: None, "bidir", "shift", "reduce" or "gather" (all computed by one all_gather).
+        slab_bytes: the slab budget, as in `siglip_loss` (None: the variable or default).
 
     Raises:
-        ValueError: an unknown dist_impl, world_size < 1 or rank outside [0, world_size).
+        ValueError: an unknown dist_impl, world_size < 1 or rank outside [0, world_size), a bad slab_bytes.
     """
 
     def __init__(
@@ -159,6 +200,8 @@ class SigLipLoss(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         dist_impl: str | None = None,
+        *,
+        slab_bytes: int | None = None,
     ):
         super().__init__()
         check_rank(rank, world_size, "SigLipLoss")
@@ -170,6 +213,9 @@ class SigLipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl
+        self.slab_bytes = slab_bytes
+        if slab_bytes is not None:
+            slab_budget(slab_bytes)  # a bad budget fails at construction
 
     def forward(
         self,
@@ -178,18 +224,25 @@ class SigLipLoss(nn.Module):
         logit_scale: torch.Tensor | float,
         logit_bias: torch.Tensor | float | None,
         output_dict: bool = False,
+        *,
+        gathered_text_features=None,
     ):
         """Loss of this rank's [b, D] image and text features; see `siglip_loss` for dtypes and errors.
+
+        gathered_text_features: as in `ClipLoss.forward`: every rank's texts already gathered (a tensor
+        or a `start_text_gather` handle), so the loss gathers nothing itself.
 
         Returns:
             the 0-d loss, or {"contrastive_loss": loss} with `output_dict` (open_clip's key).
         """
         if self.world_size == 1:
-            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias)
+            resolve_gathered(gathered_text_features, text_features, 1)  # checked, nothing to gather
+            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, slab_bytes=self.slab_bytes)
         else:
             image_features, text_features, scale, bias = prepare_loss_inputs(
                 image_features, text_features, logit_scale, logit_bias)
             check_process_group(self.rank, self.world_size, "SigLipLoss")
             loss = chunked_siglip_loss(image_features, text_features, scale, bias, rank=self.rank,
-                                       world_size=self.world_size)
+                                       world_size=self.world_size, gathered_text_features=gathered_text_features,
+                                       slab_bytes=self.slab_bytes)
         return {"contrastive_loss": loss} if output_dict else loss

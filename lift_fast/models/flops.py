@@ -67,8 +67,8 @@ def train_flops_per_sample(spec: ViTSpec, image_size: int, text_dim: int, global
     """FLOPs of one training step per sample, what the trainer logs as tflops and MFU: the tower and head
     (3 x forward, as `vit_flops_per_image`'s "train"), the text tower for CLIP (`text`, 3 x forward), and
     the contrastive loss (6 * global_batch * text_dim against frozen texts: the similarity GEMM forward,
-    its recomputation and the image-gradient GEMM backward; 8 * global_batch * text_dim with the
-    text-gradient GEMM). LIFT's one-off embedding pass is not part of a step (`step_flops_per_sample`)."""
+    its recomputation and the image-gradient GEMM backward; 10 * global_batch * text_dim with the
+    text gradient's column pass: a second recomputation and the text-gradient GEMM). LIFT's one-off embedding pass is not part of a step (`step_flops_per_sample`)."""
     return int(step_flops_per_sample(spec, image_size, text_dim, global_batch, head_hidden=head_hidden,
                                      patch_dropout=patch_dropout, pooling=pooling, text=text)["train"])
 
@@ -124,8 +124,9 @@ def encoder_flops_per_caption(model: nn.Module, tokens: int) -> int:
 
 def loss_flops_per_sample(global_batch: int, dim: int, text_gradients: bool) -> int:
     """The fused CLIP/SigLIP loss's matmul FLOPs per sample: 2 N D forward, 4 N D backward against
-    frozen texts (recomputed similarities, image gradient) or 6 N D with text gradients."""
-    return (2 + (6 if text_gradients else 4)) * global_batch * dim
+    frozen texts (recomputed similarities, image gradient) or 8 N D with text gradients (their column
+    pass recomputes the similarities once more, so each text row's gradient is written once)."""
+    return (2 + (8 if text_gradients else 4)) * global_batch * dim
 
 
 def step_flops_per_sample(spec: ViTSpec, image_size: int, dim: int, global_batch: int, *, head_hidden: int = 0,
