@@ -116,9 +116,13 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, embeddings
     results: dict[str, float] = {"checkpoint_step": _step_of(checkpoint)}
     if data_dir is not None:
         results.update(shard_eval(model, data_dir, embeddings_dir, manifest, negatives, progress))
-    standard = []
+    standard, previous = [], (None, None)  # the last task's images and features: a set at two lengths is encoded once
     for spec, dataset in zip(tasks, datasets):
-        flat, objects = run_task(spec, dataset, model, max_length=cfg.eval.max_length, progress=progress)
+        images = tuple(dataset.images)
+        if images != previous[0]:
+            previous = (images, model.encode_images(dataset.images, progress=progress, desc=f"eval {spec.name}"))
+        flat, objects = run_task(spec, dataset, model, max_length=cfg.eval.max_length, progress=progress,
+                                 image_features=previous[1])
         results.update(flat)
         standard += objects
     if standard:

@@ -83,7 +83,7 @@ class TaskSpec:
                               "needs images= (the image folder)")
         self.name = self.name or Path(self.path).stem or Path(self.path).name
         self.split = self.split or DEFAULT_SPLIT.get(self.format, "test")
-        if str(self.max_length).strip().lower() == "max":
+        if str(self.max_length).strip().lower() in ("max", str(ENCODER_LIMIT)):
             self.max_length = ENCODER_LIMIT
         elif int(self.max_length) < 0:
             raise ConfigError(f"{where}: max_length={self.max_length} must be >= 0 (or max: the encoder's limit)")
@@ -175,14 +175,16 @@ def _embed(encoder, texts: list[str], desc: str = "", progress: bool = False) ->
     return torch.nn.functional.normalize(rows.float(), dim=-1), int(truncated.sum())
 
 
-def run_task(spec: TaskSpec, dataset, model: EvalModel, *, max_length: int = 0,
-             progress: bool = False) -> tuple[dict[str, float], list[dict]]:
+def run_task(spec: TaskSpec, dataset, model: EvalModel, *, max_length: int = 0, progress: bool = False,
+             image_features: torch.Tensor | None = None) -> tuple[dict[str, float], list[dict]]:
     """Evaluate one task: (flat metrics, CLIP_benchmark result objects). max_length: eval.max_length
-    (the task's own wins; 0 for both: the run's embed.max_length)."""
+    (the task's own wins; 0 for both: the run's embed.max_length). image_features: the features of
+    dataset.images when already computed (a long set run at two lengths encodes its images once)."""
     length = spec.max_length or max_length
     encoder = model.text_encoder(model.max_text_length() if length == ENCODER_LIMIT else length)
     prefix = f"{METRIC_PREFIX.get(spec.kind, spec.kind)}/{spec.name}"
-    features = model.encode_images(dataset.images, progress=progress, desc=f"eval {spec.name}")
+    features = image_features if image_features is not None else model.encode_images(
+        dataset.images, progress=progress, desc=f"eval {spec.name}")
     device = features.device
     common = {"num_images": len(dataset.images), "max_length": encoder.cfg.max_length}
     if spec.kind == "zeroshot":
