@@ -122,9 +122,30 @@ def crop_resize(image: Image.Image, box: Box, size: int, flip: bool, where: str)
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
 
 
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] uint8: what the loaders ship (a quarter of float32's bytes); normalize_images
+    turns a batch of them into the model's input where it runs."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> [3, H, W] float32 normalised with CLIP's mean/std."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (array - mean) / std
+    """PIL RGB -> [3, H, W] float32 normalised with CLIP's mean/std (normalize_images of to_uint8)."""
+    return normalize_images(to_uint8(image))
+
+
+def normalize_images(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> CLIP-normalised images (/255, - CLIP_MEAN, / CLIP_STD) in `dtype`,
+    on the images' device. The one place the pixels are normalised: every loader's normalised images,
+    the training step's (on the GPU, after a uint8 copy) and the eval view (to_tensor) come from here.
+
+    Computed in float32 (the values the PIL loader always gave, bit for bit), then cast. Mean and std
+    are Python numbers, one channel at a time: a tensor of them made per call would be a host-to-device
+    copy per step (and one cached per device would outlive a FakeTensorMode that made it).
+    Raises TypeError for images that are not uint8.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_images takes uint8 pixels, got {images.dtype} images of shape {tuple(images.shape)}")
+    normalized = images.to(torch.float32).div_(255.0)
+    for channel, (mean, std) in enumerate(zip(CLIP_MEAN, CLIP_STD)):
+        normalized[..., channel, :, :].sub_(mean).div_(std)
+    return normalized.to(dtype)

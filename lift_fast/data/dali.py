@@ -1,22 +1,23 @@
-"""The DALI decode/augment engine: encoded images + crop boxes + flips -> normalised [b, 3, S, S] batches.
+"""The DALI decode/augment engine: encoded images + crop boxes + flips -> [b, 3, S, S] batches (uint8 pixels,
+or normalised by augment.normalize_images on the output device).
 
 The sample stream decides everything random (which samples, each crop window and flip); this module
 only carries it out, so the PIL path and this one see the same crops. For one sample it computes what
 the PIL path computes:
 
     image.convert("RGB").resize((S, S), BICUBIC, box=(left, top, left + width, top + height))
-    -> FLIP_LEFT_RIGHT if flip -> /255, - CLIP_MEAN, / CLIP_STD, as [3, S, S]
+    -> FLIP_LEFT_RIGHT if flip -> as [3, S, S] uint8 -> (a float dtype) /255, - CLIP_MEAN, / CLIP_STD
 
 Two ways to do the crop + resize (`resample`):
 
   "dali"   (the default with a GPU): decoders.image (`mixed` on the GPU) decodes the whole image, and
            fn.resize (cubic, antialiased) reads the box as its region of interest in source pixels, so
            the filter sees the pixels around the box exactly as PIL's does; the flip is the region of
-           interest reversed; crop_mirror_normalize normalises into CHW. All on the GPU.
+           interest reversed; the result is rounded to uint8 (as PIL's is) and transposed to CHW. All
+           on the GPU.
   "torch"  (the default on the CPU): decoders.image_slice decodes only the box (ROI decoding), then
            torch's antialiased bicubic uint8 resize (a port of Pillow-SIMD's, AVX2) resizes each crop
-           in the calling thread while DALI's threads decode the next batches; flip and normalisation
-           are torch ops on the batch. DALI's CPU resampler is ~3x slower than Pillow's (bicubic,
+           in the calling thread while DALI's threads decode the next batches; the flip is a torch op. DALI's CPU resampler is ~3x slower than Pillow's (bicubic,
            antialiased, 500x375 -> 224: ~5 ms against ~1.7 ms a sample on an EPYC core), which made a
            DALI-only CPU pipeline slower than the PIL loader; torch's is ~0.5 ms. It sees only the box,
            so the outermost output pixels differ slightly from PIL's, which filters across the box edge.
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lift_fast.data.augment import CLIP_MEAN, CLIP_STD
+from lift_fast.data.augment import normalize_images
 
 try:
     from nvidia.dali import Pipeline, fn, types
@@ -55,7 +56,7 @@ except Exception as error:  # noqa: BLE001 - ImportError, or a broken install (m
     _DALI_IMPORT_ERROR = f"import nvidia.dali failed: {type(error).__name__}: {error}".splitlines()[0]
 
 RESAMPLES = ("auto", "dali", "torch")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)  # uint8: pixels, not normalised
 
 # Leading bytes of the formats DALI's decoders read. GIF is known only to be refused by name.
 MAGIC = (
@@ -255,7 +256,8 @@ class DaliDecoder:
     image_size: S, the output side. max_batch_size: the most samples a job may hold.
     device_id: a CUDA device (decoding `mixed`, output on that device) or None (CPU operators, CPU output).
     num_threads: DALI's CPU threads. prefetch: DALI's prefetch queue depth (jobs decoded ahead).
-    dtype: float32, float16 or bfloat16 output. seed: the pipeline seed (no random operator reads it:
+    dtype: uint8 (the pixels, for the consumer to normalise) or float32, float16 or bfloat16 (normalised
+    by augment.normalize_images, on the output device). seed: the pipeline seed (no random operator reads it:
     every crop and flip comes with the job). resample: "auto" ("dali" with a device, else "torch"),
     "dali" or "torch" (CPU only); see the module docstring.
 
@@ -293,10 +295,6 @@ class DaliDecoder:
         # left for the garbage collector to shut down whenever it runs (in a forked child: a hang).
         self._feed = _FeedSlot()
         self._running = False
-        self._mean = [255 * value for value in CLIP_MEAN]  # 0..255 units, as DALI and the uint8 path see pixels
-        self._std = [255 * value for value in CLIP_STD]
-        self._mean_tensor = torch.tensor(self._mean).view(3, 1, 1)
-        self._inv_std_tensor = torch.tensor(self._std).reciprocal().view(3, 1, 1)
         self._pool: ThreadPoolExecutor | None = None  # the resize threads of the CPU path, made on first use
 
     def close(self) -> None:
@@ -311,8 +309,8 @@ class DaliDecoder:
     # -- running ---------------------------------------------------------------------------------
 
     def run(self, jobs: Iterator[DecodeJob] | list[DecodeJob]) -> Iterator[torch.Tensor]:
-        """Decode `jobs` in order: one [b, 3, S, S] tensor (normalised with CLIP's mean/std, `dtype`) per
-        job, on the decoder's device; b is the job's size. DALI takes up to `prefetch` + 1 jobs ahead.
+        """Decode `jobs` in order: one [b, 3, S, S] tensor (uint8, or normalised with CLIP's mean/std in a
+        float `dtype`) per job, on the decoder's device; b is the job's size. DALI takes up to `prefetch` + 1 jobs ahead.
 
         Raises (while iterating):
             ImageDecodeError: a sample cannot be decoded, or its box does not fit its image; raised at
@@ -428,11 +426,10 @@ class DaliDecoder:
             else:
                 images = fn.decoders.image(encoded, device="cpu" if self.device_id is None else "mixed",
                                            output_type=types.RGB, adjust_orientation=False)
+                # uint8 out of the resize: rounded as PIL rounds, and a quarter of float32's bytes
                 images = fn.resize(images, size=[size, size], roi_start=first, roi_end=second,
-                                   interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.FLOAT)
-                images = fn.crop_mirror_normalize(
-                    images, dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
-                    output_layout="CHW", mean=self._mean, std=self._std)
+                                   interp_type=types.INTERP_CUBIC, antialias=True, dtype=types.UINT8)
+                images = fn.transpose(images, perm=[2, 0, 1], output_layout="CHW")
                 pipe.set_outputs(images, fn.peek_image_shape(encoded, adjust_orientation=False))
         pipe.build()
         return pipe
@@ -451,23 +448,27 @@ class DaliDecoder:
                                    f"{tuple(job.boxes[index].tolist())} does not fit the {width}x{height} image",
                                    key=job.keys[index], index=index, job=job, remaining=list(feed.pending))
         dense = images.as_tensor()
-        out = torch.empty(dense.shape(), dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
-                          device=self.device)
+        out = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
         # On torch's current stream, where `out` was allocated and will be read (as DALIGenericIterator does).
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         feed_ndarray(dense, out, cuda_stream=stream)
-        return out.to(self.dtype)
+        return self._finish(out)
+
+    def _finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[b, 3, S, S] uint8 -> the output in `dtype` (normalised unless uint8)."""
+        return pixels if self.dtype == torch.uint8 else normalize_images(pixels, self.dtype)
 
     def _resize_on_cpu(self, crops, job: DecodeJob) -> torch.Tensor:
         """Crops (HWC uint8, one per sample) -> [b, 3, S, S] `dtype`: torch's antialiased bicubic uint8
-        resize (rounded to uint8, as PIL's is), the flip, then CLIP's normalisation. The samples are split
-        among `num_threads` threads (torch releases the GIL), which share the cores with DALI's."""
-        out = torch.empty((len(job), 3, self.image_size, self.image_size), dtype=torch.float32)
+        resize (rounded to uint8, as PIL's is), the flip, then (a float dtype) CLIP's normalisation. The
+        samples are split among `num_threads` threads (torch releases the GIL), which share the cores
+        with DALI's."""
+        out = torch.empty((len(job), 3, self.image_size, self.image_size), dtype=torch.uint8)
         chunks = np.array_split(np.arange(len(job)), min(self.num_threads, len(job)))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_threads, "dali-resize")
         list(self._pool.map(lambda chunk: self._resize_samples(crops, job, chunk, out), chunks))
-        return out.to(self.dtype)
+        return self._finish(out)
 
     def _resize_samples(self, crops, job: DecodeJob, indexes: np.ndarray, out: torch.Tensor) -> None:
         size = self.image_size
@@ -479,6 +480,4 @@ class DaliDecoder:
         for index in indexes.tolist():
             crop = torch.from_dlpack(crops[index]).permute(2, 0, 1).unsqueeze(0)  # [1, 3, h, w], no copy
             image = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
-            if job.flips[index]:
-                image = image.flip(-1)
-            torch.sub(image, self._mean_tensor, out=out[index]).mul_(self._inv_std_tensor)  # [3, S, S]
+            out[index] = image.flip(-1) if job.flips[index] else image  # [3, S, S] uint8

@@ -1,8 +1,8 @@
 """The DALI backend of build_loader: the same samples, crops and flips as the PIL backend, decoded by DALI.
 
 A feed thread reads each batch's samples by offset, opens each image's header (for the crop
-window, which needs the image size) and looks up its embedding row; DALI decodes, crops, resizes
-and normalises (on the GPU with `mixed` decoding when there is one) while the next batches are
+window, which needs the image size) and looks up its embedding row; DALI decodes, crops and resizes
+(normalising unless the loader is raw; on the GPU with `mixed` decoding when there is one) while the next batches are
 read. The embedding rows and keys travel beside the jobs in a queue, so they pair with the images
 of exactly their batch: the decoder yields its batches in job order.
 
@@ -153,11 +153,9 @@ class DaliImageTextBatches:
 
     def _batch(self, images: torch.Tensor | None, pending: Pending) -> dict:
         size = self.batches.image_size
-        if images is None:
-            images = torch.empty(0, 3, size, size)
-        rows = [s[3].embedding for s in pending.samples]
-        batch = {"images": images,
-                 "text_embeddings": torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, self.batches.dim),
+        if images is None:  # every sample skipped: empty, in the dtype and on the device of a decoded batch
+            images = torch.empty(0, 3, size, size, dtype=self.decoder.dtype, device=self.decoder.device)
+        batch = {"images": images, "text_embeddings": self.batches.rows([s[3].embedding for s in pending.samples]),
                  "keys": [s[3].key for s in pending.samples], "skipped": pending.skipped}
         if pending.step is not None:
             batch["step"] = pending.step

@@ -1,8 +1,10 @@
 """Batches of images joined with their caption embeddings by key: `build_loader`.
 
 Every batch is a dict:
-    images           [B, 3, H, W] float32, normalised with OpenAI CLIP's mean/std
-    text_embeddings  [B, D] float32, the store rows of exactly these samples
+    images           [B, 3, H, W] float32, normalised with OpenAI CLIP's mean/std (augment.normalize_images);
+                     with raw=True uint8 pixels, for the consumer to normalise where it runs (training: on the GPU)
+    text_embeddings  [B, D] float32, the store rows of exactly these samples; with raw=True in the store's
+                     dtype (float16 by default)
     keys             list[str], the samples' keys in batch order
     tokens           [B, context] int64, the captions' token ids (only with a tokenizer: the CLIP baseline)
     skipped          int, samples that could not be used (on_error="skip") since the previous batch
@@ -22,10 +24,12 @@ stream deterministic); in eval the batch is one shorter.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -45,9 +49,11 @@ from lift_fast.data.augment import (  # noqa: F401 (re-exported: the preparation
     center_box,
     crop_resize,
     image_size,
+    normalize_images,
     open_image,
     sample_uniforms,
     to_tensor,
+    to_uint8,
     train_view,
 )
 from lift_fast.data.captions import caption_choice
@@ -71,9 +77,10 @@ class ImageTextBatches(IterableDataset):
 
     def __init__(self, reader: SampleReader, stream: SampleStream, *, split: str, image_size: int, dim: int,
                  crop_scale: tuple[float, float], hflip: bool, rank: int, world_size: int, start_step: int,
-                 on_error: str, tokenizer: Callable[[list[str]], torch.Tensor] | None = None):
+                 on_error: str, tokenizer: Callable[[list[str]], torch.Tensor] | None = None, raw: bool = False):
         super().__init__()
         self.tokenizer = tokenizer  # CLIP mode: captions -> token ids, in the worker that reads them
+        self.raw = raw  # uint8 images and store-dtype rows (build_loader's raw)
         self.reader, self.stream, self.split = reader, stream, split
         self.image_size, self.dim, self.crop_scale, self.hflip = image_size, dim, crop_scale, hflip
         self.rank, self.world_size, self.start_step, self.on_error = rank, world_size, start_step, on_error
@@ -118,9 +125,10 @@ class ImageTextBatches(IterableDataset):
 
     def example(self, ref: SampleRef, train: bool, draws: np.ndarray | None = None
                 ) -> tuple[torch.Tensor, np.ndarray, str, str]:
-        """(image [3, S, S], embedding [D], key, caption) of one sample; raises ShardError for a bad one."""
+        """(image [3, S, S] uint8, embedding [D] in the store's dtype, key, caption) of one sample; raises
+        ShardError for a bad one."""
         raw, image, box, flip = self.prepare(ref, train, draws)
-        image = to_tensor(crop_resize(image, box, self.image_size, flip, f"{raw.where}: its image"))
+        image = to_uint8(crop_resize(image, box, self.image_size, flip, f"{raw.where}: its image"))
         return image, raw.embedding, raw.key, raw.caption
 
     def batch_draws(self, refs: list[SampleRef]) -> np.ndarray:
@@ -167,14 +175,25 @@ class ImageTextBatches(IterableDataset):
         return {**self.collate(kept), "skipped": len(examples) - len(kept)}
 
     def collate(self, examples: list[tuple[torch.Tensor, np.ndarray, str, str]]) -> dict:
-        if not examples:
-            batch = {"images": torch.empty(0, 3, self.image_size, self.image_size),
-                     "text_embeddings": torch.empty(0, self.dim), "keys": []}
-        else:
-            batch = {"images": torch.stack([e[0] for e in examples]),
-                     "text_embeddings": torch.from_numpy(np.stack([e[1] for e in examples])),
-                     "keys": [e[2] for e in examples]}
-        return self.with_tokens(batch, [e[3] for e in examples])
+        images = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        if examples:
+            images = torch.stack([e[0] for e in examples])
+        batch = {"images": images, "text_embeddings": self.rows([e[1] for e in examples]),
+                 "keys": [e[2] for e in examples]}
+        return self.with_tokens(self.finish(batch), [e[3] for e in examples])
+
+    def rows(self, rows: list[np.ndarray]) -> torch.Tensor:
+        """The batch's store rows [b, D]: in the store's dtype with raw, else float32."""
+        # an int8 store's rows are float32 when read (scaled back)
+        dtype = self.reader.store.dtype if self.raw and self.reader.store.dtype != np.int8 else np.float32
+        stacked = np.stack(rows) if rows else np.empty((0, self.dim), dtype=dtype)
+        return torch.from_numpy(stacked.astype(dtype, copy=False))
+
+    def finish(self, batch: dict, dtype: torch.dtype = torch.float32) -> dict:
+        """batch with its uint8 images normalised (in `dtype`, on their device) unless raw."""
+        if not self.raw:
+            batch["images"] = normalize_images(batch["images"], dtype)
+        return batch
 
     def with_tokens(self, batch: dict, captions: list[str]) -> dict:
         """batch with "tokens" [B, context] (int64) of `captions` added when the loader has a tokenizer."""
@@ -227,12 +246,12 @@ class Loader:
 
 
 def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str, batch_size: int, image_size: int,
-                 backend: str = "auto", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 1,
+                 backend: str = "auto", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int | str = 1,
                  crop_scale: tuple[float, float] = (0.9, 1.0), hflip: bool = False, shuffle_window: int = 32,
                  start_step: int = 0, on_error: str = "error", pin_memory: bool = False,
                  worker_init_fn: Callable[[int], None] | None = None, dtype: torch.dtype = torch.float32,
                  prefetch: int = 2, tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
-                 caption_weights: str = "", caption_source: str = "") -> Loader:
+                 caption_weights: str = "", caption_source: str = "", raw: bool = False) -> Loader:
     """Batches of images joined with their caption embeddings (see the module docstring).
 
     data_dir: folder of `*.tar` shards (with `lift-fast index` files, or scanned at start);
@@ -242,7 +261,10 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
     shuffle_window: shards mixed together in the training stream. backend: "pil" (PIL decode in
     num_workers processes), "dali" (DALI decode with num_workers threads, `mixed` on the current
     CUDA device when there is one; images come out there, in `dtype`), or "auto" (DALI when it is
-    usable, else PIL). Both backends give the same samples, crops and flips. prefetch: DALI backend:
+    usable, else PIL). num_workers: a count, or "auto" (worker_count: this process's share of the
+    node's cores). raw: images as uint8 pixels and text_embeddings in the store's dtype, for a
+    consumer that moves them to its device and normalises there (augment.normalize_images; the
+    training loop's DeviceFeed); dtype is then unused. Both backends give the same samples, crops and flips. prefetch: DALI backend:
     batches prepared ahead on a feed thread, overlapped with the caller's step (0: prepared on the
     calling thread when asked for); the PIL backend's workers always run ahead. tokenizer: for the
     CLIP baseline, captions -> token ids, applied where the batch is made (batch["tokens"]).
@@ -256,6 +278,7 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     use_dali = _resolve_backend(backend)
+    num_workers = worker_count(num_workers, dali=use_dali)
     shards = list_shards(data_dir)
     store = open_store(embeddings_dir)
     reader = SampleReader(shards, store)
@@ -265,13 +288,13 @@ def build_loader(data_dir: str | Path, embeddings_dir: str | Path, *, split: str
                           caption_probabilities=tuple(probabilities), eval_source=eval_source)
     batches = ImageTextBatches(reader, stream, split=split, image_size=image_size, dim=store.dim,
                                crop_scale=crop_scale, hflip=hflip, rank=rank, world_size=world_size,
-                               start_step=start_step, on_error=on_error, tokenizer=tokenizer)
+                               start_step=start_step, on_error=on_error, tokenizer=tokenizer, raw=raw)
     if use_dali:
         from lift_fast.data.dali import DaliDecoder
         from lift_fast.data.dali_batches import DaliImageTextBatches
 
         decoder = DaliDecoder(image_size, batch_size, device_id=_cuda_device(), num_threads=max(1, num_workers),
-                              dtype=dtype, seed=seed)
+                              dtype=torch.uint8 if raw else dtype, seed=seed)
         data = DaliImageTextBatches(batches, decoder, prefetch=prefetch)
     else:
         # Its own generator: DataLoader draws a worker base seed on every iter(), which would otherwise
@@ -348,6 +371,24 @@ class _WorkerInit:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
 
 
+def worker_count(setting: int | str, *, dali: bool) -> int:
+    """data.num_workers as a count: an int as it is; "auto": this process's share of the node's cores,
+    the CPUs it may run on (os.sched_getaffinity) divided among the node's ranks (LOCAL_WORLD_SIZE, set
+    by torchrun), as DALI threads (dali), or as PIL worker processes less one core for the training
+    process (at least 1). Raises ConfigError for anything else."""
+    if isinstance(setting, int) and not isinstance(setting, bool) and setting >= 0:
+        return setting
+    if setting != "auto":
+        raise ConfigError(f"data.num_workers={setting!r}: expected a count (0 or more) or auto")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    share = max(1, cores // ranks)
+    count = share if dali else max(1, share - 1)
+    log.info("data.num_workers=auto: %d %s (%d cores for %d rank(s) on this node)", count,
+             "DALI threads" if dali else "PIL worker processes", cores, ranks)
+    return count
+
+
 def _cuda_device() -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
@@ -362,8 +403,36 @@ def _resolve_backend(backend: str) -> bool:
 
     usable, why = dali_available(_cuda_device())
     if backend == "dali" and not usable:
-        raise ConfigError(f"data.backend=dali: DALI cannot run here ({why}); install nvidia-dali-cuda130 "
-                          "(the gpu extra), or use data.backend=pil or auto")
-    log.info("data.backend=%s: using the %s loader%s", backend, "DALI" if usable else "PIL",
-             "" if usable else f" ({why})")
+        raise ConfigError(f"data.backend=dali: DALI cannot run here ({why}); {dali_install_hint()}, or use "
+                          "data.backend=pil or auto")
+    if not usable and torch.cuda.is_available():
+        # On a GPU node the PIL loader is the slow path (docs/data.md): say why DALI is out and how to get it.
+        log.warning("data.backend=auto: DALI cannot run here (%s), so the PIL loader feeds the GPU, which is "
+                    "several times slower; %s", why, dali_install_hint())
+    else:
+        log.info("data.backend=%s: using the %s loader%s", backend, "DALI" if usable else "PIL",
+                 "" if usable else f" ({why})")
     return usable
+
+
+def dali_install_hint() -> str:
+    """What to pip install for DALI on this machine: the wheel built for the CUDA driver's major version."""
+    major = _cuda_driver_major()
+    if major is None:
+        return "install nvidia-dali-cuda130 (the gpu extra; nvidia-dali-cuda120 for a CUDA 12 driver)"
+    wheel = "nvidia-dali-cuda120" if major < 13 else "nvidia-dali-cuda130"
+    return f"pip install {wheel} (the DALI wheel for this machine's CUDA {major} driver)"
+
+
+def _cuda_driver_major() -> int | None:
+    """The CUDA driver's major version (12 for a 12.x driver; torch's own CUDA where the driver does not
+    say), None without a usable GPU."""
+    if not torch.cuda.is_available():
+        return None
+    try:  # the driver API's own answer: torch reports only the CUDA it was built with
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return version.value // 1000
+    except OSError:
+        pass
+    return int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None

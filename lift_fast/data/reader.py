@@ -33,7 +33,8 @@ OPEN_SHARDS = 64  # indexes and file handles kept per process: a mixing window's
 
 @dataclass
 class RawSample:
-    """A sample as read: its key, encoded image bytes, embedding row (float32 [D]), and where it is from."""
+    """A sample as read: its key, encoded image bytes, embedding row ([D] in the store's dtype, float32 for
+    an int8 store), and where it is from."""
 
     key: str
     image: bytes
@@ -123,7 +124,7 @@ class SampleReader:
                              "was embedded from: the embedding store was made from other captions (another data "
                              "folder, or shards changed since); embed this data folder into its own store")
         image = self._pread(fd, index.image_offset[ref.row], index.image_size[ref.row], where)
-        embedding = np.asarray(self.store.embeddings(shard.stem)[row], dtype=np.float32)
+        embedding = np.array(self.store.embeddings(shard.stem)[row])  # a copy, in the store's dtype
         return RawSample(key, image, embedding, where, text)
 
     def _json_caption(self, fd: int, json_members: dict, key: str, source: int, shard: Path, where: str) -> str | None:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from lift_fast.config import Config, ConfigError
 from lift_fast.data.augment import center_box, crop_resize, open_image, to_tensor
+from lift_fast.data.loader import worker_count
 from lift_fast.data.shards import ShardError
 from lift_fast.eval.formats import DatasetError, ImageRef
 from lift_fast.models.vit import build_model
@@ -128,7 +129,7 @@ class EvalModel:
         """Features [N, D] (float32, on self.device) of the images at `refs`, in order, batches of
         eval.batch_size decoded in data.num_workers processes. Raises DatasetError naming a bad image."""
         loader = DataLoader(_ImageFiles(refs, self.image_size), batch_size=self.cfg.eval.batch_size,
-                            num_workers=self.cfg.data.num_workers, collate_fn=_collate)
+                            num_workers=worker_count(self.cfg.data.num_workers, dali=False), collate_fn=_collate)
         features = [self.encode_batch(batch) for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress)]
         return torch.cat(features)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from lift_fast.kernels import ClipLoss, SigLipLoss, fused_projection_clip_loss
 from lift_fast.models.flops import train_flops_per_sample
 from lift_fast.models.vit import build_model
 from lift_fast.train import distributed
-from lift_fast.train.checkpoint import load_checkpoint
+from lift_fast.train.checkpoint import CheckpointWriter, load_checkpoint
 from lift_fast.train.device import peak_tflops, resolve_compile, resolve_precision
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.metrics import StepTally
@@ -115,6 +115,7 @@ class Parts:
     peak: float | None  # dense peak TFLOP/s of one device, when known
     sharded_precision: bool = False  # FSDP2 gathers the weights in `precision`, so the step runs without autocast
     text_tower: nn.Module | None = None  # CLIP mode: model.text, called by the step on batch["tokens"]
+    checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # background writes (train.checkpoint_async)
 
 
 @dataclass
@@ -172,8 +173,8 @@ def build_parts(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifes
                           start_step=progress.step, on_error=cfg.data.on_error, pin_memory=device.type == "cuda",
                           worker_init_fn=ignore_stop_signals, prefetch=cfg.data.prefetch, tokenizer=tokenizer,
                           caption_weights=cfg.data.caption_weights,
-                          # DALI on a GPU hands over images in the compute dtype: half the copy and no cast
-                          dtype=precision if precision is not None and device.type == "cuda" else torch.float32)
+                          # uint8 images and store-dtype rows: the loop's DeviceFeed moves and prepares them
+                          raw=True)
     _check_batch_size(cfg, loader)
     if state is not None:
         _check_loader_position(state["extra"].get("loader"), loader.state(progress.step), start_ckpt)
@@ -184,7 +185,7 @@ def build_parts(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifes
              "image and text towers, CLIP mode" if tokenizer is not None else "image tower and head, LIFT mode")
     return Parts(model, forward, build_loss(cfg, ctx, model), optimizer, scheduler, loader, precision, flops,
                  peak_tflops(device, precision, cfg.train.peak_tflops), param_dtype is not None,
-                 getattr(model, "text", None)), progress
+                 getattr(model, "text", None), CheckpointWriter(cfg.train.checkpoint_async)), progress
 
 
 def attach_text_tower(model: nn.Module, cfg: Config, ctx: Distributed, dim: int):
