@@ -5,12 +5,14 @@ auto count, and the warning when `auto` falls back to PIL on a GPU node."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -101,6 +103,73 @@ def test_on_a_cpu_run_the_batch_is_used_where_it_is():
     out = feed(host)
     assert out["text_embeddings"] is host["text_embeddings"] and out["tokens"] is host["tokens"]
     assert torch.equal(out["images"], normalize_images(host["images"]))
+
+
+class StreamLog:
+    """Stand-ins for torch.cuda's streams and events that log what DeviceFeed does with them."""
+
+    def __init__(self, monkeypatch):
+        self.log, self.current, self.events = [], ["step"], 0
+        log = self.log
+
+        class Event:
+            def __init__(self, number: int):
+                self.number = number
+
+            def synchronize(self):
+                log.append(("host waits", self.number))
+
+        class Stream:
+            def __init__(stream, device=None, name="side"):
+                stream.name = name
+
+            def record_event(stream):
+                self.events += 1
+                log.append(("event", stream.name, self.events))
+                return Event(self.events)
+
+            def wait_event(stream, event):
+                log.append(("stream waits", stream.name, event.number))
+
+        @contextlib.contextmanager
+        def on(stream):
+            self.current.append(stream.name)
+            try:
+                yield
+            finally:
+                self.current.pop()
+
+        step = Stream(name="step")
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "stream", on)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: step)
+        monkeypatch.setattr(torch.Tensor, "record_stream",
+                            lambda tensor, stream: log.append(("record_stream", stream.name, tuple(tensor.shape))))
+        copy = DeviceFeed.copy
+        monkeypatch.setattr(DeviceFeed, "copy", lambda feed, out, source: (
+            log.append(("copy", self.current[-1], out.device.type, tuple(out.shape))), copy(feed, out, source)))
+
+
+def test_on_cuda_the_copies_run_on_a_side_stream_that_the_step_waits_for_on_the_device(monkeypatch):
+    """The CUDA protocol, with fake CUDA tensors and logged stand-ins for streams and events (no GPU
+    here): copies on the side stream, an event after them that the step's stream waits on, every
+    copied tensor marked for the step's stream, and a buffer rewritten only after the host waited
+    for the copy out of it two batches before. A tensor already on the GPU (DALI's images) stays."""
+    streams = StreamLog(monkeypatch)
+    host = host_batch(0)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        feed = DeviceFeed(torch.device("cuda"), image_dtype=torch.bfloat16, pin=False)
+        outs = [feed(host) for _ in range(3)]
+        on_gpu = feed({**host, "images": torch.zeros(6, 3, 8, 8, dtype=torch.uint8, device="cuda")})
+    assert feed.staged and outs[0]["images"].device.type == "cuda" and outs[0]["images"].dtype == torch.bfloat16
+    assert outs[0]["text_embeddings"].device.type == "cuda" and outs[0]["text_embeddings"].dtype == torch.float16
+    fields = [(6, 3, 8, 8), (6, 5), (6, 4)]
+    one_batch = lambda event: [*(("copy", "side", "cuda", shape) for shape in fields), ("event", "side", event),
+                               ("stream waits", "step", event), *(("record_stream", "step", shape) for shape in fields)]
+    assert streams.log == [*one_batch(1), *one_batch(2), ("host waits", 1), *one_batch(3), ("host waits", 2),
+                           ("copy", "side", "cuda", (6, 5)), ("copy", "side", "cuda", (6, 4)), ("event", "side", 4),
+                           ("stream waits", "step", 4), ("record_stream", "step", (6, 5)), ("record_stream", "step", (6, 4))]
+    assert on_gpu["images"].dtype == torch.bfloat16
 
 
 class HostReads(TorchDispatchMode):

@@ -74,20 +74,21 @@ class DeviceFeed:
                 for name in DEVICE_FIELDS:
                     if isinstance(batch.get(name), torch.Tensor):
                         moved[name] = self.to_device(name, batch[name], slot)
+            copied = [moved[name] for name in DEVICE_FIELDS if name in batch and moved[name] is not batch[name]]
             if self.stream is not None:
                 self.copied[slot] = self.stream.record_event()
                 step_stream = torch.cuda.current_stream(self.device)
                 step_stream.wait_event(self.copied[slot])  # the step's stream waits on the GPU, not the host
-                for name in DEVICE_FIELDS:
-                    if isinstance(moved.get(name), torch.Tensor) and moved[name].device.type == "cuda":
-                        moved[name].record_stream(step_stream)
+                for tensor in copied:  # allocated on the side stream, read on the step's
+                    tensor.record_stream(step_stream)
         if moved["images"].dtype == torch.uint8:  # a raw loader's pixels; a non-raw one's are normalised already
             moved["images"] = normalize_images(moved["images"], self.image_dtype)
         return moved
 
     def to_device(self, name: str, host: torch.Tensor, slot: int) -> torch.Tensor:
         """`host` on the device: as it is when it is there already, else a copy from pinned memory."""
-        if host.device == self.device and self.device.type != "cpu":  # e.g. DALI's images, decoded on the GPU
+        if self.device.type != "cpu" and host.device.type == self.device.type and self.device.index in (
+                None, host.device.index):  # e.g. DALI's images, decoded on the GPU ("cuda" is the current one)
             return host
         source = host if self.pin and host.is_pinned() else self.stage(name, host, slot)
         out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
