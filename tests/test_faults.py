@@ -107,9 +107,12 @@ def test_sigkill_at_three_random_steps_then_resume_is_bitwise_exact(reference, s
     for when, step in kills:
         killed(lift_fast_train(run, synth_data, stores, f"{when}:{step}"))
         # the update of `step` was under way (or just applied in memory): the newest checkpoint is the
-        # last one before it, and metrics.jsonl ends at step - 1
+        # last one before it, and metrics.jsonl ends at step - 1. Checkpoints are written in the
+        # background (train.checkpoint_async): a kill in the steps right after a saved one may come
+        # before that write is published, which leaves the one before it as the newest
         newest = latest_checkpoint(run)
-        assert (checkpoint_step(newest) if newest else 0) == (step - 1) // EVERY * EVERY, (when, step)
+        last_saved = (step - 1) // EVERY * EVERY
+        assert (checkpoint_step(newest) if newest else 0) in {last_saved, max(last_saved - EVERY, 0)}, (when, step)
         assert max(losses(run)) == step - 1, (when, step)
     finished(lift_fast_train(run, synth_data, stores))
     assert_same_run(run, reference)

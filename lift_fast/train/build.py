@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from lift_fast.kernels import ClipLoss, SigLipLoss, fused_projection_clip_loss
 from lift_fast.models.flops import train_flops_per_sample
 from lift_fast.models.vit import build_model
 from lift_fast.train import distributed
-from lift_fast.train.checkpoint import load_checkpoint
+from lift_fast.train.checkpoint import CheckpointWriter, load_checkpoint
 from lift_fast.train.device import peak_tflops, resolve_compile, resolve_precision
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.metrics import StepTally
@@ -115,6 +115,7 @@ class Parts:
     peak: float | None  # dense peak TFLOP/s of one device, when known
     sharded_precision: bool = False  # FSDP2 gathers the weights in `precision`, so the step runs without autocast
     text_tower: nn.Module | None = None  # CLIP mode: model.text, called by the step on batch["tokens"]
+    checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # background writes (train.checkpoint_async)
 
 
 @dataclass
@@ -184,7 +185,7 @@ def build_parts(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifes
              "image and text towers, CLIP mode" if tokenizer is not None else "image tower and head, LIFT mode")
     return Parts(model, forward, build_loss(cfg, ctx, model), optimizer, scheduler, loader, precision, flops,
                  peak_tflops(device, precision, cfg.train.peak_tflops), param_dtype is not None,
-                 getattr(model, "text", None)), progress
+                 getattr(model, "text", None), CheckpointWriter(cfg.train.checkpoint_async)), progress
 
 
 def attach_text_tower(model: nn.Module, cfg: Config, ctx: Distributed, dim: int):

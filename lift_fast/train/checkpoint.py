@@ -8,6 +8,14 @@ fails (no space, a file-size limit) raises CheckpointWriteError naming the file;
 checkpoints stay as they were. `state.pt` holds optimizer, scheduler, step and RNG states and
 is read with `torch.load(weights_only=True)`.
 
+`CheckpointWriter` (train.checkpoint_async, on by default) takes the write off the training step: the
+state is copied to host memory (pinned on CUDA, without waiting for the device) and a writer thread
+writes it with the same guarantees while training goes on; one write at a time, and a failed write
+is raised on the training thread at the next step. The files are those of the synchronous save, so
+the format (docs/formats.md) does not depend on it; torch.distributed.checkpoint's async_save was
+not used because it writes its own layout (.distcp files and a .metadata), not model.safetensors
+and state.pt.
+
 The files hold full tensors whatever the run's train.parallel: an FSDP2-sharded model's weights and
 AdamW state are gathered to rank 0 to be saved (a collective: `save_checkpoint` must then run on
 every rank) and, on resume, read by rank 0 and broadcast into the shards. So a checkpoint written
@@ -16,9 +24,12 @@ under fsdp resumes under ddp or in one process, loads into a plain model, and th
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -44,6 +55,8 @@ from lift_fast.train.distributed import is_sharded
 GATHER_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # ... and load one that rank 0 alone holds, broadcast into every rank's shards.
 SCATTER_FULL = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+log = logging.getLogger(__name__)
 
 PATTERN = re.compile(r"step_(\d+)")
 T = TypeVar("T")
@@ -160,38 +173,163 @@ def _named_optimizer_state(saved: dict, model: nn.Module, optimizer: torch.optim
                              for group in saved["param_groups"]]}
 
 
+class CheckpointWriter:
+    """Saves checkpoints with the write off the training step (train.checkpoint_async).
+
+    `save` gathers the state (a collective under fsdp), copies every tensor of it to host memory
+    that it keeps from save to save (pinned on CUDA: the copies are queued on the current stream
+    and the host does not wait for them; the next step's update comes after them on the stream),
+    and hands the copy to a writer thread, which waits for the copies, then writes and publishes
+    the checkpoint exactly as the synchronous save does (temporary folder, fsync, rename, fsync of
+    the parent, pruning). Training goes on meanwhile. At most one write is in flight: a save waits
+    for the one before. A write that failed is raised on the calling thread by the next
+    `raise_failure` (the loop calls it every step) or `wait`, as the CheckpointWriteError the
+    synchronous save would have raised. The thread is not a daemon: an interpreter that exits
+    lets the write finish. background=False: `save` writes before it returns, from the live
+    tensors (no copy), as `save_checkpoint` does.
+    """
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._buffers: list[torch.Tensor] = []  # host copies of the state's tensors, in traversal order
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a background write has not finished yet."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def save(self, run_dir: str | Path, step: int, model: nn.Module, optimizer, scheduler, *,
+             extra: dict | None = None, keep: int = 2, write: bool = True, wait: bool = False) -> Path:
+        """Checkpoint `step` of `model`, `optimizer` and `scheduler` (and `extra`, e.g. the loader position)
+        into `run_dir`, keeping the newest `keep` complete ones; returns its folder (complete once written).
+
+        In the background unless the writer is synchronous or `wait` (the final save, an interrupt's):
+        then it writes from the live tensors and returns once the checkpoint is published. write=False
+        writes nothing: the other ranks of a job whose model is FSDP2-sharded call it too, since
+        gathering the state takes every rank.
+        Raises CheckpointWriteError naming the file for this write when it waits, and for the
+        previous background write, which it waits for first, when that one failed.
+        """
+        self.wait()
+        weights, optimizer_state = full_state(model, optimizer)
+        final = checkpoint_path(run_dir, step)
+        if not write:
+            return final
+        state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                 "rng": rng_state(), "extra": extra or {}}
+        if not self.background or wait:  # written from the live tensors: nothing may change them meanwhile
+            weights = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
+            _write_checkpoint(run_dir, step, weights, state, keep)
+            return final
+        # the state as of this step, whatever the next steps do to the live tensors (a gathered
+        # fsdp state is on the host already, fresh tensors, but its optimizer entries may not be)
+        (weights, state), copied = self._host_copy((weights, state))
+        self._thread = threading.Thread(target=self._write, args=(run_dir, step, weights, state, keep, copied),
+                                        name=f"checkpoint-step-{step}")
+        self._thread.start()
+        return final
+
+    def raise_failure(self) -> None:
+        """Raise the error of a background write that has finished and failed (once); never waits."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    def wait(self, *, log_failure: bool = False) -> None:
+        """Wait for the background write in flight, if any; raise its error, or with `log_failure`
+        log it instead (when another error is on its way out already)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        failure, self._failure = self._failure, None
+        if failure is not None and log_failure:
+            log.error("%s", failure)
+        elif failure is not None:
+            raise failure
+
+    def _write(self, run_dir, step: int, weights: dict, state: dict, keep: int, copied: torch.cuda.Event | None):
+        started = time.perf_counter()
+        try:
+            if copied is not None:
+                copied.synchronize()  # the device-to-host copies queued by `save`
+            _write_checkpoint(run_dir, step, weights, state, keep)
+        except BaseException as err:  # noqa: BLE001 - raised again on the training thread
+            self._failure = err
+        else:
+            log.info("checkpoint step %d written in the background in %.2f s", step, time.perf_counter() - started)
+
+    def _host_copy(self, tree):
+        """`tree` (dicts, lists and tuples of tensors and plain values) with every tensor copied into the
+        kept host buffers (pinned for CUDA tensors); returns (the copy, a CUDA event recorded after the
+        copies, or None when every copy is done)."""
+        used, pending = 0, False
+
+        def copy(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal used, pending
+            tensor = tensor.detach()
+            pinned = tensor.is_cuda
+            buffer = self._buffers[used] if used < len(self._buffers) else None
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype or \
+                    buffer.is_pinned() != pinned:
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
+                self._buffers[used:used + 1] = [buffer]
+            buffer.copy_(tensor, non_blocking=pinned)
+            used, pending = used + 1, pending or pinned
+            return buffer
+
+        copied = _map_tensors(tree, copy)
+        del self._buffers[used:]
+        event = None
+        if pending:
+            event = torch.cuda.Event()
+            event.record()
+        return copied, event
+
+
+def _map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """obj with fn applied to every tensor in it, through dicts, lists and tuples (new containers)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {key: _map_tensors(value, fn) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(value, fn) for value in obj)
+    return obj
+
+
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer, scheduler, *,
                     extra: dict | None = None, keep: int = 2, write: bool = True) -> Path:
-    """Write checkpoint `step` atomically and delete all but the newest `keep` complete ones.
+    """Write checkpoint `step` atomically, before returning, and delete all but the newest `keep`
+    complete ones (`CheckpointWriter(background=False).save`).
 
     Returns the checkpoint folder. write=False writes nothing: the other ranks of a job whose model
     is FSDP2-sharded call it too, since gathering the state takes every rank (`full_state`).
     """
-    weights, optimizer_state = full_state(model, optimizer)
-    final = checkpoint_path(run_dir, step)
-    if not write:
-        return final
+    return CheckpointWriter(background=False).save(run_dir, step, model, optimizer, scheduler, extra=extra, keep=keep,
+                                                   write=write)
+
+
+def _write_checkpoint(run_dir: str | Path, step: int, weights: dict, state: dict, keep: int) -> None:
+    """Write weights (host tensors) and state into a temporary folder, publish it as checkpoint `step`,
+    prune all but the newest `keep`. Raises CheckpointWriteError naming the file that failed."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for pattern in LEFTOVERS:  # of a save that was killed (rank 0 alone writes, so none is in progress)
+    for pattern in LEFTOVERS:  # of a save that was killed (one writer, one write at a time: none is in progress)
         for leftover in root.glob(pattern):
             shutil.rmtree(leftover, ignore_errors=True)
     tmp = root / f".tmp_step_{step:06d}"
     tmp.mkdir()
-    weights = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
-    state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-             "rng": rng_state(), "extra": extra or {}}
     try:
         _write_file(tmp / "model.safetensors", lambda path: save_file(weights, str(path), metadata={"step": str(step)}),
                     run_dir, step)
         _write_file(tmp / "state.pt", lambda path: torch.save(state, path), run_dir, step)
-        publish_dir(tmp, final)
+        publish_dir(tmp, checkpoint_path(run_dir, step))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in complete_checkpoints(run_dir)[:-keep]:
         _delete(old)
-    return final
 
 
 def _delete(checkpoint: Path) -> None:

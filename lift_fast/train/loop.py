@@ -42,7 +42,7 @@ from lift_fast.train.build import (  # noqa: F401 (Parts, Progress, build_loss, 
     build_parts,
     local_batch_size,
 )
-from lift_fast.train.checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint, save_checkpoint
+from lift_fast.train.checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint
 from lift_fast.train.device import autocast
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.feed import DeviceFeed
@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 # the cosine (optim.resumed_schedule).
 RESUME_SETTINGS = ("train.steps", "train.schedule_steps", "train.log_every", "train.checkpoint_every",
                    "train.keep_checkpoints", "train.threads", "data.num_workers", "data.prefetch", "data.backend",
-                   "train.precision", "train.compile", "train.tensorboard", "train.max_nonfinite", "train.parallel")
+                   "train.precision", "train.compile", "train.tensorboard", "train.max_nonfinite", "train.parallel",
+                   "train.checkpoint_async", "train.ddp_bucket_mb", "train.ddp_grad_compress")
 
 __all__ = ["MetricsLog", "TrainingInterrupted", "check_store", "run_config", "train"]
 
@@ -166,14 +167,15 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
     distributed.barrier(ctx)
 
     batches = iter(parts.loader)  # starts the worker processes
-    bar = tqdm(total=cfg.train.steps, initial=progress.step, desc="train", unit="step",
     feed = DeviceFeed(ctx.device, image_dtype=parts.precision or torch.float32)  # host batch -> device, no host sync
+    bar = tqdm(total=cfg.train.steps, initial=progress.step, desc="train", unit="step",
                disable=not show_progress or not ctx.is_main, dynamic_ncols=True)
     speed = Throughput()
     parts.model.train()
     try:
         with _stop_requests() as stop_signals:
             while progress.step < cfg.train.steps:
+                parts.checkpoints.raise_failure()  # a background checkpoint write that failed stops the run here
                 wait_start = time.perf_counter()
                 batch = feed(next(batches))
                 speed.data_wait += time.perf_counter() - wait_start
@@ -199,6 +201,9 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
                     raise TrainingInterrupted(stop_signals[0] if stop_signals else signal.SIGTERM)
     except KeyboardInterrupt as err:
         raise _save_on_interrupt(err, ctx, run_dir, parts, progress, cfg.train.keep_checkpoints) from None
+    except BaseException:
+        parts.checkpoints.wait(log_failure=True)  # a write in flight finishes; its error is logged, this one raised
+        raise
     finally:
         # Drop the iterator here, which stops its workers: a traceback that holds this frame would
         # keep them alive until exit, where multiprocessing's SIGTERM (ignored by them) cannot end them.
@@ -206,7 +211,7 @@ def _train(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, run_dir: Pat
         bar.close()
         if run_log is not None:
             run_log.close()
-    _save(ctx, run_dir, parts, progress, progress.step, cfg.train.keep_checkpoints)
+    _save(ctx, run_dir, parts, progress, progress.step, cfg.train.keep_checkpoints, wait=True)
     return {"step": progress.step, "loss": progress.loss_value, **speed.summary(),
             "nonfinite_steps": progress.nonfinite, "skipped": progress.skipped,
             "checkpoint": str(checkpoint_path(run_dir, progress.step))}
@@ -333,18 +338,22 @@ def _record(parts: Parts, progress: Progress, speed: Throughput, numbers: dict, 
     return record
 
 
-def _write_checkpoint(ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress, step: int, keep: int) -> Path:
-    """save_checkpoint of step `step` with the run's extra state (non-finite count, loader position);
-    rank 0 writes, the others only take part in gathering a sharded model's state."""
-    return save_checkpoint(run_dir, step, parts.model, parts.optimizer, parts.scheduler,
-                           extra={"nonfinite_steps": progress.nonfinite, "loader": parts.loader.state(step)},
-                           keep=keep, write=ctx.is_main)
+def _write_checkpoint(ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress, step: int, keep: int,
+                      wait: bool = False) -> Path:
+    """Checkpoint step `step` with the run's extra state (non-finite count, loader position): rank 0
+    writes, in the background unless `wait` or train.checkpoint_async=false; the others only take
+    part in gathering a sharded model's state."""
+    return parts.checkpoints.save(run_dir, step, parts.model, parts.optimizer, parts.scheduler,
+                                  extra={"nonfinite_steps": progress.nonfinite, "loader": parts.loader.state(step)},
+                                  keep=keep, write=ctx.is_main, wait=wait)
 
 
-def _save(ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress, step: int, keep: int) -> Path:
-    """Rank 0 writes checkpoint `step` (weights, optimiser, schedule, RNG, loader position); all wait for it.
+def _save(ctx: Distributed, run_dir: Path, parts: Parts, progress: Progress, step: int, keep: int,
+          wait: bool = False) -> Path:
+    """Rank 0 writes checkpoint `step` (weights, optimiser, schedule, RNG, loader position), in the
+    background unless `wait` (the final save); all wait for it to be handed over (`_write_checkpoint`).
     Every rank takes part in gathering a sharded (fsdp) model's state."""
-    checkpoint = _write_checkpoint(ctx, run_dir, parts, progress, step, keep)
+    checkpoint = _write_checkpoint(ctx, run_dir, parts, progress, step, keep, wait)
     distributed.barrier(ctx)
     progress.saved_step = step
     return checkpoint
@@ -362,6 +371,7 @@ def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, 
     checkpoint is then the one to resume from.
     """
     signum = getattr(err, "signum", signal.SIGINT)
+    parts.checkpoints.wait()  # a background write in flight finishes first (and raises if it failed)
     if progress.tally is not None:  # the non-finite count as of the last finished step, for the checkpoint
         progress.nonfinite = progress.tally.read()[0]["nonfinite"]
     finished = progress.finished_step()
@@ -370,7 +380,7 @@ def _save_on_interrupt(err: KeyboardInterrupt, ctx: Distributed, run_dir: Path, 
     if finished > progress.saved_step and (agreed or not sharded):
         checkpoint = checkpoint_path(run_dir, finished)
         if ctx.is_main or agreed:
-            checkpoint = _write_checkpoint(ctx, run_dir, parts, progress, finished, keep)
+            checkpoint = _write_checkpoint(ctx, run_dir, parts, progress, finished, keep, wait=True)
         if ctx.is_main:
             log.warning("interrupted: saved step %d in %s", finished, checkpoint)
         if agreed:
