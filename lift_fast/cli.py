@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="folder of .tar shards")
     p.add_argument("--out", type=Path, required=True, help="embedding store folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--estimate", action="store_true",
+                   help="embed nothing: tokenize a sample of the captions and print tokens, padded tokens, FLOPs, "
+                   "GPU-hours (H100/H200/B200) and store bytes for the whole folder (needs the model's config.json "
+                   "and tokenizer only)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="with --estimate: also write it as JSON")
+    p.add_argument("--sample", type=_at_least(1), default=10_000, help="with --estimate: captions to tokenize")
+    p.add_argument("--mfu", type=float, default=0.40, help="with --estimate: the MFU GPU-hours are stated at")
     _settings(p)
 
     p = command("train", "train the image tower against a store of caption embeddings")
@@ -164,6 +171,16 @@ def run_command(args) -> None:
         from lift_fast.embed import embed_shards
 
         cfg = _load(args)
+        if args.json is not None and not args.estimate:
+            raise ConfigError("--json goes with --estimate (the embed run prints its summary as JSON)")
+        if args.estimate:
+            from lift_fast.embed.estimate import estimate, format_estimate
+
+            report = estimate(args.data, cfg.embed, sample=args.sample, mfu=args.mfu)
+            print(format_estimate(report))
+            if args.json is not None:
+                args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            return
         rank, world_size, local_rank = _torchrun_rank()
         device = args.device or ("cuda" if _cuda() else "cpu")
         if device == "cuda" and local_rank is not None:

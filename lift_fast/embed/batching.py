@@ -69,3 +69,59 @@ def plan_batches(lengths: Sequence[int], *, batch_size: int, max_tokens: int, le
         batches.append(Batch(order[start:start + rows], padded))
         start += rows
     return batches
+
+
+# Padded tokens per real token an exact-length batch may carry (embed.packing=exact, or a model that
+# cannot run packed sequences): captions sorted by length share a batch while its padding stays under 5 %.
+MAX_PADDING = 1.05
+
+
+def plan_exact(lengths: Sequence[int], *, batch_size: int, max_tokens: int,
+               max_padding: float = MAX_PADDING) -> list[Batch]:
+    """Batches padded to their own longest caption (no buckets), each holding at most
+    `max_padding` x its real tokens as padded tokens, `batch_size` captions and `max_tokens` padded
+    tokens (0: no token limit), and at least one caption.
+
+    Captions go longest first (ties in input order). Returns the batches; every index 0..N-1 is in
+    exactly one. Raises ValueError for a batch_size below 1 or max_padding below 1.
+    """
+    if batch_size < 1 or max_padding < 1:
+        raise ValueError(f"batch_size must be at least 1 and max_padding at least 1, got {batch_size}, {max_padding}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[Batch] = []
+    start = 0
+    while start < len(order):
+        length = max(lengths[order[start]], 1)
+        limit = batch_size if max_tokens <= 0 else max(1, min(batch_size, max_tokens // length))
+        real = lengths[order[start]]
+        end = start + 1
+        while end < len(order) and end - start < limit and (end - start + 1) * length <= max_padding * (real + lengths[order[end]]):
+            real += lengths[order[end]]
+            end += 1
+        batches.append(Batch(order[start:end], length))
+        start = end
+    return batches
+
+
+def plan_packs(lengths: Sequence[int], *, max_tokens: int) -> list[Batch]:
+    """Packs of whole captions laid end to end without padding (Batch.length: the pack's tokens), each
+    at most `max_tokens` tokens (a caption longer than that is a pack of its own).
+
+    Captions go longest first (ties in input order), so that packs of long and of short captions
+    each run at the full token budget. Raises ValueError for max_tokens below 1.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[Batch] = []
+    rows: list[int] = []
+    tokens = 0
+    for i in order:
+        if rows and tokens + lengths[i] > max_tokens:
+            batches.append(Batch(rows, tokens))
+            rows, tokens = [], 0
+        rows.append(i)
+        tokens += lengths[i]
+    if rows:
+        batches.append(Batch(rows, tokens))
+    return batches

@@ -6,13 +6,15 @@
     text_embeddings = encoder.encode_tokenized(tokenized)          #  tokenizes in a reader thread)
     encoder.identity                                               # what the store's manifest records
 
-Captions are tokenized once, batched longest first by a token budget with lengths rounded to a few
-buckets (lift_fast.embed.batching), and put back in their original order afterwards. Pooling reads
+Captions are tokenized once and run without padding where the model allows (embed.packing=auto: packed
+sequences, lift_fast.embed.packing; else exact-length batches holding at most 5 % padding; `off`: the
+older plan, lengths rounded to a few buckets when compiled, lift_fast.embed.batching), and put back in
+their original order afterwards, gathered on the host with one wait per call (packing.HostRows). Pooling reads
 the attention mask, so `cls` and `last` pick the right token whichever side the tokenizer pads on
 (LLM embedders such as Qwen3-Embedding pad on the left; for last-token pooling the tokenizer's EOS is
-appended when it does not add it itself, as Qwen3-Embedding expects). `pooling="model"` hands the
-captions to the model's own `encode` (NV-Embed-v2, whose latent-attention pooling is code in its
-folder, loaded only with `embed.trust_remote_code=true`). Matryoshka truncation (`embed.dim`) keeps
+appended when it does not add it itself, as Qwen3-Embedding expects). `pooling="model"` runs NV-Embed-v2's
+latent-attention pooling on the tokenized batch (lift_fast.embed.latent; the model is code in its folder,
+loaded only with `embed.trust_remote_code=true`); another remote-code model gets its own `encode`. Matryoshka truncation (`embed.dim`) keeps
 the first dim features and renormalises.
 """
 
@@ -33,7 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from lift_fast.config import ConfigError, EmbedConfig
-from lift_fast.embed.batching import auto_length_step, plan_batches
+from lift_fast.embed.batching import auto_length_step, plan_batches, plan_exact, plan_packs
+from lift_fast.embed.latent import LatentPooling, is_latent_model, pool_padded
+from lift_fast.embed.latent import pool_packed as latent_pool_packed
+from lift_fast.embed.packing import HostRows, PackedInputs, packed_inputs, packing_works, pool_packed
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,9 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 # embed.max_tokens=0 on a CPU: all-MiniLM-L6-v2 on 2 EPYC cores (5,000 varied captions, batch 128) ran
 # 324 captions/s with no token limit, 386 at 2048, 416 at 1024, 376 at 512 padded tokens per pass.
 CPU_MAX_TOKENS = 1024
+# Forward passes timed as warm-up (compilation) under dynamic shapes: the first compiles a graph for the
+# first shape, the second the graph with symbolic lengths that serves every later batch.
+DYNAMIC_WARMUP_PASSES = 2
 
 _weights_hash_cache: dict[tuple, str] = {}
 
@@ -218,7 +226,18 @@ class TextEncoder:
         self.precision = precision
         # bf16-mixed: the forward pass runs under bf16 autocast; None turns that off (the fidelity reference)
         self.autocast_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
-        self.append_eos = resolve_append_eos(cfg, tokenizer)
+        # NV-Embed-v2 (pooling=model on a model with latent attention): its encoder and pooling run here,
+        # on the batch tokenized once, as its encode() would: EOS appended, right padding, the first
+        # len(tokenize(prompt)) positions left out of the mean.
+        self.latent = (LatentPooling(model.latent_attention_model)
+                       if cfg.pooling == "model" and is_latent_model(model) else None)
+        self.backbone = model.embedding_model if self.latent is not None else model
+        self.append_eos = resolve_append_eos(cfg, tokenizer) or (
+            self.latent is not None and cfg.append_eos == "auto" and tokenizer.eos_token_id is not None)
+        self._left = self.latent is None and getattr(tokenizer, "padding_side", "right") == "left"
+        self._pool_skip = len(tokenizer.tokenize(cfg.prompt)) if self.latent is not None and cfg.prompt else 0
+        self._packing: str | None = None  # packed, exact or padded: resolved on the first batch (packing_mode)
+        self.packing_note = ""
         # The EOS id that tokenize() appends: None when not asked for, or when the tokenizer ends its
         # sequences with EOS itself (the newer Qwen3-Embedding tokenizers do).
         self._appended_eos = None
@@ -229,14 +248,19 @@ class TextEncoder:
                                   "appended EOS token; use at least 2 (or embed.append_eos=off)")
         self.compiled = False
         self.quantize = "none"  # set by lift_fast.embed.run once the model's linear layers are quantized
-        self.forward = model  # what runs a batch: the model, or its compiled form after compile()
+        self.forward = self.backbone  # what runs a batch: the model (NV-Embed: its encoder), or its compiled form
+        self.pool_latent = self.latent  # the latent pooling, or its compiled form
         # Left padding with absolute positions would shift every token; give real tokens 0, 1, 2, ...
-        self._pass_position_ids = (getattr(tokenizer, "padding_side", "right") == "left"
-                                   and "position_ids" in inspect.signature(model.forward).parameters)
-        self._model_dim: int | None = (None if cfg.pooling == "model"
+        self._pass_position_ids = (self._left and "position_ids" in inspect.signature(model.forward).parameters)
+        # No KV cache for a single forward pass; transformers also reads packed position ids only without one.
+        self._extra = ({"use_cache": False} if "use_cache" in inspect.signature(self.backbone.forward).parameters
+                       else {})
+        self._model_dim: int | None = (int(self.latent.latents.shape[-1]) if self.latent is not None
+                                       else None if cfg.pooling == "model"
                                        else getattr(getattr(model, "config", None), "hidden_size", None))
         self._identity: dict | None = None
         self._shapes: set[tuple[int, ...]] = set()
+        self._passes = 0
         self.padded_tokens = 0  # tokens run through the model, padding included
         self.warmup_seconds = 0.0  # forward passes of input shapes met for the first time (compilation)
         if self._model_dim is not None:
@@ -267,8 +291,34 @@ class TextEncoder:
 
     @property
     def length_step(self) -> int:
-        """Padded lengths are multiples of this (cfg.length_step, or auto: see batching.auto_length_step)."""
-        return self.cfg.length_step or auto_length_step(self.cfg.max_length, self.compiled)
+        """Padded lengths are multiples of this (cfg.length_step, or auto: see batching.auto_length_step,
+        whose buckets apply only to embed.packing=off: packed and exact-length batches are not rounded)."""
+        return self.cfg.length_step or auto_length_step(self.cfg.max_length, self.compiled and self.cfg.packing == "off")
+
+    def packing_mode(self) -> str:
+        """How batches run: `packed` (captions end to end, no padding), `exact` (padded to the batch's own
+        longest caption, at most 5 % padding) or `padded` (embed.packing=off: the bucketed plan).
+
+        embed.packing=packed (and auto under flash_attention_2) falls back to exact, saying why in
+        `packing_note`, when the model does not honour packed position ids (measured once on two
+        captions: packing_works). auto takes exact under sdpa and eager attention: there a packed batch
+        of T tokens attends through a T x T mask, and on 2 EPYC cores all-MiniLM-L6-v2 ran 600 captions
+        in 4.7 s packed (1,024-token packs) against 3.4 s in exact-length batches (bench/bench_embed.py).
+        """
+        if self._packing is None:
+            attention = getattr(getattr(self.backbone, "config", None), "_attn_implementation", None)
+            if self.cfg.packing == "off":
+                self._packing = "padded"
+            elif self.cfg.packing == "exact" or (self.cfg.packing == "auto" and attention != "flash_attention_2"):
+                self._packing = "exact"
+            else:
+                works, why = packing_works(lambda **inputs: self.backbone(**inputs, **self._extra), "mean", self.device,
+                                           getattr(getattr(self.backbone, "config", None), "vocab_size", 100))
+                self._packing = "packed" if works else "exact"
+                if not works:
+                    self.packing_note = f"{self.cfg.model}: {why}; exact-length batches instead"
+                    log.info("embed: %s", self.packing_note)
+        return self._packing
 
     def _check_dim(self) -> None:
         if self.cfg.dim > self._model_dim:
@@ -304,8 +354,13 @@ class TextEncoder:
         return dict(self._identity)
 
     def compile(self, **options) -> None:
-        """Run batches through torch.compile(model, **options) from now on; lengths get bucketed."""
-        self.forward = torch.compile(self.model, **options)
+        """Run batches through torch.compile(model, **options) from now on: with dynamic shapes for packed
+        and exact-length batches (one graph for every length), bucketed lengths for embed.packing=off."""
+        if self.cfg.packing != "off":
+            options.setdefault("dynamic", True)
+        self.forward = torch.compile(self.backbone, **options)
+        if self.latent is not None:
+            self.pool_latent = torch.compile(self.latent, **options)
         self.compiled = True
 
     # ------------------------------------------------------------------------------------ tokens
@@ -338,7 +393,7 @@ class TextEncoder:
         """Pad token id lists to `length` on the tokenizer's side: input_ids and attention_mask [B, length]."""
         input_ids = np.full((len(batch_ids), length), self.tokenizer.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(batch_ids), length), dtype=np.int64)
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        left = self._left
         for row, seq in enumerate(batch_ids):
             span = slice(length - len(seq), length) if left else slice(0, len(seq))
             input_ids[row, span] = seq
@@ -346,32 +401,71 @@ class TextEncoder:
         inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
         if self._pass_position_ids:
             inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
-        return {name: t.to(self.device, non_blocking=True) for name, t in inputs.items()}
+        pinned = self.device.type == "cuda"  # a copy from pinned memory does not block the host
+        return {name: (t.pin_memory() if pinned else t).to(self.device, non_blocking=True) for name, t in inputs.items()}
 
     # ------------------------------------------------------------------------------------ encoding
 
     def _hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """last_hidden_state [B, L, D_model] of one padded batch; first-seen shapes are timed as warm-up."""
         shape = tuple(inputs["input_ids"].shape)
-        first = shape not in self._shapes
+        # Only compilation is timed (a timed pass waits for the device): every new shape of the bucketed
+        # plan, the first passes under dynamic shapes.
+        first = self.compiled and shape not in self._shapes and (
+            self.cfg.packing == "off" or self._passes < DYNAMIC_WARMUP_PASSES)
+        self._passes += 1
         if first:
             self._synchronize()
             started = time.perf_counter()
         if self.autocast_dtype is None:
-            hidden = self.forward(**inputs).last_hidden_state
+            hidden = self.forward(**inputs, **self._extra).last_hidden_state
         else:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                hidden = self.forward(**inputs).last_hidden_state
+                hidden = self.forward(**inputs, **self._extra).last_hidden_state
         if first:
             self._synchronize()
             self.warmup_seconds += time.perf_counter() - started
-            self._shapes.add(shape)
+        self._shapes.add(shape)
         self.padded_tokens += inputs["input_ids"].numel()
         return hidden
 
     def _synchronize(self) -> None:
+        HostRows.waits += 1
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _rows_padded(self, batch_ids: list[list[int]], length: int) -> torch.Tensor:
+        """Rows [B, dim] (on the device) of captions padded to `length`."""
+        inputs = self._pad(batch_ids, length)
+        hidden = self._hidden(inputs)
+        if self.latent is not None:
+            pool_mask = inputs["attention_mask"].clone()
+            pool_mask[:, :self._pool_skip] = 0  # NV-Embed leaves the instruction's positions out of the mean
+            pooled = pool_padded(self.pool_latent, hidden, pool_mask)
+        else:
+            pooled = pool(hidden, inputs["attention_mask"], self.cfg.pooling)  # [B, D_model]
+        return finish_rows(pooled, self.cfg.dim, self.cfg.normalize)
+
+    def _rows_packed(self, batch_ids: list[list[int]]) -> torch.Tensor:
+        """Rows [n, dim] (on the device) of captions run as one packed sequence."""
+        packed: PackedInputs = packed_inputs(batch_ids, self.device, skip=self._pool_skip)
+        hidden = self._hidden(packed.model_inputs)[0]  # [T, D]
+        if self.latent is not None:
+            pooled = latent_pool_packed(self.pool_latent, hidden, packed.segments, packed.pool_mask, len(batch_ids))
+        else:
+            pooled = pool_packed(hidden, packed, self.cfg.pooling)
+        return finish_rows(pooled, self.cfg.dim, self.cfg.normalize)
+
+    def plan(self, lengths: list[int], batch_size: int, max_tokens: int) -> list:
+        """The batches (lift_fast.embed.batching.Batch) captions of token counts `lengths` run in, by packing_mode():
+        packs of at most max_tokens tokens (0: batch_size x max_length), exact-length or bucketed batches."""
+        mode = self.packing_mode()
+        if mode == "packed":
+            return plan_packs(lengths, max_tokens=max_tokens or batch_size * self.cfg.max_length)
+        if mode == "exact":
+            return plan_exact(lengths, batch_size=batch_size, max_tokens=max_tokens)
+        return plan_batches(lengths, batch_size=batch_size, max_tokens=max_tokens, length_step=self.length_step,
+                            max_length=self.cfg.max_length)
 
     @torch.inference_mode()
     def encode_tokenized(self, tokenized: Tokenized, batch_size: int | None = None, *, max_tokens: int | None = None,
@@ -385,21 +479,18 @@ class TextEncoder:
         """
         batch_size = batch_size or self.cfg.batch_size
         max_tokens = self.max_tokens if max_tokens is None else max_tokens
-        if self.cfg.pooling == "model":
+        if self.cfg.pooling == "model" and self.latent is None:
             return self._encode_with_model(tokenized, batch_size, max_tokens, on_batch)
-        plan = plan_batches([len(seq) for seq in tokenized.ids], batch_size=batch_size,
-                            max_tokens=max_tokens, length_step=self.length_step,
-                            max_length=self.cfg.max_length)
-        width = self.dim if plan else (self.cfg.dim or self._model_dim or 0)
-        out = torch.empty((len(tokenized.ids), width), dtype=torch.float32)
+        plan = self.plan([len(seq) for seq in tokenized.ids], batch_size, max_tokens)
+        packed = self.packing_mode() == "packed"
+        # Rows stay on the device until the last batch is queued: no wait per batch (HostRows).
+        host = HostRows(len(tokenized.ids), self.device)
         for batch in plan:
             batch_ids = [tokenized.ids[i] for i in batch.rows]
-            inputs = self._pad(batch_ids, batch.length)
-            pooled = pool(self._hidden(inputs), inputs["attention_mask"], self.cfg.pooling)  # [B, D_model]
-            out[torch.tensor(batch.rows)] = finish_rows(pooled, self.cfg.dim, self.cfg.normalize).cpu()
+            host.add(self._rows_packed(batch_ids) if packed else self._rows_padded(batch_ids, batch.length), batch.rows)
             if on_batch is not None:
                 on_batch(len(batch.rows), sum(len(seq) for seq in batch_ids))
-        return out
+        return host.result(self.cfg.dim or self._model_dim or 0)
 
     def _encode_with_model(self, tokenized: Tokenized, batch_size: int, max_tokens: int,
                            on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:

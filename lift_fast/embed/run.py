@@ -7,7 +7,8 @@ is not embedded again, so an interrupted run continues where it stopped (and, as
 embedded the same way whenever it is embedded, ends with the same bytes as an uninterrupted run).
 Within a shard each distinct caption goes through the encoder once and its row is copied to every
 sample that has it. A reader thread reads, deduplicates and tokenizes the next shard while the
-encoder works on the current one.
+encoder works on the current one, and a writer thread writes each finished shard's files while the
+encoder runs the next (at most one shard waits to be written).
 
 Before the first shard, a quantized encoder (embed.quantize) is checked against the unquantized
 model on the first captions of the data's first shard (the same sample on every rank and every
@@ -215,6 +216,15 @@ def _todo(mine: list[Path], out_dir: Path) -> tuple[list[tuple[Path, dict | None
     return todo, finished
 
 
+def write_rows(out_dir: Path, name: str, keys: list[str], captions: list[str], rows: torch.Tensor, info: dict,
+               dtype: str) -> None:
+    """Store one shard's rows [N, D] float32 (in the storage dtype, with its keys and caption hashes) and
+    record it in the manifest: what the writer thread does while the encoder runs the next shard."""
+    stored, scales = store.store_rows(rows.numpy(), dtype)
+    entry = store.write_shard(out_dir, name, keys, stored, info, captions, scales)
+    store.record_shard(out_dir, name, entry)  # with the files' fingerprints, which readers check
+
+
 class Progress:
     """A tqdm bar of captions with captions/s (tqdm's rate) and tokens/s in its postfix."""
 
@@ -245,7 +255,8 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     through the encoder), duplicates, skipped (samples), truncated, tokens (of the embedded captions),
     padded_tokens (run through the model), seconds, captions_per_second, tokens_per_second,
     load_seconds, warmup_seconds (first passes of each input shape: compilation), precision,
-    quantize, compiled, fidelity (the quantized encoder's report, or None) and precision_fidelity
+    quantize, compiled, packing (packed, exact or padded: see TextEncoder.packing_mode; None when
+    nothing ran) and packing_note (why packed fell back), fidelity (the quantized encoder's report, or None) and precision_fidelity
     (the bf16-mixed encoder's against fp32, or None).
     Raises ShardError for unreadable shards or (on_error="error") bad captions, or (on_long="error")
     a caption longer than max_length, naming shard and key;
@@ -293,7 +304,8 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
     start = time.perf_counter()
     bar = Progress(progress, "embed" if world_size == 1 else f"embed rank {rank}")
     # Read and tokenize the next shard in a thread while the encoder works on the current one.
-    with ThreadPoolExecutor(max_workers=1) as reader, bar.bar:
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer, bar.bar:
+        written = None  # the shard being written
         pending = reader.submit(prepare_shard, todo[0][0], encoder, cfg.on_error, cfg.on_long, sources) if todo else None
         for i, (shard, previous, keep_if_same) in enumerate(todo):
             prepared = pending.result()
@@ -318,10 +330,10 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
             info = {"source": shard.name, "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns,
                     "captions_sha256": shard_captions.sha256, "skipped": len(shard_captions.skipped),
                     "truncated": truncated, "duplicates": duplicates, "skipped_samples": shard_captions.skipped}
-            stored, scales = store.store_rows(rows.numpy(), cfg.dtype)
-            entry = store.write_shard(out_dir, shard.stem, shard_captions.keys, stored, info, shard_captions.captions,
-                                      scales)
-            store.record_shard(out_dir, shard.stem, entry)  # with the files' fingerprints, which readers check
+            if written is not None:
+                written.result()  # the previous shard is on disk (or its error is raised here)
+            written = writer.submit(write_rows, out_dir, shard.stem, shard_captions.keys, shard_captions.captions,
+                                    rows, info, cfg.dtype)
             summary["shards_embedded"] += 1
             summary["captions"] += len(shard_captions.keys) // len(sources) + len(shard_captions.skipped)
             summary["rows"] += len(shard_captions.keys)
@@ -330,11 +342,14 @@ def embed_shards(data_dir: str | Path, out_dir: str | Path, cfg: EmbedConfig, *,
             summary["skipped"] += len(shard_captions.skipped)
             summary["truncated"] += truncated
             summary["tokens"] += prepared.tokenized.tokens
+        if written is not None:
+            written.result()
     seconds = time.perf_counter() - start
     summary.update(padded_tokens=encoder.padded_tokens - padded_before, seconds=seconds,
                    captions_per_second=summary["captions"] / seconds if seconds > 0 else 0.0,
                    tokens_per_second=summary["tokens"] / seconds if seconds > 0 else 0.0,
                    load_seconds=load_seconds, warmup_seconds=encoder.warmup_seconds - warmup_before,
                    precision=encoder.precision, quantize=getattr(encoder, "quantize", "none"), compiled=encoder.compiled,
+                   packing=getattr(encoder, "_packing", None), packing_note=getattr(encoder, "packing_note", ""),
                    **reports)
     return summary
