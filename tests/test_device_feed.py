@@ -6,6 +6,7 @@ auto count, and the warning when `auto` falls back to PIL on a GPU node."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 
 import numpy as np
@@ -60,6 +61,25 @@ def test_a_raw_loader_ships_uint8_and_float16_that_normalise_to_the_loaders_batc
         assert normalised["images"].dtype == torch.float32 and normalised["text_embeddings"].dtype == torch.float32
         assert torch.equal(normalize_images(raw["images"]), normalised["images"])
         assert torch.equal(raw["text_embeddings"].float(), normalised["text_embeddings"])
+
+
+@needs_dali
+@pytest.mark.parametrize("resample", ["dali", "torch"])
+def test_the_dali_decoders_uint8_output_normalises_to_its_float_output(synth_data, resample):
+    """Both DALI graphs end in uint8 pixels; a float dtype is normalize_images of them, on the output device."""
+    from shard_tools import read_members
+
+    from lift_fast.data.dali import DaliDecoder, DecodeJob
+    from lift_fast.data.shards import list_shards
+
+    images = [data for name, data in read_members(list_shards(synth_data / "eval")[0]) if name.endswith(".jpg")][:5]
+    sizes = [Image.open(io.BytesIO(data)).size for data in images]
+    job = DecodeJob([np.frombuffer(data, dtype=np.uint8) for data in images],
+                    np.array([(1, 2, w - 3, h - 2) for w, h in sizes]), np.arange(5) % 2 == 1, [f"k{i}" for i in range(5)])
+    (pixels,) = DaliDecoder(24, 5, device_id=None, num_threads=1, dtype=torch.uint8, resample=resample).run([job])
+    (normalised,) = DaliDecoder(24, 5, device_id=None, num_threads=1, resample=resample).run([job])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (5, 3, 24, 24)
+    assert torch.equal(normalize_images(pixels), normalised)
 
 
 # -- DeviceFeed: pinned double buffers (their logic, on the CPU) -----------------------------------

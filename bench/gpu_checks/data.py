@@ -4,7 +4,7 @@ The images are the benchmark's photo-like 500x375 JPEGs (quality 90, ~47 KB; ben
 distinct ones cycled through, with RandomResizedCrop boxes (scale 0.9..1) and flips drawn from a
 seed, as the training loader does. The decoder runs resample="dali": decoders.image on the GPU
 (nvJPEG, the hardware JPEG engines where the GPU has them), fn.resize (cubic, antialiased) with the
-box as its region of interest, crop_mirror_normalize to CHW float32. Timed: BATCHES batches after
+box as its region of interest, uint8 to CHW, then normalize_images to float32. Timed: BATCHES batches after
 WARMUP, from the first job in to the last batch synchronised; the main thread only feeds jobs
 (bytes already in memory: no tar reading). Goal: at least 5,000 images/s.
 
