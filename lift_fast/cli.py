@@ -1,4 +1,4 @@
-"""The `lift-fast` command: synth, index, embed, train, eval, export, flops and demo.
+"""The `lift-fast` command: synth, index, embed, train, eval, export, flops, plan and demo.
 
 Every command that reads settings takes `--config FILE` (YAML or TOML) and dotted overrides
 (`train.steps=200 model.name=vit_tiny_patch16`) after its options; see `lift-fast config` for
@@ -140,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     _settings(p)
 
+    p = command("plan", "without a GPU: one train step's peak memory on a GPU (measured on fake tensors under CUDA "
+                "autocast rules) at each activation-checkpointing policy, the policy auto takes, the largest batch "
+                "per GPU that fits, FLOPs, step time at an MFU and the images/s the feed must give")
+    gpu = p.add_mutually_exclusive_group(required=True)
+    gpu.add_argument("--gpu", choices=("h100", "h200", "b200"), help="the GPU to plan for")
+    gpu.add_argument("--memory-gib", type=float, help="or: a GPU with this much memory (GiB)")
+    p.add_argument("--gpus", type=_at_least(1), default=1, help="GPUs of the job (train.batch_size is split over them)")
+    p.add_argument("--mfu", type=float, default=0.4, help="fraction of the dense bf16 peak the step runs at (default 0.4)")
+    p.add_argument("--margin", type=float, default=0.1,
+                   help="fraction of the GPU's memory kept out of the plan (context, workspaces, fragmentation; default 0.1)")
+    p.add_argument("--no-search", action="store_true", help="skip the search for the largest batch that fits")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the plan as JSON")
+    _settings(p)
+
     p = command("demo", "synth -> embed -> train -> eval on this machine, with a report")
     p.add_argument("--out", type=Path, required=True, help="folder for data, store, run and report")
     p.add_argument("--quick", action="store_true", help="a tiny version that finishes in well under a minute")
@@ -218,6 +232,11 @@ def run_command(args) -> None:
 
         run_flops(_load(args), global_batch=args.global_batch, epochs=args.epochs, memory_batch=args.memory_batch,
                   device=args.device or ("cuda" if _cuda() else "cpu"), as_json=args.json)
+    elif args.command == "plan":
+        from lift_fast.plan import run_plan
+
+        run_plan(_load(args), gpu=args.gpu, memory_gib=args.memory_gib, gpus=args.gpus, mfu=args.mfu,
+                 margin=args.margin, json_path=args.json, search=not args.no_search)
     elif args.command == "demo":
         from lift_fast.demo import run_demo
 

@@ -150,7 +150,7 @@ def peak_step_memory(cfg: Config, mode: str, batch: int, dim: int, device: torch
     if mode == "clip":
         spec = text_tower_spec(cfg)
         modules["text"] = TextTransformer(spec, dim, eot_token_id=spec.vocab_size - 1,
-                                          grad_checkpointing=cfg.model.grad_checkpointing)
+                                          grad_checkpointing=cfg.model.grad_checkpointing in ("selective", "full"))
         texts = torch.randint(1, spec.vocab_size - 1, (batch, spec.context_length))
         texts[:, -1] = spec.vocab_size - 1  # every caption fills the context, as padded ones cost the same
     else:

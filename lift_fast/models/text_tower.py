@@ -168,5 +168,7 @@ def build_text_tower(model_cfg, embed_dim: int, tokenizer=None) -> tuple[TextTra
 
     tokenizer = tokenizer or build_tokenizer(model_cfg)
     spec = text_spec(model_cfg, tokenizer.vocab_size)
-    tower = TextTransformer(spec, embed_dim, tokenizer.eot_token_id, model_cfg.grad_checkpointing)
+    # selective and full both recompute its blocks (auto is resolved before this, in train/build.py)
+    recompute = model_cfg.grad_checkpointing in ("selective", "full", True)
+    tower = TextTransformer(spec, embed_dim, tokenizer.eot_token_id, recompute)
     return tower, tokenizer

@@ -6,18 +6,31 @@
 Parameter names follow timm's VisionTransformer (`patch_embed.proj`, `pos_embed`, `blocks.i.attn.qkv`,
 `blocks.i.mlp.fc1`, `norm`, ...); models/timm_names.py maps tower weights to and from timm checkpoints.
 Attention kernels (model.attention) live in models/attention.py, the FLOP formula in models/flops.py.
+
+Activation checkpointing (model.grad_checkpointing, resolved from `auto` by train/build.py with the
+planner, lift_fast/plan/): `none` keeps every activation the backward needs; `selective` runs each
+block under torch's selective activation checkpointing, keeping the GEMM and attention outputs and
+recomputing norms, GELU and casts in the backward (no extra GEMM FLOPs); `full` keeps only each
+block's input and recomputes the whole block (one more forward of the blocks).
+
+Under autocast the residual stream stays in the compute dtype: the position embedding is cast to it,
+and the LayerNorms run in the dtype of their input (their kernels accumulate in float32; CUDA
+autocast would otherwise run them on a float32 copy, keep that copy for the backward and hand a
+float32 stream to the residual adds). tests/test_grad_checkpointing.py checks this against float32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lift_fast.config import ConfigError
 from lift_fast.models.attention import Attention, flash_import_error
@@ -26,6 +39,49 @@ from lift_fast.models.attention import Attention, flash_import_error
 SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 ALIASES = {"vit_b16": "vit_base_patch16", "vit_b32": "vit_base_patch32", "vit_l14": "vit_large_patch14",
            "vit_s16": "vit_small_patch16", "vit_t16": "vit_tiny_patch16"}
+# model.grad_checkpointing, least recompute first (auto is resolved to one of the others before training)
+CHECKPOINT_POLICIES = ("none", "selective", "full")
+
+
+def checkpoint_policy(value: str | bool) -> str:
+    """model.grad_checkpointing as one of CHECKPOINT_POLICIES: true -> full, false -> none, and `auto`
+    (not resolved: no planner asked, as outside training) -> none. Raises ValueError for anything else."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value == "auto":
+        return "none"
+    if value not in CHECKPOINT_POLICIES:
+        raise ValueError(f"grad_checkpointing must be auto, {', '.join(CHECKPOINT_POLICIES)} or a bool, got {value!r}")
+    return value
+
+
+@functools.cache
+def _saved_ops() -> frozenset:
+    """The ops whose outputs `selective` keeps: GEMMs and attention kernels (torch's and ours)."""
+    aten, names = torch.ops.aten, ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+                                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                                   "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+                                   "_efficient_attention_forward")
+    ops = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    ops.update(packet.default for packet in (getattr(torch.ops.lift_fast, "flash_attention", None),) if packet)
+    return frozenset(ops)
+
+
+def _keep_gemm_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing: keep GEMM and attention outputs, recompute the rest (norms, GELU, casts)."""
+    return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that runs in the dtype of its input under autocast (weights cast to it), so a
+    half-precision residual stream stays in half precision and its half-precision input is what the
+    backward keeps. Without autocast, or on float32 input, it is nn.LayerNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 @dataclass
@@ -74,9 +130,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, backend: str):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.norm1 = LayerNorm(width, eps=1e-6)
         self.attn = Attention(width, heads, backend)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.norm2 = LayerNorm(width, eps=1e-6)
         self.mlp = Mlp(width, int(width * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,19 +180,19 @@ class VisionTransformer(nn.Module):
     """ViT returning one pooled feature per image: the mean of patch tokens (LIFT) or the class token.
 
     attention: model.attention (auto|flash|sdpa|math); patch_dropout: FLIP's fraction of patch tokens
-    dropped in training; grad_checkpointing: recompute each block in backward instead of storing it;
-    pre_norm: a LayerNorm on the tokens before the first block (model.pre_norm).
+    dropped in training; grad_checkpointing: none, selective or full (see the module docstring; a
+    bool means full or none); pre_norm: a LayerNorm on the tokens before the first block (model.pre_norm).
     """
 
     def __init__(self, spec: ViTSpec, image_size: int, *, pooling: str = "mean", pos_embed: str = "learned",
-                 attention: str = "sdpa", patch_dropout: float = 0.0, grad_checkpointing: bool = False,
+                 attention: str = "sdpa", patch_dropout: float = 0.0, grad_checkpointing: str | bool = "none",
                  pre_norm: bool = False):
         super().__init__()
         if image_size % spec.patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {spec.patch_size}")
         grid = image_size // spec.patch_size
         self.spec, self.pooling, self.width = spec, pooling, spec.width
-        self.grad_checkpointing = grad_checkpointing
+        self.grad_checkpointing = checkpoint_policy(grad_checkpointing)
         self.patch_embed = PatchEmbed(spec.patch_size, spec.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width)) if pooling == "cls" else None
         if pos_embed == "sincos":
@@ -145,19 +201,26 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(1, grid * grid, spec.width) * 0.02)
         self.patch_dropout = PatchDropout(patch_dropout)
         # timm's pre_norm, open_clip's ln_pre: CLIP towers normalise the tokens before the first block
-        self.norm_pre = nn.LayerNorm(spec.width, eps=1e-6) if pre_norm else nn.Identity()
+        self.norm_pre = LayerNorm(spec.width, eps=1e-6) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[Block(spec.width, spec.heads, spec.mlp_ratio, attention) for _ in range(spec.depth)])
-        self.norm = nn.LayerNorm(spec.width, eps=1e-6)
+        self.norm = LayerNorm(spec.width, eps=1e-6)
         self.apply(_init_weights)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_dropout(self.patch_embed(images) + self.pos_embed)  # [B, N, W]; N kept in training
+        x = self.patch_embed(images)  # [B, N, W], in the compute dtype under autocast
+        x = self.patch_dropout(x + self.pos_embed.to(x.dtype))  # N kept in training
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+N, W]
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+N, W]
         x = self.norm_pre(x)
-        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        policy = self.grad_checkpointing if torch.is_grad_enabled() else "none"
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            if policy == "full":
+                x = checkpoint(block, x, use_reentrant=False)
+            elif policy == "selective":
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=partial(create_selective_checkpoint_contexts, _keep_gemm_outputs))
+            else:
+                x = block(x)
         x = self.norm(x)
         return x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # [B, W]
 
@@ -209,6 +272,7 @@ def _init_weights(module: nn.Module) -> None:
 
 def build_model(model_cfg, image_size: int, text_dim: int, logit_scale_init: float = 1 / 0.07) -> LiftImageEncoder:
     """Build the image tower from a ModelConfig for square images of side `image_size` (data.image_size).
+    model.grad_checkpointing=auto builds without checkpointing: train/build.py resolves it first.
 
     Raises ConfigError naming the setting for an unknown model.name, an image size that is not a
     multiple of the patch size, a sincos position embedding on a width not divisible by 4, a
