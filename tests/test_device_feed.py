@@ -46,6 +46,16 @@ def test_normalize_images_is_the_pil_loaders_float32_bit_for_bit_and_casts_after
         normalize_images(pixels.float())
 
 
+def test_normalising_into_bf16_a_few_images_at_a_time_gives_the_whole_batchs_values(monkeypatch):
+    from lift_fast.data import augment
+
+    pixels = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (11, 3, 6, 5), dtype=np.uint8))
+    whole = normalize_images(pixels, torch.bfloat16)
+    monkeypatch.setattr(augment, "NORMALIZE_CHUNK", 3 * pixels[0].numel() + 1)  # 3 images a chunk, 11 in all
+    assert torch.equal(normalize_images(pixels, torch.bfloat16), whole)
+    assert torch.equal(whole, normalize_images(pixels).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_a_raw_loader_ships_uint8_and_float16_that_normalise_to_the_loaders_batches(synth_data, stores, backend,
