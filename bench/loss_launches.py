@@ -13,15 +13,17 @@ with the arguments every version takes; the slab budget comes from LIFT_FAST_SLA
     python bench/loss_launches.py              # the docs/loss.md table (B = N in 16k..64k, D in 384..4096)
     python bench/loss_launches.py --batch 32768 --dim 512
 
-The table's memory and HBM columns are computed from the slab sizes the loss uses (what it
-allocates per slab), not measured: see docs/loss.md, "Slab size".
+The table's memory columns are measured on the same fake tensors (`LiveBytes`: every tensor an op
+makes, alive until its object is freed); its HBM column is a traffic model (`slab_plan`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
+import weakref
 from collections import Counter
 
 import torch
@@ -53,6 +55,42 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors torch ops allocate, alive at once: now and at the peak, split into slab
+    tensors (2-D, neither [., D] rows nor [2, .] statistics: similarities, their gradient, row partials)
+    and the rest (gradients, statistics, buffers). A tensor counts from the op that makes it until the
+    tensor object is freed (weakref); views allocate nothing."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.live = {"slab": 0, "other": 0}
+        self.peak = {"slab": 0, "other": 0, "all": 0}
+
+    def _kind(self, tensor: torch.Tensor) -> str:
+        shape = tuple(tensor.shape)
+        return "slab" if len(shape) == 2 and shape[1] != self.dim and shape[0] != 2 else "other"
+
+    def _release(self, kind: str, size: int) -> None:
+        self.live[kind] -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func.namespace != "aten":
+            return out
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and func.overloadpacket.__name__ not in ("detach", "alias"):
+                kind, size = self._kind(tensor), tensor.numel() * tensor.element_size()
+                if any(arg is tensor for arg in (*args, *(kwargs or {}).values())):
+                    continue  # an in-place op or an out= argument: nothing new
+                self.live[kind] += size
+                weakref.finalize(tensor, self._release, kind, size)
+        for kind in ("slab", "other"):
+            self.peak[kind] = max(self.peak[kind], self.live[kind])
+        self.peak["all"] = max(self.peak["all"], self.live["slab"] + self.live["other"])
+        return out
 
 
 @contextlib.contextmanager
@@ -124,32 +162,55 @@ def count_loss(loss: str, batch: int, dim: int, *, text_grad: bool = True, dtype
             "launches": forward["launches"] + backward["launches"]}
 
 
-def slab_plan(batch: int, dim: int, grad_bytes: int = 2, slab_bytes: int = 0) -> dict:
-    """Rows per slab, slabs, and what each slab costs at B = N = batch (bf16 GEMMs unless grad_bytes=4).
+def memory(loss: str, batch: int, dim: int, *, text_grad: bool = True, dtype=torch.bfloat16,
+           package: str = "lift_fast_kernels") -> dict:
+    """Peak bytes one forward + backward allocates beyond its inputs (B = N = batch, fake CUDA tensors,
+    Triton launches skipped), as `LiveBytes` splits them, and the inputs and gradients for scale:
+    {"slab": peak of slab tensors, "other": peak of the rest (the gradients included), "all",
+    "inputs_and_grads": image, text and their gradients in `dtype`}."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    peak_extra: the largest slab-sized memory alive at once (backward: the float32 similarities and
-    their gradient in the GEMM dtype; forward: the similarities and the statistics kernel's
-    row partials, 2 floats per 64 columns), in bytes. hbm_per_similarity: bytes the slab passes move
-    per similarity of one forward + backward with text gradients: GEMM reads of the slab's operands
-    ([m, D] rows and the [N, D] texts, every slab, in the GEMM dtype) and writes of the float32
-    similarities, the element-wise passes' reads and writes, and the gradient GEMMs' reads.
-    """
+    module = importlib.import_module(f"{package}.{'clip_loss' if loss == 'clip' else 'siglip_loss'}")
+    with FakeTensorMode():
+        image = torch.empty(batch, dim, device="cuda", dtype=dtype)
+        text = torch.empty(batch, dim, device="cuda", dtype=dtype)
+        scale = torch.empty((), device="cuda", dtype=torch.float32)
+        grad_loss = torch.empty((), device="cuda", dtype=torch.float32)
+        gc.collect()
+        with counted_triton_launches(), LiveBytes(dim) as live:
+            if loss == "clip":
+                _, row_stats, col_stats, gathered = module.clip_forward._init_fn(image, text, scale, 0, 1, True)
+                grads = module.clip_backward._init_fn(grad_loss, image, text, gathered, scale, row_stats, col_stats,
+                                                      0, 1, text_grad, True)
+            else:
+                bias = torch.empty((), device="cuda", dtype=torch.float32)
+                _, gathered = module.siglip_forward._init_fn(image, text, scale, bias, 0, 1, True)
+                grads = module.siglip_backward._init_fn(grad_loss, image, text, gathered, scale, bias, 0, 1,
+                                                        text_grad, True)
+        del grads
+    size = batch * dim * torch.finfo(dtype).bits // 8
+    return {**live.peak, "inputs_and_grads": (4 if text_grad else 3) * size}
+
+
+def slab_plan(batch: int, dim: int, operand_bytes: int = 2, slab_bytes: int = 0) -> dict:
+    """Rows per slab, slabs, and the HBM bytes the slab passes move per similarity of one forward +
+    backward with text gradients at B = N = batch (bf16 GEMMs unless operand_bytes=4): GEMM reads of
+    the slab's operands (every slab reads its [m, D] rows and all [N, D] of the other side) and writes
+    of the float32 similarities, the element-wise passes' reads and writes, the gradient GEMMs' reads
+    of G and writes of their [m, D] rows; the forward pass, the row pass (d image) and the column pass
+    (d texts). A model of the traffic, not a measurement (L2 reuse makes the GEMM reads smaller)."""
     from lift_fast_kernels.chunking import slab_rows
 
     rows = slab_rows(batch, batch, slab_bytes)
     slabs = -(-batch // rows)
     similarities = batch * batch
-    operand = grad_bytes  # one element of the GEMM dtype
-    # GEMM operand traffic of one pass over row slabs: every slab reads its rows and all N texts
-    pass_reads = slabs * (rows + batch) * dim * operand
-    forward = pass_reads + similarities * (4 + 4 + 4 / 32)  # sim written, read by the stats kernel, row partials
-    # backward, per pass (row pass for d image, column pass for d text): similarity GEMM, the
-    # element-wise pass (read float32 sim, write G), the gradient GEMM (read G and the other side's rows)
-    backward_pass = pass_reads + similarities * (4 + 4 + operand + operand) + slabs * batch * dim * operand
-    peak_forward = rows * batch * (4 + 8 / 64)
-    peak_backward = rows * batch * (4 + operand)
-    return {"rows": rows, "slabs": slabs, "peak_extra": max(peak_forward, peak_backward),
-            "hbm_per_similarity": (forward + 2 * backward_pass) / similarities}
+    operands = slabs * (rows + batch) * dim * operand_bytes  # one pass's similarity-GEMM reads
+    forward = operands + similarities * (4 + 4 + 4 / 32)  # sim written, read by the stats kernel, row partials
+    # per backward pass: similarity GEMM; element-wise (read float32 sim, write G); gradient GEMM (read G,
+    # the other side's rows per slab, write the rows' gradient)
+    backward_pass = (operands + similarities * (4 + 4 + 2 * operand_bytes)
+                     + slabs * batch * dim * operand_bytes + batch * dim * operand_bytes)
+    return {"rows": rows, "slabs": slabs, "hbm_per_similarity": (forward + 2 * backward_pass) / similarities}
 
 
 def table(batches=TABLE_BATCHES, dims=TABLE_DIMS) -> list[dict]:
@@ -159,18 +220,21 @@ def table(batches=TABLE_BATCHES, dims=TABLE_DIMS) -> list[dict]:
         for dim in dims:
             counts = count_loss("clip", batch, dim)
             plan = slab_plan(batch, dim)
-            rows.append({"batch": batch, "dim": dim, **plan, "forward": counts["forward"]["launches"],
+            peak = memory("clip", batch, dim)
+            rows.append({"batch": batch, "dim": dim, **plan, "peak_extra": peak["slab"],
+                         "other_ratio": (peak["inputs_and_grads"] / 2 + peak["other"]) / peak["inputs_and_grads"],
+                         "forward": counts["forward"]["launches"],
                          "backward": counts["backward"]["launches"], "gemm": counts["gemm"]})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| B = N | D | rows / slab | slabs | launches fwd | launches bwd | GEMM calls | peak extra memory "
-             "| HBM bytes / similarity |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| B = N | D | rows / slab | slabs | launches fwd | launches bwd | GEMM calls | peak slab memory "
+             "| rest / (inputs + grads) | HBM bytes / similarity |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(f"| {row['batch']:,} | {row['dim']} | {row['rows']:,} | {row['slabs']} | {row['forward']} | "
                      f"{row['backward']} | {row['gemm']} | {row['peak_extra'] / 2**30:.2f} GiB | "
-                     f"{row['hbm_per_similarity']:.1f} |")
+                     f"{row['other_ratio']:.3f} | {row['hbm_per_similarity']:.1f} |")
     return "\n".join(lines)
 
 

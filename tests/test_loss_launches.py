@@ -76,3 +76,15 @@ def test_docs_table_comes_from_the_counter():
     rows = COUNTER.table(batches=(32768,), dims=(512,))
     line = COUNTER.markdown(rows).splitlines()[-1]
     assert line in docs
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_memory_beyond_the_slabs_is_at_most_1_2x_inputs_and_gradients(loss):
+    """bf16, B = N = 32,768, D = 1,024, text gradients: the inputs and everything the loss allocates
+    besides its slabs (gradients, statistics, buffers) stay within 1.2x the inputs and gradients, and
+    the slabs within the default budget. At e4d546b the float32 [N, D] text-gradient accumulator and its
+    bf16 copy made this 1.5x."""
+    peak = COUNTER.memory(loss, BATCH, 1024, text_grad=True)
+    inputs = peak["inputs_and_grads"] / 2
+    assert inputs + peak["other"] <= 1.2 * peak["inputs_and_grads"], peak
+    assert peak["slab"] <= chunking.DEFAULT_SLAB_BYTES, peak

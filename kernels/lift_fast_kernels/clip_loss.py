@@ -89,9 +89,10 @@ def clip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, r
         col_stats = slab_ops.new_column_stats(n, row_stats)  # running max, sum of exp(logit - max)
         step = slab_rows(b, n, slab_bytes)
         for start in slab_starts(b, step):
-            sim = similarity(image[start:start + step], texts)  # [m, N]
-            slab_ops.clip_stats(sim, s, row_stats[:, start:start + step], positives[start:start + step], col_stats,
-                                diag_offset=rank * b + start, use_triton=use_triton)
+            # [m, N], not bound to a name: it is freed before the next slab's is made
+            slab_ops.clip_stats(similarity(image[start:start + step], texts), s, row_stats[:, start:start + step],
+                                positives[start:start + step], col_stats, diag_offset=rank * b + start,
+                                use_triton=use_triton)
         col_max, col_sum = col_stats
         if world_size > 1:  # merge the column statistics of every rank's rows: an all-gather of [2, N]
             merged = all_gather_rows(col_stats[None], world_size)  # [W, 2, N]
