@@ -1,7 +1,9 @@
 """The caption embedding engine on the GPU: a random-weight model with the shape of Qwen3-Embedding-0.6B
 (and of Qwen3-Embedding-8B where memory and budget allow), run through lift_fast's TextEncoder exactly
 as `lift-fast embed` runs it (token-budget batches, bucketed lengths, left padding, last-token pooling,
-torch.compile), in bf16 and then fp8 (torchao, dynamic per-row scales).
+torch.compile), in bf16 and then fp8 (torchao, dynamic per-row scales); and the bf16 model once more with
+embed.packing=packed (captions end to end, no padding; flash_attention_2's variable-length kernel where
+flash-attn is installed, else sdpa with a block-diagonal mask), its rows' cosine to the padded ones.
 
 Rows per model and mode: captions/s and tokens/s (real tokens) of a timed pass over synthetic token-id
 captions of log-normal lengths (median ~19 tokens, at most 77 + EOS), the model FLOP/s and its fraction
@@ -80,7 +82,7 @@ def build_encoder(ctx: Context, shape: dict, dtype: torch.dtype, batch_size: int
         model = AutoModel.from_config(config, dtype=dtype)
     model.requires_grad_(False).eval()
     cfg = EmbedConfig(model="random-qwen3", pooling="last", max_length=MAX_LENGTH + 1, append_eos="off",
-                      batch_size=batch_size, max_tokens=max_tokens)
+                      batch_size=batch_size, max_tokens=max_tokens, packing="off")  # the padded, bucketed plan
     precision = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     return TextEncoder(model, IdTokenizer(), cfg, path=Path("random-qwen3"), revision=None, device=str(ctx.device),
                        precision=precision)
@@ -122,6 +124,39 @@ def mode_rows(ctx: Context, label: str, encoder, captions, warmup_seconds: float
     ]
 
 
+def packed_rows(ctx: Context, encoder, captions, matmul: tuple[float, str], reference: torch.Tensor,
+                label: str) -> list[Row]:
+    """The rows of the same model run with embed.packing=packed (compiled with dynamic shapes on CUDA)."""
+    from dataclasses import replace
+
+    from lift_fast.embed.encoder import TextEncoder
+
+    config = encoder.model.config
+    previous = config._attn_implementation
+    try:
+        import flash_attn  # noqa: F401
+
+        if ctx.device.type == "cuda":
+            config._attn_implementation = "flash_attention_2"
+    except ImportError:
+        pass
+    try:
+        packed = TextEncoder(encoder.model, IdTokenizer(), replace(encoder.cfg, packing="packed"), path=encoder.path,
+                             revision=None, device=str(ctx.device), precision=encoder.precision)
+        if ctx.device.type == "cuda":
+            packed.compile()
+        started = time.perf_counter()
+        rows, _, _ = timed_pass(ctx, packed, captions)  # compiles; then the timed pass
+        note = f"; {packed.packing_mode()} batches, attention {config._attn_implementation}"
+        result = mode_rows(ctx, f"{label} packed", packed, captions, time.perf_counter() - started, matmul, note)
+        cosine = torch.nn.functional.cosine_similarity(rows.double(), reference.double(), dim=-1)
+        result.append(Row(f"{label} packed cosine min to padded", float(cosine.min()), "cosine",
+                          f"mean {float(cosine.mean()):.6f} over {len(cosine)} captions"))
+        return result
+    finally:
+        config._attn_implementation = previous
+
+
 def measure_model(ctx: Context, name: str, shape: dict) -> list[Row]:
     """bf16 then fp8 rows for one model shape (fp32 and no fp8 in quick mode, which runs anywhere)."""
     from lift_fast.embed.quantize import (
@@ -141,6 +176,7 @@ def measure_model(ctx: Context, name: str, shape: dict) -> list[Row]:
     started = time.perf_counter()
     reference, _, _ = timed_pass(ctx, encoder, captions)  # compiles every shape; the rows are fp8's reference
     rows = mode_rows(ctx, label, encoder, captions, time.perf_counter() - started, matmul)
+    rows += packed_rows(ctx, encoder, captions, matmul, reference, label)
 
     fp8_label = f"Qwen3-{name} shape fp8 {ctx.device.type}"
     try:
