@@ -199,3 +199,15 @@ def test_compiled_embed_run_reports_padding_within_five_percent(tmp_path, synth_
         summary = embed_shards(data, tmp_path / f"store_{data.name}", cfg, encoder=encoder, progress=False)
         assert summary["compiled"] and summary["packing"] == ("exact" if packing == "auto" else "packed")
         assert summary["tokens"] <= summary["padded_tokens"] <= 1.05 * summary["tokens"], summary
+
+
+@pytest.mark.slow  # inductor compiles MiniLM on the CPU: about 4 minutes on 2 cores
+def test_cli_embed_compiled_on_the_cpu_reports_padded_tokens_within_five_percent(synth_data, tmp_path, capsys):
+    import json
+
+    from lift_fast.cli import main
+
+    main(["-q", "embed", "--data", str(synth_data / "train"), "--out", str(tmp_path / "store"), "embed.compile=on"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["compiled"] and summary["packing"] == "exact"
+    assert summary["tokens"] <= summary["padded_tokens"] <= 1.05 * summary["tokens"]
