@@ -11,7 +11,9 @@ import lift_fast_kernels
 from lift_fast_kernels import (
     KERNELS_CHOICES,
     KERNELS_ENV_VAR,
+    SLAB_BYTES_ENV_VAR,
     ClipLoss,
+    GatheredTexts,
     SigLipLoss,
     chunking,
     clip_loss,
@@ -20,6 +22,7 @@ from lift_fast_kernels import (
     reference,
     siglip_loss,
     slab_ops,
+    start_text_gather,
 )
 
 for _name in ("chunking", "clip_loss", "reference", "siglip_loss", "slab_ops"):

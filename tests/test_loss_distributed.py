@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, chunking, fused_projection_clip_loss
+from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, chunking, fused_projection_clip_loss, start_text_gather
+from torch.utils._python_dispatch import TorchDispatchMode
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 7
@@ -191,3 +192,73 @@ def test_fused_projection_on_two_ranks_matches_the_global_batch(tmp_path, settin
             for position, what in ((1, "hidden"), (4, "text")):
                 torch.testing.assert_close(values[position] / WORLD_SIZE, expected[position][rows],
                                            msg=f"{loss_name} {what} rank {rank}", **tolerance)
+
+
+# ------------------------------------------------------------------- texts gathered before the forward
+
+
+class OpOrder(TorchDispatchMode):
+    """The names of the ops dispatched, in order (c10d collectives included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(f"{func.namespace}.{func.overloadpacket.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def _gathered_results(rank, inputs):
+    """Per loss: (loss and gradients with the texts' gather started before the image forward, the same
+    on the plain path, the op order of the first). The image forward is a Linear + L2 norm, as LIFT's head."""
+    hidden, weight, text, scale, bias = inputs
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    losses = {
+        "clip": lambda f, t, **kw: ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                            world_size=WORLD_SIZE)(f, t, scale, **kw),
+        "siglip": lambda f, t, **kw: SigLipLoss(rank=rank, world_size=WORLD_SIZE)(f, t, scale, bias, **kw),
+        "fused": lambda h, t, **kw: fused_projection_clip_loss(h, leaf_weight, None, t, scale, rank=rank,
+                                                               world_size=WORLD_SIZE, **kw),
+    }
+    results = {}
+    for name, loss_fn in losses.items():
+        runs, orders = [], []
+        for early in (True, False):
+            leaf_hidden, leaf_weight = hidden[rows].clone().requires_grad_(), weight.clone().requires_grad_()
+            with OpOrder() as order:
+                handle = start_text_gather(text[rows]) if early else None
+                features = leaf_hidden if name == "fused" else F.normalize(leaf_hidden @ leaf_weight.T, dim=1)
+                loss = loss_fn(features, text[rows], gathered_text_features=handle) if early else loss_fn(
+                    features, text[rows])
+            loss.backward()
+            runs.append([loss.detach(), leaf_hidden.grad, leaf_weight.grad])
+            orders.append(order.names)
+        results[name] = (runs[0], runs[1], orders[0])
+    return results
+
+
+def test_texts_gathered_before_the_forward_give_the_plain_results(tmp_path, setting):
+    """start_text_gather before the image forward, the handle passed as gathered_text_features: the same
+    losses and gradients, bit for bit, as the loss gathering the texts itself; the all-gather is
+    dispatched before the forward's first GEMM, and the loss gathers no texts again."""
+    dtype, _ = setting
+    generator = torch.Generator().manual_seed(2)
+    batch = WORLD_SIZE * LOCAL_BATCH
+    hidden = torch.randn(batch, HIDDEN, generator=generator, dtype=torch.float64)
+    weight = torch.randn(DIM, HIDDEN, generator=generator, dtype=torch.float64) / math.sqrt(HIDDEN)
+    text = F.normalize(hidden @ weight.T + torch.randn(batch, DIM, generator=generator, dtype=torch.float64), dim=1)
+    inputs = tuple(t.to(dtype) for t in (hidden, weight, text)) + (torch.tensor(12.0, dtype=dtype),
+                                                                    torch.tensor(-4.0, dtype=dtype))
+    results_path = tmp_path / "gathered"
+    mp.start_processes(_worker, args=(_free_port(), _gathered_results, inputs, str(results_path)), nprocs=WORLD_SIZE,
+                       join=True, start_method="fork")
+    for rank in range(WORLD_SIZE):
+        for name, (early, plain, order) in torch.load(f"{results_path}.rank{rank}").items():
+            for what, a, b in zip(("loss", "hidden grad", "weight grad"), early, plain):
+                assert torch.equal(a, b), f"rank {rank} {name}: {what}"
+            gathers = [i for i, op in enumerate(order) if op.startswith("c10d.") and "allgather" in op]
+            gemms = [i for i, op in enumerate(order) if op in ("aten.mm", "aten.addmm", "aten.matmul")]
+            assert gathers and gemms and gathers[0] < gemms[0], (name, order[:12])
+            if name != "clip":  # clip also gathers its [2, N] column statistics: one gather more
+                assert len(gathers) == 1, (name, gathers)

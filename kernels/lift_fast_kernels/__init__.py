@@ -12,6 +12,7 @@ Both losses run in row slabs without the [B, B] logits (docs/loss.md); `LIFT_FAS
 """
 
 from . import chunking, slab_ops
+from .chunking import SLAB_BYTES_ENV_VAR, GatheredTexts, start_text_gather
 from .clip_loss import ClipLoss, clip_loss, fused_projection_clip_loss
 from .reference import KERNELS_CHOICES, KERNELS_ENV_VAR, loss_implementation
 from .siglip_loss import SigLipLoss, siglip_loss
@@ -21,7 +22,9 @@ __version__ = "0.1.0"
 __all__ = [
     "KERNELS_CHOICES",
     "KERNELS_ENV_VAR",
+    "SLAB_BYTES_ENV_VAR",
     "ClipLoss",
+    "GatheredTexts",
     "SigLipLoss",
     "chunking",
     "clip_loss",
@@ -29,4 +32,5 @@ __all__ = [
     "loss_implementation",
     "siglip_loss",
     "slab_ops",
+    "start_text_gather",
 ]

@@ -128,12 +128,15 @@ def similarity(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
 
 def all_gather_rows(tensor: torch.Tensor, world_size: int, async_op: bool = False):
     """[b, ...] of every rank in rank order, as one [world_size * b, ...] tensor (no autograd): one
-    all_gather_into_tensor, no per-rank parts and no concatenation. With async_op, (tensor, work):
-    the tensor holds the rows once work.wait() returns (on NCCL: once the waiting stream gets there)."""
+    all_gather_into_tensor (all_gather_single in torch >= 2.14), no per-rank parts and no
+    concatenation. With async_op, (tensor, work): the tensor holds the rows once work.wait() returns
+    (on NCCL: once the waiting stream gets there)."""
     import torch.distributed as dist
 
     out = tensor.new_empty(world_size * tensor.shape[0], *tensor.shape[1:])
-    work = dist.all_gather_into_tensor(out, tensor.contiguous(), async_op=async_op)
+    # all_gather_single is torch 2.14's name for all_gather_into_tensor (deprecated there): one op either way
+    gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    work = gather_into(out, tensor.contiguous(), async_op=async_op)
     return (out, work) if async_op else out
 
 
@@ -207,7 +210,8 @@ def sum_to_owner(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tens
     rows = tensor.shape[0] // world_size
     if dist.get_backend() == "nccl":
         out = tensor.new_empty(rows, *tensor.shape[1:])
-        dist.reduce_scatter_tensor(out, tensor.contiguous())
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # torch 2.14's name
+        scatter(out, tensor.contiguous())
         return out
     dist.all_reduce(tensor)  # gloo has no reduce-scatter of tensors
     return tensor[rank * rows:(rank + 1) * rows].clone()

@@ -69,12 +69,14 @@ class FusedProjectionLoss(nn.Module):
         self.last = [last]  # a list, not a submodule: the weights are the model's, saved and optimised there
         self.loss, self.rank, self.world_size = loss, rank, world_size
 
-    def forward(self, image_hidden, text_embeddings, logit_scale, logit_bias=None):
-        """image_hidden [b, H], text_embeddings [b, D] -> the 0-d loss (this rank's part under torch.distributed)."""
+    def forward(self, image_hidden, text_embeddings, logit_scale, logit_bias=None, gathered_text_features=None):
+        """image_hidden [b, H], text_embeddings [b, D] -> the 0-d loss (this rank's part under torch.distributed);
+        gathered_text_features: every rank's text rows already gathered (a tensor or a start_text_gather handle)."""
         last, dtype = self.last[0], image_hidden.dtype
         bias = None if last.bias is None else last.bias.to(dtype)
         return fused_projection_clip_loss(image_hidden, last.weight.to(dtype), bias, text_embeddings, logit_scale,
-                                          logit_bias, loss=self.loss, rank=self.rank, world_size=self.world_size)
+                                          logit_bias, loss=self.loss, rank=self.rank, world_size=self.world_size,
+                                          gathered_text_features=gathered_text_features)
 
 
 def local_batch_size(cfg: Config, world_size: int) -> int:

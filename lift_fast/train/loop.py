@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from lift_fast.atomic import write_json
 from lift_fast.config import Config, check_changes, load_config, load_run_config, save_config
+from lift_fast.kernels import start_text_gather
 from lift_fast.train import NonFiniteLossError, distributed
 from lift_fast.train.build import (  # noqa: F401 (Parts, Progress, build_loss, local_batch_size: re-exported)
     STOP_SIGNALS,
@@ -91,9 +92,14 @@ def run_config(run_dir: str | Path, resume: str | None, config_path: str | Path 
     return load_run_config(saved, config_path, overrides, allowed=RESUME_SETTINGS, action="resuming a run")
 
 
-def contrastive_loss(loss_fn: nn.Module, image_features, text_embeddings, logit_scale, logit_bias):
-    """One step's loss: image_features [b, D], text_embeddings [b, D], logit_scale (exponentiated)."""
-    return loss_fn(image_features, text_embeddings, logit_scale, logit_bias)
+def contrastive_loss(loss_fn: nn.Module, image_features, text_embeddings, logit_scale, logit_bias,
+                     gathered_text_features=None):
+    """One step's loss: image_features [b, D], text_embeddings [b, D], logit_scale (exponentiated);
+    gathered_text_features: every rank's text rows, gathered (or on their way) since the step began."""
+    if gathered_text_features is None:
+        return loss_fn(image_features, text_embeddings, logit_scale, logit_bias)
+    return loss_fn(image_features, text_embeddings, logit_scale, logit_bias,
+                   gathered_text_features=gathered_text_features)
 
 
 @contextlib.contextmanager
@@ -245,19 +251,23 @@ def _train_step(cfg: Config, ctx: Distributed, parts: Parts, progress: Progress,
         progress.agreement = distributed.Agreement(ctx)
     torch.manual_seed(step_seed(cfg.train.seed, progress.step, ctx.rank))  # patch dropout's draws
     images = batch["images"].to(device, non_blocking=True)  # [b, 3, H, W]; the loop's batch is on the device already
+    # One compute dtype for the loss, whatever autocast did: CUDA autocast runs F.normalize in float32,
+    # so the features leave the model in float32 there and the loss's GEMMs would be float32 ones.
+    compute_dtype = parts.precision or torch.float32
+    gathered = None
+    if parts.text_tower is None:  # LIFT mode: the store's rows of these samples [b, D], known before the forward
+        text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)
+        if not manifest["normalized"]:  # in float32: the rows arrive in the store's dtype (float16)
+            text_embeddings = torch.nn.functional.normalize(text_embeddings.float(), dim=-1)
+        text_embeddings = text_embeddings.to(compute_dtype)
+        if ctx.world_size > 1:  # the frozen rows' all-gather runs while the image tower computes (docs/loss.md)
+            gathered = start_text_gather(text_embeddings, ctx.world_size)
     with autocast(device, None if parts.sharded_precision else parts.precision):
         image_features = parts.forward(images, project=not cfg.model.fuse_projection)  # [b, D] (hidden [b, H] fused)
         if parts.text_tower is not None:  # CLIP mode: text features [b, D] with gradients, from the raw captions
             text_embeddings = parts.text_tower(batch["tokens"].to(device, non_blocking=True))
-    if parts.text_tower is None:  # LIFT mode: the store's rows of these samples [b, D]
-        text_embeddings = batch["text_embeddings"].to(device, non_blocking=True)
-        if not manifest["normalized"]:  # in float32: the rows arrive in the store's dtype (float16)
-            text_embeddings = torch.nn.functional.normalize(text_embeddings.float(), dim=-1)
-    # One compute dtype for the loss, whatever autocast did: CUDA autocast runs F.normalize in float32,
-    # so the features leave the model in float32 there and the loss's GEMMs would be float32 ones.
-    compute_dtype = parts.precision or torch.float32
     loss = contrastive_loss(parts.loss_fn, image_features.to(compute_dtype), text_embeddings.to(compute_dtype),
-                            model.logit_scale.exp(), getattr(model, "logit_bias", None))
+                            model.logit_scale.exp(), getattr(model, "logit_bias", None), gathered)
     parts.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     distributed.reduce_replicated_gradients(model, ctx)
