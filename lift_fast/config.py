@@ -190,7 +190,8 @@ class TrainConfig:
     parallel: str = _field("ddp", "ddp: every rank holds the whole model; fsdp: FSDP2 shards weights, gradients and "
                            "AdamW state over the ranks (large ViTs)", choices=("ddp", "fsdp"))
     ddp_bucket_mb: float = _field(100.0, "train.parallel=ddp: MB of gradients per all-reduce bucket (torch's default "
-                                  "25 splits a compiled ViT-B/16 graph into ~17 pieces; 100 into ~5)", min=1.0)
+                                  "25 splits a compiled ViT-B/16 graph into ~17 pieces, 100 into ~5; at least DDP's "
+                                  "1 MB first bucket)", min=1.0)
     ddp_grad_compress: str = _field("none", "train.parallel=ddp: all-reduce the gradients in bf16 (half the bytes; the "
                                     "average is rounded to bf16) or as they are", choices=("none", "bf16"))
 

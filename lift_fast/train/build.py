@@ -3,14 +3,15 @@ loss, optimiser, schedule, loader and the state restored from a checkpoint (`bui
 
 train/loop.py runs the loop over them. model.text_tower=transformer (the CLIP baseline) attaches the
 text tower (models/text_tower.py) to the image model as its `text` submodule, so that one module's
-weights are saved, restored, optimised (same AdamW groups) and all-reduced under DDP (its hooks cover
-every parameter, wherever the graph uses it, as for the logit scale) or sharded under fsdp
-(train/distributed.py `shard_model`); the loader then tokenises each
+weights are saved, restored and optimised (same AdamW groups); under DDP the tower gets a
+DistributedDataParallel of its own and is compiled like the image tower (train/distributed.py
+`wrap_towers`), under fsdp it is sharded (`shard_model`); the loader then tokenises each
 batch's raw captions with the tower's tokenizer (batch["tokens"]).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from lift_fast.data.loader import Loader, build_loader
 from lift_fast.kernels import ClipLoss, SigLipLoss, fused_projection_clip_loss
 from lift_fast.models.flops import train_flops_per_sample
 from lift_fast.models.vit import build_model
+from lift_fast.plan.choose import choose_policy
 from lift_fast.train import distributed
 from lift_fast.train.checkpoint import CheckpointWriter, load_checkpoint
 from lift_fast.train.device import peak_tflops, resolve_compile, resolve_precision
@@ -116,7 +118,7 @@ class Parts:
     flops_per_sample: int
     peak: float | None  # dense peak TFLOP/s of one device, when known
     sharded_precision: bool = False  # FSDP2 gathers the weights in `precision`, so the step runs without autocast
-    text_tower: nn.Module | None = None  # CLIP mode: model.text, called by the step on batch["tokens"]
+    text_tower: nn.Module | None = None  # CLIP mode: model.text (in its own DDP, compiled, as configured), on batch["tokens"]
     checkpoints: CheckpointWriter = field(default_factory=CheckpointWriter)  # background writes (train.checkpoint_async)
 
 
@@ -148,6 +150,9 @@ def build_parts(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifes
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
     dim = int(manifest["dim"])
+    # model.grad_checkpointing=auto becomes a policy for this device here (the planner on CUDA)
+    policy = choose_policy(cfg, device, dim, ctx.world_size)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grad_checkpointing=policy))
     model = build_model(cfg.model, cfg.data.image_size, dim, cfg.train.logit_scale_init).to(device)
     if cfg.model.init and start_ckpt is None:  # a resumed run takes the checkpoint's weights instead
         from lift_fast.models.pretrained import init_tower
@@ -158,8 +163,10 @@ def build_parts(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifes
     tokenizer = attach_text_tower(model, cfg, ctx, dim) if cfg.model.text_tower == "transformer" else None
     # Sharded (fsdp) before the optimiser is built over the shards and the checkpoint loads into them.
     param_dtype = distributed.sharded_param_dtype(cfg.train.parallel, ctx, precision)
-    forward = distributed.wrap_model(model, ctx, cfg.train.parallel, compile=resolve_compile(cfg.train.compile, device),
-                                     param_dtype=param_dtype)
+    forward, text_forward = distributed.wrap_towers(model, ctx, cfg.train.parallel,
+                                                    compile=resolve_compile(cfg.train.compile, device),
+                                                    param_dtype=param_dtype, bucket_mb=cfg.train.ddp_bucket_mb,
+                                                    grad_compress=cfg.train.ddp_grad_compress)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     progress, state = Progress(step=0), None
@@ -187,7 +194,7 @@ def build_parts(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifes
              "image and text towers, CLIP mode" if tokenizer is not None else "image tower and head, LIFT mode")
     return Parts(model, forward, build_loss(cfg, ctx, model), optimizer, scheduler, loader, precision, flops,
                  peak_tflops(device, precision, cfg.train.peak_tflops), param_dtype is not None,
-                 getattr(model, "text", None), CheckpointWriter(cfg.train.checkpoint_async)), progress
+                 text_forward, CheckpointWriter(cfg.train.checkpoint_async)), progress
 
 
 def attach_text_tower(model: nn.Module, cfg: Config, ctx: Distributed, dim: int):

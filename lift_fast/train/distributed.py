@@ -7,9 +7,10 @@ process's own GPU, gloo on CPU) and `teardown` leaves it. Without those variable
 WORLD_SIZE=1, nothing is initialised and every helper here is a no-op, so the single-process
 path runs exactly as before. A group the caller initialised already is used and left open.
 
-train.parallel chooses how the model is spread over the ranks (`wrap_model`): ddp (every rank holds
-the whole model, gradients are all-reduced) or fsdp (FSDP2: weights, gradients and AdamW state are
-sharded over the ranks, `shard_model`). Under fsdp the 0-d parameters (the logit scale, SigLIP's
+train.parallel chooses how the model is spread over the ranks (`wrap_model`, `wrap_towers`): ddp (every
+rank holds the whole model, gradients are all-reduced in buckets of train.ddp_bucket_mb, viewed in
+place, optionally in bf16: `data_parallel`; CLIP mode's text tower in a DDP of its own) or fsdp
+(FSDP2: weights, gradients and AdamW state are sharded over the ranks, `shard_model`). Under fsdp the 0-d parameters (the logit scale, SigLIP's
 bias), which fully_shard refuses, stay whole on every rank; `reduce_replicated_gradients` averages
 their gradients, and `clip_grad_norm` takes the norm over sharded and whole gradients together.
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -33,6 +35,10 @@ from lift_fast.train import DistributedSetupError  # defined torch-free, for the
 log = logging.getLogger(__name__)
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# train.ddp_bucket_mb's default: torchtitan's DDP bucket; torch's 25 MB splits a compiled ViT-B/16 + head
+# (423 MB of float32 gradients) into ~17 graphs, 100 MB into ~5
+DDP_BUCKET_MB = 100.0
+GRAD_COMPRESS = ("none", "bf16")  # train.ddp_grad_compress
 
 
 @dataclass(frozen=True)
@@ -119,12 +125,15 @@ def teardown(ctx: Distributed) -> None:
 
 
 def wrap_model(model: nn.Module, ctx: Distributed, parallel: str = "ddp", *, compile: bool = False,
-               param_dtype: torch.dtype | None = None) -> nn.Module:
+               param_dtype: torch.dtype | None = None, bucket_mb: float = DDP_BUCKET_MB, grad_compress: str = "none",
+               exclude: str | None = None) -> nn.Module:
     """The module the loop calls, for train.parallel = `parallel` (ddp or fsdp).
 
-    ddp: DistributedDataParallel over `model` when distributed, else `model`; torch.compile over the
-    whole when `compile`. Parameters used outside forward (the logit scale, SigLIP's bias) still get
-    their gradients all-reduced: DDP hooks every parameter's gradient, wherever the graph uses it.
+    ddp: `data_parallel(model, ...)` when distributed, else `model`; torch.compile over the whole
+    when `compile`. Parameters used outside forward (the logit scale, SigLIP's bias, and the text
+    tower unless `exclude` names it) still get their gradients all-reduced: DDP hooks every
+    parameter's gradient, wherever the graph uses it. exclude: a submodule whose parameters this
+    wrapper leaves alone (`wrap_towers` reduces the text tower with a DDP of its own).
     fsdp, distributed: `shard_model(model, ctx, ...)`, which changes `model` in place and returns it.
     fsdp in a single process: as ddp (there is nothing to shard over). param_dtype: see `shard_model`.
     Raises ConfigError for another `parallel`.
@@ -137,9 +146,59 @@ def wrap_model(model: nn.Module, ctx: Distributed, parallel: str = "ddp", *, com
         log.info("train.parallel=fsdp in a single process: nothing to shard over, the model runs whole")
     forward = model
     if ctx.enabled:
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        forward = data_parallel(model, ctx, bucket_mb=bucket_mb, grad_compress=grad_compress, exclude=exclude)
     return torch.compile(forward) if compile else forward
+
+
+def wrap_towers(model: nn.Module, ctx: Distributed, parallel: str = "ddp", *, compile: bool = False,
+                param_dtype: torch.dtype | None = None, bucket_mb: float = DDP_BUCKET_MB,
+                grad_compress: str = "none") -> tuple[nn.Module, nn.Module | None]:
+    """(what the step calls for the images, what it calls for the tokens: None in LIFT mode).
+
+    The image side is `wrap_model`. CLIP mode's text tower (`model.text`) is treated as the image
+    tower is: under ddp across ranks it gets a DistributedDataParallel of its own (same bucket size
+    and gradient compression; the image wrapper leaves its parameters out), so its gradients are
+    all-reduced in buckets that overlap the backward, and it is compiled when `compile`. Under fsdp
+    across ranks `shard_model` has sharded it (and compiled its blocks): the step calls it as it is.
+    """
+    text = getattr(model, "text", None)
+    sharded = parallel == "fsdp" and ctx.enabled
+    forward = wrap_model(model, ctx, parallel, compile=compile, param_dtype=param_dtype, bucket_mb=bucket_mb,
+                         grad_compress=grad_compress, exclude="text" if text is not None and not sharded else None)
+    if text is None or sharded:
+        return forward, text
+    text_forward = data_parallel(text, ctx, bucket_mb=bucket_mb, grad_compress=grad_compress) if ctx.enabled else text
+    return forward, torch.compile(text_forward) if compile else text_forward
+
+
+def data_parallel(module: nn.Module, ctx: Distributed, *, bucket_mb: float = DDP_BUCKET_MB, grad_compress: str = "none",
+                  exclude: str | None = None) -> nn.parallel.DistributedDataParallel:
+    """DistributedDataParallel over `module` on ctx's device, as train.ddp_* set it up.
+
+    gradient_as_bucket_view: each gradient is a view into its all-reduce bucket, so the gradients
+    take no memory of their own and are not copied into and out of the buckets (423 MB and a copy
+    a step for ViT-B/16 and its head). bucket_mb (train.ddp_bucket_mb): torch.compile splits the
+    graph at bucket boundaries (DDPOptimizer) so each bucket's all-reduce overlaps the rest of the
+    backward: larger buckets, fewer pieces. grad_compress (train.ddp_grad_compress) "bf16": torch's
+    bf16_compress_hook (each rank's gradient rounded to bf16 and divided by the world size, summed
+    in bf16, written back in the gradient's dtype), half the bytes on the wire. exclude: the name
+    of a submodule whose parameters and buffers DDP leaves alone. Raises ConfigError for another
+    grad_compress.
+    """
+    if grad_compress not in GRAD_COMPRESS:
+        raise ConfigError(f"train.ddp_grad_compress={grad_compress!r} is not one of {', '.join(GRAD_COMPRESS)}")
+    if exclude is not None:
+        left_out = [f"{exclude}.{name}" for name, _ in getattr(module, exclude).named_parameters()]
+        left_out += [f"{exclude}.{name}" for name, _ in getattr(module, exclude).named_buffers()]
+        # what DDP reads its ignored names from (torch's removed _set_params_and_buffers_to_ignore_for_data_parallel
+        # set this attribute; tests/test_ddp.py checks that DDP still honours it)
+        module._ddp_params_and_buffers_to_ignore = left_out
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    wrapped = nn.parallel.DistributedDataParallel(module, device_ids=device_ids, bucket_cap_mb=bucket_mb,
+                                                  gradient_as_bucket_view=True)
+    if grad_compress == "bf16":
+        wrapped.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return wrapped
 
 
 def sharded_param_dtype(parallel: str, ctx: Distributed, precision: torch.dtype | None) -> torch.dtype | None:
