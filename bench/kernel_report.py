@@ -158,8 +158,9 @@ def report(targets: dict[str, int] = TARGETS) -> dict:
         for launch in slab_ops.kernel_launches():
             for target, arch in targets.items():
                 row = dict(kernel=launch["name"], config=launch["config"], target=target, sizes=launch["sizes"])
-                # 128-bit loads that read the whole float32 tile: 4 floats each, per thread
-                tile = launch["constexprs"]["BLOCK_M"] * launch["constexprs"]["BLOCK_N"]
+                # 128-bit loads that read the whole float32 tile: 4 floats each, per thread (the row merge
+                # reads no slab tile: only the stats kernel's partials, N / 64 a row, and one positive a row)
+                tile = launch["constexprs"]["BLOCK_M"] * launch["constexprs"].get("BLOCK_N", 0)
                 row["slab_loads_needed"] = tile // (32 * launch["num_warps"] * 4)
                 try:
                     row.update(inspect_compiled(triton, compile_launch(triton, launch, arch), arch, Path(tmp)))
