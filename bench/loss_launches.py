@@ -6,7 +6,8 @@ GPU), with use_triton=True as on a GPU:
   * every Triton launch is counted where every launch passes, `kernel[grid](...)` -> `.run(...)` of
     the kernel's class (JITFunction, or InterpretedFunction under TRITON_INTERPRET=1), and not run;
   * every aten op is counted through a TorchDispatchMode; views and empty allocations launch nothing
-    and are left out (as are prim ops such as device queries), the rest are kernel launches on a GPU; GEMMs (mm/addmm/bmm) are counted apart.
+    and are left out (as are prim ops such as device queries), the rest are kernel launches on a GPU;
+    GEMMs (mm/addmm/bmm) are counted apart.
 So B = N = 32,768 costs a second. The same code counts any version of the package (it calls the ops
 with the arguments every version takes; the slab budget comes from LIFT_FAST_SLAB_BYTES).
 

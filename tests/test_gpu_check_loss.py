@@ -135,3 +135,25 @@ def test_contract_check_fails_on_a_host_sync_or_a_gemm_outside_bf16(gpu_check, m
     message = str(raised.value)
     assert "clip_loss" in message and ("_local_scalar_dense" if broken == "host sync" else "not in bf16") in message
     assert "siglip_loss" not in message  # only the broken loss is named
+
+
+def test_slab_sizing_check_times_the_budget_against_the_old_slabs(quick_report):
+    """loss_slab_sizing in smoke mode: both losses under both sizings at the quick size, their time
+    ratio, and a row saying why each peer (siglip-kernel, memeff) was not run here."""
+    from gpu_checks.loss import QUICK_SLAB_SIZES, old_slab_bytes
+
+    checks = {check["name"]: check for check in quick_report["checks"]}
+    assert checks["loss_slab_sizing"]["status"] == "ok"
+    rows = {row["name"]: row for row in checks["loss_slab_sizing"]["rows"]}
+    ((batch, dim),) = QUICK_SLAB_SIZES
+    size = f"B={batch} D={dim} fp32 cpu"
+    for loss in ("clip", "siglip"):
+        for sizing in ("budget", "old D/8"):
+            row = rows[f"lift_fast {loss} {sizing} slabs {size}"]
+            assert row["unit"] == "TFLOP/s" and row["value"] > 0 and "8*B^2*D" in row["notes"]
+            assert rows[f"lift_fast {loss} {sizing} slabs {size} / matmul_bf16"]["value"] > 0
+        assert rows[f"lift_fast {loss} budget over old slabs {size}"]["value"] > 0
+    for peer in ("siglip-kernel", "memeff"):  # not installed here: a row with the reason
+        assert math.isnan(rows[f"{peer} (peer)"]["value"]) and rows[f"{peer} (peer)"]["notes"]
+    # e4d546b's rule: D/8 rows once N·D >= 8M (64 rows at D=512), 2^20 similarities below
+    assert old_slab_bytes(32768, 512) // (32768 * 8) == 64 and old_slab_bytes(128, 32) == 2**20 * 8

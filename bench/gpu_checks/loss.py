@@ -18,8 +18,12 @@ runs low. At each size:
   Inf-CL                 (cal_inf_loss(image, text) + cal_inf_loss(text, image)) / 2, as Inf-CLIP
                          trains; text grads; only where `import inf_cl` works (its kernels need CUDA)
 
-Every side with text grads is counted as 8 B^2 D (the chunked loss's work, recomputed similarities
-included) whatever it really computes, so their TFLOP/s compare as speeds.
+Every side with text grads is counted as 8 B^2 D (the loss's work with one recompute of the
+similarities; lift_fast's column pass for the text gradient recomputes them once more, 10 B^2 D)
+whatever it really computes, so their TFLOP/s compare as speeds.
+
+`loss_slab_sizing` (below) times the byte-budget slabs against e4d546b's D/8-row slabs, and
+siglip-kernel and memeff where they import, at B in {16k, 32k, 64k} x D in {512, 768, 4096}, bf16.
 
 Timing: 1 warm-up call, then the best of 3 calls timed with CUDA events. Memory: one more call after
 torch.cuda.reset_peak_memory_stats; `peak` is max_memory_allocated over what was allocated before the
@@ -380,3 +384,98 @@ def clip_loss_sweep(ctx: Context) -> list[Row]:
             break
         rows += measure_size(ctx, batch, dim, matmul, inf_cl)
     return rows + inf_cl_rows(ctx, inf_cl, why)
+
+
+# ------------------------------------------------------------- slab sizing: e4d546b's rule against the budget
+
+SLAB_EST_S = 150  # 9 sizes x (2 losses x 2 sizings + 2 peers) x 5 calls; 64k x 4096 is ~100 TFLOP a call
+SLAB_SIZES = tuple((batch, dim) for batch in (32768, 16384, 65536) for dim in (512, 768, 4096))
+QUICK_SLAB_SIZES = ((128, 32),)
+
+
+def old_slab_bytes(batch: int, dim: int) -> int:
+    """The budget that gives e4d546b's slabs: max(2^20, N·D/8) similarities (D/8 rows once N·D >= 8M)."""
+    from lift_fast.kernels.chunking import BYTES_PER_SIMILARITY
+
+    return max(2**20, batch * dim // 8) * BYTES_PER_SIMILARITY
+
+
+def peer_losses() -> dict[str, tuple[Callable | None, str]]:
+    """name -> (fn(image, text, scale, bias) with text grads, or None, and why) for the peers that are
+    importable: siglip-kernel's fused_siglip_loss (SigLIP; it takes the log of the scale) and memeff
+    (CLIP: its clip_loss(image, text, scale), if it has one)."""
+    peers: dict[str, tuple[Callable | None, str]] = {}
+    try:
+        from siglip_kernel import fused_siglip_loss
+
+        peers["siglip-kernel"] = (lambda i, t, s, b: fused_siglip_loss(i, t, torch.log(s), b),
+                                  "fused_siglip_loss(image, text, log scale, bias)")
+    except Exception as error:  # not installed, or built for another triton: a row, not a failure
+        peers["siglip-kernel"] = (None, f"import siglip_kernel failed: {type(error).__name__}: {error}"[:200])
+    try:
+        import memeff
+
+        clip = getattr(memeff, "clip_loss", None)
+        peers["memeff"] = ((lambda i, t, s, b: clip(i, t, s), "memeff.clip_loss(image, text, scale)") if clip
+                           else (None, "memeff has no clip_loss: its API is not wired here"))
+    except Exception as error:
+        peers["memeff"] = (None, f"import memeff failed: {type(error).__name__}: {error}"[:200])
+    return peers
+
+
+@gpu_check("loss_slab_sizing", est_seconds=SLAB_EST_S)
+def loss_slab_sizing(ctx: Context) -> list[Row]:
+    """clip_loss and siglip_loss with text grads, bf16, under the byte budget (default slab_bytes) and
+    under e4d546b's D/8-row slabs (`old_slab_bytes`), B in {16k, 32k, 64k} x D in {512, 768, 4096},
+    beside siglip-kernel and memeff where they import; TFLOP/s as 8 B^2 D a call for every side (so the
+    rates compare as speeds), the fraction of the matmul rate, memory over inputs + grads, and the new
+    sizing's speedup over the old. Stops when the budget runs low."""
+    from lift_fast.kernels import clip_loss, siglip_loss
+
+    sizes = QUICK_SLAB_SIZES if ctx.quick else SLAB_SIZES
+    dtype = torch.float32 if ctx.quick else torch.bfloat16
+    matmul = matmul_ceiling(ctx)
+    peers = peer_losses()
+    rows: list[Row] = [Row(f"{name} (peer)", math.nan, "TFLOP/s", why) for name, (fn, why) in peers.items() if fn is None]
+    for index, (batch, dim) in enumerate(sizes):
+        if ctx.seconds_left() < (0.0 if ctx.quick else SIZE_RESERVE_S):
+            rows.append(Row("loss_slab_sizing sizes not run", len(sizes) - index, "sizes",
+                            ", ".join(f"B={b} D={d}" for b, d in sizes[index:])))
+            break
+        size = f"B={batch} D={dim} {DTYPE_NAMES[dtype]} {ctx.device.type}"
+        image, text, scale = make_features(ctx, batch, dim, dtype)
+        bias = torch.tensor(-10.0, device=ctx.device, requires_grad=True)
+        feature_bytes = image.numel() * image.element_size()
+        flops = 8 * batch * batch * dim
+        losses = {"clip": lambda i, t, s, b, **kw: clip_loss(i, t, s, **kw),
+                  "siglip": lambda i, t, s, b, **kw: siglip_loss(i, t, s, b, **kw)}
+        for loss_name, loss_fn in losses.items():
+            timed = {}
+            for sizing, budget in (("budget", None), ("old D/8", old_slab_bytes(batch, dim))):
+                name = f"lift_fast {loss_name} {sizing} slabs {size}"
+                try:
+                    timed[sizing] = measure(ctx, lambda i, t, s: loss_fn(i, t, s, bias, slab_bytes=budget),
+                                            image, text, scale)
+                except torch.cuda.OutOfMemoryError as error:
+                    rows.append(failed_row(name, error))
+                    release(ctx)
+                    continue
+                rows += side_rows(name, timed[sizing], flops, "8*B^2*D", 2 * feature_bytes, 2 * feature_bytes,
+                                  matmul, targets=False)
+                release(ctx)
+            if len(timed) == 2:
+                rows.append(Row(f"lift_fast {loss_name} budget over old slabs {size}",
+                                timed["old D/8"].seconds / timed["budget"].seconds, "x", "time ratio, text grads"))
+        for peer, (peer_fn, why) in peers.items():
+            if peer_fn is None or ctx.device.type != "cuda":
+                continue
+            name = f"{peer} {size}"
+            try:
+                measured = measure(ctx, lambda i, t, s: peer_fn(i, t, s, bias), image, text, scale)
+            except Exception as error:  # a peer may fail any way: a row with the reason
+                rows.append(failed_row(name, error))
+            else:
+                rows += side_rows(name, measured, flops, "8*B^2*D", 2 * feature_bytes, 2 * feature_bytes, matmul,
+                                  targets=False, note=f"; {why}")
+            release(ctx)
+    return rows

@@ -50,8 +50,8 @@ def siglip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
             # the [m, N] similarities are not bound to a name: freed before the next slab's are made;
             # scale and bias are device tensors: the kernels read them through pointers, no host sync;
             # coef weighs the gradient only: any device scalar will do without one
-            slab_ops.siglip_slab(similarity(image[start:start + step], texts), None, partials[index], scale=scale, bias=bias, coef=scale,
-                                 diag_offset=rank * b + start, use_triton=use_triton)
+            slab_ops.siglip_slab(similarity(image[start:start + step], texts), None, partials[index], scale=scale,
+                                 bias=bias, coef=scale, diag_offset=rank * b + start, use_triton=use_triton)
         return partials[..., 0].sum() / b, text.new_empty(0) if gathered is None else gathered
 
 
