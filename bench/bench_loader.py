@@ -117,11 +117,13 @@ def image_shards(tmp_path_factory):
                               dim=384)
 
 
-@pytest.mark.parametrize("side", ["baseline", "dali_cpu"])
+@pytest.mark.parametrize("side", ["baseline", "dali_cpu", "pil_uint8"])
 def test_build_loader(paired_benchmark, side, image_shards):
     """`build_loader(split="train")` end to end, images/s: the PIL backend with 2 worker processes
     against the DALI backend with 2 threads, over indexed shards of the same JPEGs (read by offset,
-    joined with a 384-d store), the same samples, crops and flips."""
+    joined with a 384-d store), the same samples, crops and flips; and against the PIL backend built
+    as training builds it (raw=True: uint8 images and float16 rows shipped, normalised on the device
+    by the step), where the baseline normalises in its workers and ships float32."""
     from lift_fast.data import build_loader
     from lift_fast.data.dali import dali_available
 
@@ -133,7 +135,8 @@ def test_build_loader(paired_benchmark, side, image_shards):
     torch.set_num_threads(1)
     try:
         loader = build_loader(data, store, split="train", batch_size=BATCH, image_size=SIZE,
-                              backend="pil" if side == "baseline" else "dali", num_workers=WORKERS)
+                              backend="dali" if side == "dali_cpu" else "pil", num_workers=WORKERS,
+                              raw=side == "pil_uint8")
         batches = iter(loader)
         steps = LOADER_IMAGES // BATCH
 
