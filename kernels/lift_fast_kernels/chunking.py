@@ -19,6 +19,9 @@ import torch
 # 128 rows up), which is how the tests get many slabs at small sizes.
 SLAB_BYTES_ENV_VAR = "LIFT_FAST_SLAB_BYTES"
 DEFAULT_SLAB_BYTES = 2**31  # 2 GiB: 8,192 rows at N = 32k, 4,096 at 64k; under 3% of an 80 GB GPU
+# Off CUDA (the torch twins, which hold up to four slab-sized float32 temporaries, and no tensor cores
+# to feed) the default is 64 MiB: 1,024 rows at N = 8k, the floor above it.
+CPU_SLAB_BYTES = 2**26
 BYTES_PER_SIMILARITY = 8
 MIN_SLAB_ROWS = 1024
 ROW_MULTIPLE = 128
@@ -55,14 +58,16 @@ def slab_budget(slab_bytes: int | None = None) -> int:
     return slab_bytes
 
 
-def slab_rows(rows: int, columns: int, slab_bytes: int = 0) -> int:
+def slab_rows(rows: int, columns: int, slab_bytes: int = 0, on_cuda: bool = True) -> int:
     """How many rows of the [rows, columns] similarity matrix to hold at once.
 
-    slab_bytes: a budget from `slab_budget` (0: the default rule). Returns rows per slab in [1, rows]:
-    budget // (columns * BYTES_PER_SIMILARITY), rounded down to a multiple of ROW_MULTIPLE from that
-    many rows up, and under the default rule at least MIN_SLAB_ROWS.
+    slab_bytes: a budget from `slab_budget` (0: the default rule, DEFAULT_SLAB_BYTES on CUDA and
+    CPU_SLAB_BYTES elsewhere). Returns rows per slab in [1, rows]: budget // (columns *
+    BYTES_PER_SIMILARITY), rounded down to a multiple of ROW_MULTIPLE from that many rows up, and
+    under the default rule at least MIN_SLAB_ROWS.
     """
-    budget_rows = (slab_bytes or DEFAULT_SLAB_BYTES) // (columns * BYTES_PER_SIMILARITY)
+    default = DEFAULT_SLAB_BYTES if on_cuda else CPU_SLAB_BYTES
+    budget_rows = (slab_bytes or default) // (columns * BYTES_PER_SIMILARITY)
     if budget_rows >= ROW_MULTIPLE:
         budget_rows -= budget_rows % ROW_MULTIPLE
     if not slab_bytes:

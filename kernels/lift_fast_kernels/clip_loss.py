@@ -87,7 +87,7 @@ def clip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, r
         # wins by a margin of 0 in the GEMM's rounding scores exactly log(N), whatever the dtype
         positives = torch.empty(b, device=image.device, dtype=stat_dtype)
         col_stats = slab_ops.new_column_stats(n, row_stats)  # running max, sum of exp(logit - max)
-        step = slab_rows(b, n, slab_bytes)
+        step = slab_rows(b, n, slab_bytes, image.is_cuda)
         for start in slab_starts(b, step):
             # [m, N], not bound to a name: it is freed before the next slab's is made
             slab_ops.clip_stats(similarity(image[start:start + step], texts), s, row_stats[:, start:start + step],
@@ -138,7 +138,7 @@ def clip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tens
             col_coef = all_gather_rows(row_coef.reshape(1), world_size).repeat_interleave(b)  # [N]
         else:
             col_coef = row_coef  # 0-d: the kernels broadcast it (stride 0)
-        step = slab_rows(b, n, slab_bytes)
+        step = slab_rows(b, n, slab_bytes, image.is_cuda)
         starts = slab_starts(b, step)
         slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
         grad_image = torch.empty_like(image)
@@ -154,7 +154,7 @@ def clip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Tens
         grad_texts = None
         if text_grad:
             grad_texts = text_gradient_buffer(texts, world_size)
-            col_step = slab_rows(n, b, slab_bytes)
+            col_step = slab_rows(n, b, slab_bytes, image.is_cuda)
             column_grad = torch.empty(min(col_step, n), b, device=image.device, dtype=image.dtype)
             scratch = row_stats.new_empty(slab_ops.partials_per_slab(min(col_step, n), b, use_triton))
             for start in slab_starts(n, col_step):

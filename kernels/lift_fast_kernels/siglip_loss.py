@@ -42,7 +42,7 @@ def siglip_forward(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
         gathered = all_gather_rows(text, world_size) if world_size > 1 and gathered_in is None else None
         texts = text if world_size == 1 else gathered_in if gathered is None else gathered  # [N, D]
         n = texts.shape[0]
-        step = slab_rows(b, n, slab_bytes)
+        step = slab_rows(b, n, slab_bytes, image.is_cuda)
         starts = slab_starts(b, step)
         partials = scale.new_zeros(len(starts), slab_ops.partials_per_slab(min(step, b), n, use_triton,
                                                                            slab_ops.SIGLIP_BLOCK_M), 3)
@@ -73,7 +73,7 @@ def siglip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Te
         texts = gathered if world_size > 1 else text  # [N, D]
         n = texts.shape[0]
         coef = grad_loss.reshape(()).to(scale.dtype) / b  # device tensors, no host sync
-        step = slab_rows(b, n, slab_bytes)
+        step = slab_rows(b, n, slab_bytes, image.is_cuda)
         starts = slab_starts(b, step)
         slab_grad = torch.empty(min(step, b), n, device=image.device, dtype=image.dtype)
         grad_image = torch.empty_like(image)
@@ -90,7 +90,7 @@ def siglip_backward(grad_loss: torch.Tensor, image: torch.Tensor, text: torch.Te
         grad_texts = None
         if text_grad:
             grad_texts = text_gradient_buffer(texts, world_size)
-            col_step = slab_rows(n, b, slab_bytes)
+            col_step = slab_rows(n, b, slab_bytes, image.is_cuda)
             column_grad = torch.empty(min(col_step, n), b, device=image.device, dtype=image.dtype)
             scratch = scale.new_empty(slab_ops.partials_per_slab(min(col_step, n), b, use_triton,
                                                                  slab_ops.SIGLIP_BLOCK_M), 3)
