@@ -124,3 +124,21 @@ def test_a_malformed_set_stops_the_suite_before_the_model_loads(tiny_run, lift_r
     assert code == 2 and "no set of the suite is under" in err and "skip docci (DOCCI test): no" in err
     code, out, err = eval_cli(capsys, "--run", tiny_run, "--suite", "lift")
     assert code == 2 and "--suite and --root go together" in err
+
+
+def test_the_table_has_a_row_per_task_and_the_skip_lines(tmp_path):
+    from lift_fast.eval.suite import suite_table
+    from lift_fast.eval.tasks import TaskSpec
+
+    tasks = [TaskSpec("zeroshot", "wds", "wds_imagenet1k", name="imagenet"),
+             TaskSpec("retrieval", "karpathy", "coco/dataset_coco.json", name="coco", images="coco")]
+    results = {"zeroshot/imagenet/top1": 0.5, "zeroshot/imagenet/top5": 0.75, "zeroshot/imagenet/num_classes": 1000,
+               "zeroshot/imagenet/max_length": 77,
+               **{f"retrieval/coco/{k}": v for k, v in {"i2t_r1": 0.25, "i2t_r5": 0.5, "t2i_r1": 0.125, "t2i_r5": 0.375,
+                                                        "chance_r1": 0.001, "captions_truncated": 3,
+                                                        "num_captions": 25010, "max_length": 77}.items()}}
+    table = suite_table(tasks, results, ["skip dci (DCI): no x"], "title").splitlines()
+    assert table[0] == "title" and table[-1] == "skip dci (DCI): no x"
+    assert table[3].split() == ["imagenet", "zero-shot", "%", "77", "top1", "50.0", "top5", "75.0", "(chance", "0.1)"]
+    assert table[4].split()[:8] == ["coco", "retrieval", "%", "77", "i2t", "R@1", "25.0", "R@5"]
+    assert table[4].endswith("(chance 0.10; 3 of 25010 cut)")
