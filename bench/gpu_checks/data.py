@@ -186,14 +186,7 @@ def _gpu_spin(ctx: Context, seconds: float):
     """A stand-in step that keeps the device busy for about `seconds` and waits for it (on the CPU: a sleep)."""
     if ctx.device.type != "cuda":
         return lambda images: time.sleep(seconds)
-    torch.cuda._sleep(1000)
-    probe = 10_000_000
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(probe)
-    end.record()
-    end.synchronize()
-    cycles = int(probe * seconds * 1e3 / start.elapsed_time(end))
+    cycles = sleep_cycles(seconds)
 
     def step(images):
         images.sum()  # reads the batch on the device
@@ -201,3 +194,15 @@ def _gpu_spin(ctx: Context, seconds: float):
         torch.cuda.synchronize(ctx.device)
 
     return step
+
+
+def sleep_cycles(seconds: float) -> int:
+    """The torch.cuda._sleep cycles that keep the current CUDA device busy for about `seconds` (measured)."""
+    torch.cuda._sleep(1000)
+    probe = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(probe)
+    end.record()
+    end.synchronize()
+    return int(probe * seconds * 1e3 / start.elapsed_time(end))
