@@ -32,8 +32,11 @@ def _cpu_flash_backward(dout, q, k, v, out, lse, scale):
     return [g.transpose(1, 2) for g in grads]
 
 
-def fa2_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_size_right, softcap,
-                alibi_slopes, return_softmax):
+# flash-attn 2.7+ declares these two as torch.library ops (called with keywords, dq/dk/dv mutated): so are the stand-ins
+@torch.library.custom_op("flash_stand_ins::fa2_forward", mutates_args=())
+def fa2_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, softmax_scale: float, causal: bool,
+                window_size_left: int, window_size_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
+                return_softmax: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """flash_attn.flash_attn_interface._flash_attn_forward (2.7+): (out, softmax_lse, S_dmask, rng_state)."""
     assert q.shape[-1] % 8 == 0, "flash-attn 2 takes head dims that are multiples of 8"
     assert dropout_p == 0.0 and not causal and (window_size_left, window_size_right) == (-1, -1)
@@ -41,8 +44,12 @@ def fa2_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left, win
     return out, lse, torch.empty(0), torch.empty(2, dtype=torch.int64)
 
 
-def fa2_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, window_size_left,
-                 window_size_right, softcap, alibi_slopes, deterministic, rng_state=None):
+@torch.library.custom_op("flash_stand_ins::fa2_backward", mutates_args=("dq", "dk", "dv"))
+def fa2_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 softmax_lse: torch.Tensor, dq: torch.Tensor | None, dk: torch.Tensor | None, dv: torch.Tensor | None,
+                 dropout_p: float, softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int,
+                 softcap: float, alibi_slopes: torch.Tensor | None, deterministic: bool,
+                 rng_state: torch.Tensor | None = None) -> torch.Tensor:
     """flash_attn.flash_attn_interface._flash_attn_backward (2.7+): writes dq, dk, dv; returns softmax_d."""
     assert q.shape[-1] % 8 == 0 and dq.shape == q.shape
     for target, grad in zip((dq, dk, dv), _cpu_flash_backward(dout, q, k, v, out, softmax_lse, softmax_scale),

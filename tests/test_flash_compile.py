@@ -5,6 +5,9 @@ and by the plain-torch reference, and gradients compared with SDPA's (float64 an
 
 from __future__ import annotations
 
+import sys
+import types
+
 import flash_stand_ins
 import pytest
 import torch
@@ -128,3 +131,18 @@ def test_the_backward_reads_the_saved_lse(monkeypatch):
     use_kernel(monkeypatch, attention.REFERENCE_KERNEL)
     (right,) = torch.autograd.grad(attention.run_flash("flash-attn-2", qkv).sum(), qkv)
     assert not torch.allclose(grad, right)
+
+
+@pytest.mark.parametrize("version, usable", [("2.6.3", False), ("2.7.0", True), ("2.8.3", True)])
+def test_flash_attn_2_by_version(monkeypatch, version, usable):
+    """flash-attn 2.7 made the low-level functions torch ops taking window_size_left/right (their signature
+    reads (*args, **kwargs)): the version decides, and an older one is named with what to install."""
+    package, interface = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.flash_attn_interface")
+    package.__version__ = version
+    interface._flash_attn_forward, interface._flash_attn_backward = flash_stand_ins.fa2_forward, flash_stand_ins.fa2_backward
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", interface)
+    kernels, missing = attention.flash_kernels.__wrapped__()
+    assert ("flash-attn-2" in kernels) == usable
+    assert "flash-attn-4 (flash_attn.cute)" in missing
+    assert (f"flash-attn {version} is older than 2.7" in missing and "flash-attn>=2.7" in missing) == (not usable)

@@ -21,8 +21,8 @@ Backends:
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +39,8 @@ FLASH_DTYPES = (torch.float16, torch.bfloat16)
 # compute capability majors each flash-attn generation runs on (FA4: Hopper and Blackwell; FA2: Ampere+)
 FA4_MAJORS = (9, 10, 11)
 FA2_MIN_MAJOR = 8
+# flash-attn 2.7 made _flash_attn_forward/_backward torch ops with window_size_left/right, as fa2_kernel calls them
+FA2_MIN_VERSION = (2, 7)
 # the flash kernels resolve_backend has chosen, by name: a plain dict that the custom ops read
 # without going back through the import machinery
 _CHOSEN_KERNELS: dict[str, FlashKernel] = {}
@@ -149,15 +151,17 @@ def flash_kernels() -> tuple[dict[str, FlashKernel], str]:
     else:
         kernels["flash-attn-4"] = fa4_kernel(_flash_attn_fwd, _flash_attn_bwd)
     try:
+        import flash_attn
         from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward
     except Exception as err:  # noqa: BLE001
         missing.append(f"flash-attn 2 (flash_attn.flash_attn_interface): {type(err).__name__}: {err}")
     else:
-        if "window_size_left" in inspect.signature(_flash_attn_forward).parameters:
+        # the version, not the signature: from 2.7 these are torch.library ops, whose signature is (*args, **kwargs)
+        if tuple(int(part) for part in re.findall(r"\d+", flash_attn.__version__)[:2]) >= FA2_MIN_VERSION:
             kernels["flash-attn-2"] = fa2_kernel(_flash_attn_forward, _flash_attn_backward)
         else:  # before 2.7 the low-level functions took other arguments
-            missing.append("flash-attn 2 is older than 2.7, whose low-level forward/backward this calls "
-                           "(pip install 'flash-attn>=2.7')")
+            missing.append(f"flash-attn {flash_attn.__version__} is older than 2.7, whose low-level forward and "
+                           "backward this calls (pip install 'flash-attn>=2.7')")
     return kernels, "; ".join(missing)
 
 
