@@ -97,8 +97,8 @@ def test_the_loop_steps_on_while_a_slow_write_runs(synth_data, stores, tmp_path,
 
 def test_a_failed_background_write_stops_the_run_naming_the_file(synth_data, stores, tmp_path, monkeypatch):
     """A full disk while checkpoint 4 is written in the background: the run stops with the
-    CheckpointWriteError a synchronous save raises (the file, the checkpoint kept), before step 8's
-    save, and leaves no temporary folder."""
+    CheckpointWriteError a synchronous save raises (the file, the checkpoint kept) at a later step, at
+    the latest when step 8's save waits for it, and leaves no temporary folder."""
     real = checkpoint_module.save_file
 
     def no_space_at_step_4(tensors, filename, metadata=None):
@@ -115,7 +115,7 @@ def test_a_failed_background_write_stops_the_run_naming_the_file(synth_data, sto
     assert "No space left on device" in message and "no complete checkpoint yet" in message
     assert not (run / "checkpoints").exists() or not list((run / "checkpoints").iterdir())
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert 4 <= max(steps) < 8
+    assert 4 <= max(steps) <= 8 and max(steps) < 10  # the run stopped before its end
 
 
 def test_sigterm_waits_for_the_write_in_flight_then_saves_its_step(synth_data, stores, tmp_path, monkeypatch):
