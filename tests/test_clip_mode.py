@@ -142,8 +142,8 @@ def _rank_train(rank: int, overrides: list[str], data, store, run) -> None:
 
 def test_clip_mode_on_two_ddp_ranks_matches_one_process(synth_data, stores, tmp_path):
     """Two gloo ranks of a CLIP-mode run follow one process on the same global batches: each rank's
-    loss is its part of the global-batch loss with text gradients gathered, and DDP all-reduces the
-    text tower's gradients though it runs outside the wrapped forward."""
+    loss is its part of the global-batch loss with text gradients gathered, and the text tower's own
+    DDP (train/distributed.py wrap_towers) all-reduces its gradients."""
     overrides = CLIP + ["train.steps=4", "train.batch_size=8", "data.hflip=true", "data.shuffle_window=2"]
     single = tmp_path / "single" / "run"
     train(load_config(overrides=overrides), synth_data / "train", stores / "train", single, progress=False)

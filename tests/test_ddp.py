@@ -7,6 +7,7 @@ tests/test_train_distributed.py and tests/test_clip_mode.py."""
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from lift_fast.models.text_tower import build_text_tower
 from lift_fast.models.vit import build_model
 from lift_fast.train import distributed
 from lift_fast.train.distributed import Distributed
+from lift_fast.train.loop import train
 
 CLIP = ["model.text_tower=transformer", "model.text_width=32", "model.text_layers=1", "model.text_heads=2",
         "model.text_context=12", "model.depth=2", "model.head_hidden=16"]
@@ -132,3 +134,28 @@ def test_one_process_compiles_the_text_tower_too():
     model = towers(text=True)
     image_forward, text_forward = distributed.wrap_towers(model, Distributed(), compile=True)
     assert image_forward._orig_mod is model and text_forward._orig_mod is model.text
+
+
+def _rank_train(rank: int, overrides: list[str], data, store, run) -> None:
+    train(load_config(overrides=overrides), data, store, run, progress=False)
+
+
+def test_the_trainer_takes_the_ddp_settings(synth_data, stores, tmp_path):
+    """train.ddp_grad_compress=bf16 and train.ddp_bucket_mb through `lift-fast train` on two ranks: the
+    run follows one process to bf16's rounding of the averaged gradient (its norm as logged), and
+    not to float32's: the hook is on."""
+    overrides = ["data.image_size=32", "model.depth=1", "train.steps=3", "train.batch_size=8", "train.lr=3e-3",
+                 "train.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=0", "train.tensorboard=false",
+                 "data.num_workers=0", "data.shuffle_window=2", "data.backend=pil"]
+    single = tmp_path / "single"
+    train(load_config(overrides=overrides), synth_data / "train", stores / "train", single, progress=False)
+    run = tmp_path / "ddp"
+    fork_ranks(_rank_train, overrides + ["train.ddp_grad_compress=bf16", "train.ddp_bucket_mb=1"],
+               synth_data / "train", stores / "train", run)
+    norms, expected = (_logged(folder, "grad_norm") for folder in (run, single))
+    assert norms == pytest.approx(expected, rel=1e-2) and norms[0] != pytest.approx(expected[0], rel=1e-6)
+    assert _logged(run, "loss") == pytest.approx(_logged(single, "loss"), rel=1e-2)
+
+
+def _logged(run, name: str) -> list[float]:
+    return [json.loads(line)[name] for line in (run / "metrics.jsonl").read_text().splitlines()]
