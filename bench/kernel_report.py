@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "performance.md"
 MARK_START, MARK_END = "<!-- kernel-report:start -->", "<!-- kernel-report:end -->"
 TARGETS = {"sm_90a": 90, "sm_100a": 100}
-DOCS_DATE = "2026-12-02"
+DOCS_DATE = "2026-12-08"
 
 # Occupancy arithmetic of sm_90 and sm_100 (CUDA occupancy calculator): registers are allocated per
 # warp in units of 256, 64 Ki per SM, at most 64 warps and 32 blocks per SM, 228 KiB of shared

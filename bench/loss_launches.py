@@ -134,9 +134,10 @@ def _phase(function, *args):
 
 
 def count_loss(loss: str, batch: int, dim: int, *, text_grad: bool = True, dtype=torch.bfloat16,
-               package: str = "lift_fast_kernels") -> dict:
+               package: str = "lift_fast_kernels", use_triton: bool = True, slab_bytes: int | None = None) -> dict:
     """Launches of one forward and one backward of `loss` ("clip" or "siglip") at B = N = batch, one
-    process, use_triton=True on fake CUDA tensors of `dtype`, with or without text gradients.
+    process, on fake CUDA tensors of `dtype` (use_triton=False: the torch twins' ops), with or without
+    text gradients. slab_bytes: the budget handed to the ops (None: the default).
 
     Returns {"forward": counts, "backward": counts, "gemm": GEMM calls in all, "launches": in all},
     counts being {"gemm", "triton", "torch_ops", "launches", "ops" (name -> calls), "kernels"}.
@@ -144,6 +145,7 @@ def count_loss(loss: str, batch: int, dim: int, *, text_grad: bool = True, dtype
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     module = importlib.import_module(f"{package}.{'clip_loss' if loss == 'clip' else 'siglip_loss'}")
+    budget = {} if slab_bytes is None else {"slab_bytes": slab_bytes}  # e4d546b's ops take none
     with FakeTensorMode():
         image = torch.empty(batch, dim, device="cuda", dtype=dtype)
         text = torch.empty(batch, dim, device="cuda", dtype=dtype)
@@ -151,14 +153,15 @@ def count_loss(loss: str, batch: int, dim: int, *, text_grad: bool = True, dtype
         grad_loss = torch.empty((), device="cuda", dtype=torch.float32)
         if loss == "clip":
             (_, row_stats, col_stats, gathered), forward = _phase(
-                module.clip_forward._init_fn, image, text, scale, 0, 1, True)
-            _, backward = _phase(module.clip_backward._init_fn, grad_loss, image, text, gathered, scale, row_stats,
-                                 col_stats, 0, 1, text_grad, True)
+                lambda *args: module.clip_forward._init_fn(*args, **budget), image, text, scale, 0, 1, use_triton)
+            _, backward = _phase(lambda *args: module.clip_backward._init_fn(*args, **budget), grad_loss, image,
+                                 text, gathered, scale, row_stats, col_stats, 0, 1, text_grad, use_triton)
         else:
             bias = torch.empty((), device="cuda", dtype=torch.float32)
-            (_, gathered), forward = _phase(module.siglip_forward._init_fn, image, text, scale, bias, 0, 1, True)
-            _, backward = _phase(module.siglip_backward._init_fn, grad_loss, image, text, gathered, scale, bias, 0, 1,
-                                 text_grad, True)
+            (_, gathered), forward = _phase(lambda *args: module.siglip_forward._init_fn(*args, **budget), image,
+                                            text, scale, bias, 0, 1, use_triton)
+            _, backward = _phase(lambda *args: module.siglip_backward._init_fn(*args, **budget), grad_loss, image,
+                                 text, gathered, scale, bias, 0, 1, text_grad, use_triton)
     return {"forward": forward, "backward": backward, "gemm": forward["gemm"] + backward["gemm"],
             "launches": forward["launches"] + backward["launches"]}
 

@@ -43,19 +43,21 @@ def test_few_gemm_calls_at_32k(loss, dim):
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_at_most_four_launches_per_slab(monkeypatch, loss):
+def test_at_most_four_launches_per_slab(loss):
     """Twice the slabs (half the budget) adds at most 4 launches per added slab in the forward, and in
     each pass of the backward (the row pass for d image, the column pass for d text)."""
     default_rows = chunking.slab_rows(BATCH, BATCH)
     assert default_rows >= chunking.MIN_SLAB_ROWS and default_rows % chunking.ROW_MULTIPLE == 0
     per_pass = {}
-    for budget_rows in (default_rows, default_rows // 2):
-        monkeypatch.setenv(chunking.SLAB_BYTES_ENV_VAR, str(budget_rows * BATCH * chunking.BYTES_PER_SIMILARITY))
-        assert chunking.slab_rows(BATCH, BATCH, chunking.slab_budget()) == budget_rows
-        counts = COUNTER.count_loss(loss, BATCH, 512, text_grad=True)
-        per_pass[BATCH // budget_rows] = (counts["forward"]["launches"], counts["backward"]["launches"])
-    (few, (forward, backward)), (more, (forward2, backward2)) = sorted(per_pass.items())
+    for budget_rows in (default_rows, default_rows // 4):
+        slab_bytes = budget_rows * BATCH * chunking.BYTES_PER_SIMILARITY
+        assert chunking.slab_rows(BATCH, BATCH, slab_bytes) == budget_rows
+        counts = COUNTER.count_loss(loss, BATCH, 512, text_grad=True, slab_bytes=slab_bytes)
+        per_pass[BATCH // budget_rows] = (counts["forward"]["launches"], counts["backward"]["launches"],
+                                          counts["forward"]["triton"])
+    (few, (forward, backward, kernels)), (more, (forward2, backward2, kernels2)) = sorted(per_pass.items())
     added = more - few
+    assert kernels2 > kernels, per_pass  # the smaller budget did make more slabs
     assert (forward2 - forward) / added <= LAUNCHES_PER_SLAB, per_pass
     assert (backward2 - backward) / (2 * added) <= LAUNCHES_PER_SLAB, per_pass  # row slabs and column slabs
 

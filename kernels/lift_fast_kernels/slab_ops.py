@@ -42,9 +42,13 @@ BLOCK_N = 64
 # at odd sizes (20-28); at 32 rows it took 80-86 (20-24) but 158-164 at odd sizes with triton 3.6
 # (12 warps), and the 64x64 tile before 79-185 (8 warps on sm_100a).
 SIGLIP_BLOCK_M = 16
-# _clip_rows_kernel merges the stats kernel's [m, N / BLOCK_N] row partials: 32 rows x 64 blocks a step.
+# _clip_rows_kernel merges the stats kernel's [m, N / BLOCK_N] row partials, 32 rows x 32 blocks a step:
+# 40-56 registers (36-48 warps per SM) with triton 3.6 and 3.8 on sm_90a/sm_100a, odd sizes too, where
+# 32 x 64 took 153-168 with triton 3.6 (12 warps) and 96-118 with 3.8 (kernel report, 2026-12-08).
+# The stats kernel (column-owning, a loop over the slab's rows) kept the 32 x 64 tile: 55-56 registers
+# (36 warps), 72-117 at odd sizes (16-28), 128-bit loads of the whole tile.
 ROWS_BLOCK_M = 32
-ROWS_BLOCK_B = 64
+ROWS_BLOCK_B = 32
 NUM_WARPS = 4
 # triton.jit builds interpreted kernels when this is set at import time; only then do they take CPU tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
