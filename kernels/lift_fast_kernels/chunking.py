@@ -20,8 +20,8 @@ import torch
 SLAB_BYTES_ENV_VAR = "LIFT_FAST_SLAB_BYTES"
 DEFAULT_SLAB_BYTES = 2**31  # 2 GiB: 8,192 rows at N = 32k, 4,096 at 64k; under 3% of an 80 GB GPU
 # Off CUDA (the torch twins, which hold up to four slab-sized float32 temporaries, and no tensor cores
-# to feed) the default is 64 MiB: 1,024 rows at N = 8k, the floor above it.
-CPU_SLAB_BYTES = 2**26
+# to feed) the default is 16 MiB and has no row floor: 256 rows at N = 8k.
+CPU_SLAB_BYTES = 2**24
 BYTES_PER_SIMILARITY = 8
 MIN_SLAB_ROWS = 1024
 ROW_MULTIPLE = 128
@@ -64,13 +64,13 @@ def slab_rows(rows: int, columns: int, slab_bytes: int = 0, on_cuda: bool = True
     slab_bytes: a budget from `slab_budget` (0: the default rule, DEFAULT_SLAB_BYTES on CUDA and
     CPU_SLAB_BYTES elsewhere). Returns rows per slab in [1, rows]: budget // (columns *
     BYTES_PER_SIMILARITY), rounded down to a multiple of ROW_MULTIPLE from that many rows up, and
-    under the default rule at least MIN_SLAB_ROWS.
+    under the default rule on CUDA at least MIN_SLAB_ROWS (the tensor cores' floor).
     """
     default = DEFAULT_SLAB_BYTES if on_cuda else CPU_SLAB_BYTES
     budget_rows = (slab_bytes or default) // (columns * BYTES_PER_SIMILARITY)
     if budget_rows >= ROW_MULTIPLE:
         budget_rows -= budget_rows % ROW_MULTIPLE
-    if not slab_bytes:
+    if not slab_bytes and on_cuda:
         budget_rows = max(budget_rows, MIN_SLAB_ROWS)
     return max(1, min(rows, budget_rows))
 
