@@ -112,6 +112,7 @@ class StepMemory:
     parameters_bytes: int
     optimizer_bytes: int  # AdamW state
     feed_bytes: int  # the feed's device buffers
+    allocator_peak_bytes: int | None = None  # real tensors only: the CPU allocator's peak over the same step
 
     @property
     def peak_gib(self) -> float:
@@ -165,7 +166,7 @@ def measure_step(cfg: Config, batch: int, dim: int, *, policy: str, world_size: 
         if fake:  # built on the meta device (the init's random draws are data-dependent), then given fake storage
             with torch.device("meta"):
                 model = build_model(model_cfg, cfg.data.image_size, dim, cfg.train.logit_scale_init)
-            model = _on_fake_storage(model)
+            model = on_fake_storage(model)
         else:
             model = build_model(model_cfg, cfg.data.image_size, dim, cfg.train.logit_scale_init)
         if cfg.train.loss == "siglip":
@@ -198,25 +199,40 @@ def measure_step(cfg: Config, batch: int, dim: int, *, policy: str, world_size: 
         for param in model.parameters():
             param.grad = torch.zeros_like(param)
         optimizer.step()
+        if not fake:  # real kernels make their caches (oneDNN primitives, thread scratch) in their first call
+            step()
         state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         tracker = StepTracker()
         tracker.track(*model.parameters(), *(p.grad for p in model.parameters()), *model.buffers(), *state,
                       *feed_images, *feed_texts, mean, std)
-        with tracker:
-            step()
+        if fake:
+            with tracker:
+                step()
+            allocator_peak = None
+        else:  # the allocator's own count over the same step, for the check (flops.py reads the profiler's events)
+            from lift_fast.flops import _cpu_peak_bytes
+
+            resident = tracker.current
+
+            def tracked_step() -> None:
+                with tracker:
+                    step()
+
+            allocator_peak = resident + _cpu_peak_bytes(tracked_step)
         return StepMemory(batch=batch, policy=policy, rules=rules, peak_bytes=tracker.peak,
                           parameters_bytes=_nbytes(model.parameters()), optimizer_bytes=_nbytes(state),
-                          feed_bytes=_nbytes([*feed_images, *feed_texts]))
+                          feed_bytes=_nbytes([*feed_images, *feed_texts]), allocator_peak_bytes=allocator_peak)
 
 
-def _on_fake_storage(model: torch.nn.Module) -> torch.nn.Module:
-    """Give every meta parameter and buffer of `model` an (uninitialised) CPU tensor of the active mode."""
+def on_fake_storage(model: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:
+    """Give every meta parameter and buffer of `model` an uninitialised tensor on `device`, made under
+    the active FakeTensorMode (a meta-built model; fake init draws would be data-dependent). Returns model."""
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            module._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
+            module._parameters[name] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
                                                          param.requires_grad)
         for name, buffer in module.named_buffers(recurse=False):
-            module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype)
+            module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
     return model
 
 

@@ -1,0 +1,128 @@
+"""model.grad_checkpointing=none|selective|full (models/vit.py) and the residual stream in the compute dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lift_fast.config import ConfigError, load_config
+from lift_fast.models import vit
+from lift_fast.models.vit import build_model
+from lift_fast.plan.memory import on_fake_storage
+
+
+def _model(policy: str, dtype=torch.float32, **overrides):
+    cfg = load_config(None, ["model.name=vit_tiny_patch16", "model.depth=2", f"model.grad_checkpointing={policy}",
+                             *(f"model.{key}={value}" for key, value in overrides.items())])
+    torch.manual_seed(0)
+    return build_model(cfg.model, 48, 40).to(dtype).train()
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_each_policy_gives_the_gradients_of_no_checkpointing(policy, pooling):
+    images = torch.randn(5, 3, 48, 48, dtype=torch.float64)
+    grads = {}
+    for name in ("none", policy):
+        model = _model(name, torch.float64, pooling=pooling)
+        model(images).square().sum().backward()
+        grads[name] = {key: p.grad for key, p in model.named_parameters()}
+    assert grads["none"].keys() == grads[policy].keys()
+    for key, grad in grads["none"].items():
+        torch.testing.assert_close(grads[policy][key], grad, rtol=1e-10, atol=1e-12, msg=key)
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops run while open."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(policy: str, images: torch.Tensor) -> list:
+    loss = _model(policy, attention="sdpa")(images).sum()
+    with _Ops() as ops:
+        loss.backward()
+    return ops.seen
+
+
+def test_selective_recomputes_only_what_is_not_a_gemm():
+    """Selective keeps GEMM and attention outputs: its backward recomputes norms and GELU but runs no
+    more matmuls than the backward without checkpointing, and no attention forward."""
+    images = torch.randn(3, 3, 48, 48)
+    selective, plain = _backward_ops("selective", images), _backward_ops("none", images)
+    assert torch.ops.aten.native_layer_norm.default in selective and torch.ops.aten.gelu.default in selective
+    assert torch.ops.aten.native_layer_norm.default not in plain
+    assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in selective
+
+    def gemms(ops):
+        return sum(op in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default) for op in ops)
+
+    assert gemms(selective) == gemms(plain)
+    assert gemms(_backward_ops("full", images)) > gemms(plain)
+
+
+def test_booleans_and_bad_values():
+    assert load_config(None, ["model.grad_checkpointing=true"]).model.grad_checkpointing == "full"
+    assert load_config(None, ["model.grad_checkpointing=False"]).model.grad_checkpointing == "none"
+    with pytest.raises(ConfigError, match="model.grad_checkpointing"):
+        load_config(None, ["model.grad_checkpointing=sometimes"])
+    assert vit.checkpoint_policy(True) == "full" and vit.checkpoint_policy("auto") == "none"
+
+
+def test_residual_stream_stays_in_bf16_under_cuda_autocast():
+    """On fake CUDA tensors under CUDA's autocast, every block hands bf16 to the next (it was float32:
+    patch_embed(bf16) + pos_embed(fp32), and LayerNorm's float32 output through the residual adds)."""
+    cfg = load_config(None, ["model.name=vit_tiny_patch16", "model.depth=2"])
+    dtypes = []
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    try:
+        with FakeTensorMode():
+            with torch.device("meta"):
+                model = build_model(cfg.model, 48, 40)
+            model = on_fake_storage(model, "cuda")
+            for block in model.visual.blocks:
+                block.register_forward_hook(lambda module, args, out: dtypes.append((args[0].dtype, out.dtype)))
+            model(torch.empty(2, 3, 48, 48, device="cuda"))
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+    assert dtypes == [(torch.bfloat16, torch.bfloat16)] * 2
+
+
+def _fp32_residual(model):
+    """The model as it was: LayerNorms under autocast's policy, the stream promoted to float32."""
+    for module in model.modules():
+        if isinstance(module, vit.LayerNorm):
+            module.forward = nn.LayerNorm.forward.__get__(module)
+    model.visual.blocks[0].register_forward_pre_hook(lambda module, args: (args[0].float(),))
+    return model
+
+
+def test_bf16_residual_costs_no_accuracy_against_float64():
+    """Under bf16 autocast (CPU), features and gradients of the bf16 stream are as close to float64 as
+    those of the float32 stream it replaces (within 2x its error, flash-attention's rule)."""
+    torch.manual_seed(1)
+    images = torch.randn(6, 3, 48, 48)
+    reference = _model("none", torch.float64)
+    features = reference(images.double())
+    features.square().sum().backward()
+    errors = {}
+    for name, make in (("bf16 stream", lambda: _model("none")), ("fp32 stream", lambda: _fp32_residual(_model("none")))):
+        model = make()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images)
+        out.float().square().sum().backward()
+        grad_error = max(((p.grad.double() - q.grad).norm() / q.grad.norm()).item()
+                         for p, q in zip(model.parameters(), reference.parameters()) if q.grad is not None)
+        errors[name] = (((out.double() - features).norm() / features.norm()).item(), grad_error)
+    (feature_new, grad_new), (feature_old, grad_old) = errors["bf16 stream"], errors["fp32 stream"]
+    assert feature_new <= 2 * feature_old + 1e-3, errors
+    assert grad_new <= 2 * grad_old + 1e-3, errors
