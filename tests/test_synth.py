@@ -17,7 +17,7 @@ from lift_fast.data.synth import COLORS, SHAPES, write_synthetic
 from lift_fast.eval.sugarcrepe import load_sugarcrepe
 
 SMALL = {"num_train": 24, "num_eval": 40, "image_size": 32, "samples_per_shard": 10, "num_zeroshot": 24,
-         "num_retrieval": 10, "progress": False}
+         "num_retrieval": 10, "num_lift": 4, "progress": False}
 # Written out here rather than taken from synth.py: image y grows downwards, so "above" is a smaller y.
 TRUE_OF = {
     "to the left of": lambda a, b: a["x"] < b["x"],
