@@ -5,6 +5,7 @@ The text encoder is the bundled all-MiniLM-L6-v2, read from disk only (HF_HUB_OF
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -20,6 +21,12 @@ import torch
 # One intra-op thread: tests run on small CPU boxes shared with other jobs, where torch's default
 # thread pool spins against them and a 10-step training run takes 30x longer than with one thread.
 torch.set_num_threads(1)
+
+# A forked child (the tests' gloo ranks, loader workers) must never run the finaliser of garbage it inherited,
+# such as a DALI pipeline an earlier test left for the collector: its worker threads do not exist in the child,
+# and DALI's _shutdown crashed a forked rank with a segmentation fault in a full run. Everything alive at the
+# fork is frozen (the child's collector skips it; a constant-time move), and thawed again in the parent.
+os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
 
 TINY = {"num_train": 64, "num_eval": 32, "image_size": 32, "samples_per_shard": 16, "seed": 0,
         "num_zeroshot": 24, "num_retrieval": 12}
