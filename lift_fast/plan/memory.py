@@ -4,9 +4,10 @@ device buffers, on fake tensors (FakeTensorMode: shapes and dtypes, no storage) 
 
 The bytes are counted by a dispatch mode (StepTracker, after torch's MemTracker) that sees every
 tensor an op creates and forgets it when its storage is freed (weakref callbacks): the peak of the
-bytes alive over a steady step (AdamW's state made beforehand by its own step on zero gradients). Nothing is a formula. What it cannot
-see, it is told: the weights and the feed's buffers are registered with it, and the loss's custom ops (lift_fast::clip_forward, ...), whose fake kernels give only their
-outputs, run their real implementation under it, so their slabs count too.
+bytes alive over a steady step (AdamW's state made beforehand by its own step on zero gradients).
+Nothing is a formula. What it cannot see, it is told: the weights and the feed's buffers are
+registered with it, and the loss's custom ops (lift_fast::clip_forward, ...), whose fake kernels
+give only their outputs, run their real implementation under it, so their slabs count too.
 
 Rules: `cuda` runs the step on CPU tensors under CUDA's autocast policy (plan/autocast_rules.py;
 the CUDA backward cannot run without a driver; the caching allocator's 512-byte rounding is left

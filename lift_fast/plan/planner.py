@@ -201,7 +201,8 @@ def format_plan(plan: dict) -> str:
                      f"{row['flops_per_step'] / 1e12:>13.1f}{row['recompute_flops_per_step'] / 1e12:>11.1f}"
                      f"{'-' if seconds is None else f'{seconds:.3f}':>9}{'-' if rate is None else f'{rate:.0f}':>14}")
     extra = plan["recompute_flops_per_step"] / plan["flops_per_step"]
-    lines.append(f"grad_checkpointing={plan['grad_checkpointing']} ({'chosen by auto' if plan['requested'] == 'auto' else 'as set'}): "
+    how = "chosen by auto" if plan["requested"] == "auto" else "as set"
+    lines.append(f"grad_checkpointing={plan['grad_checkpointing']} ({how}): "
                  f"{'fits' if plan['fits'] else 'does NOT fit'}, recompute +{extra:.0%} FLOPs; step time at "
                  f"MFU {plan['mfu']:.0%} of the dense bf16 peak, recomputed FLOPs included")
     return "\n".join(lines)
