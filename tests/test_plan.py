@@ -159,3 +159,18 @@ def test_vit_b16_at_2048_fits_an_h100_with_auto_not_without_checkpointing(tmp_pa
     assert plan["fits"] and plan["grad_checkpointing"] in ("selective", "full")
     assert plan["policies"]["none"]["peak_memory_gib"] > 80
     assert plan["recompute_flops_per_step"] >= 0
+
+
+def test_auto_at_train_start_on_a_gpu_plans_for_its_memory(monkeypatch, caplog):
+    """choose_policy on a CUDA device (its properties stubbed: no GPU here) runs the planner for the
+    device's memory and logs its choice: selective where none does not fit and selective does."""
+    import types
+
+    cfg = load_config(None, [*TINY, "train.batch_size=64"])
+    peaks = {policy: measure_step(cfg, 64, 96, policy=policy).peak_gib for policy in ("none", "selective")}
+    memory = (peaks["none"] + peaks["selective"]) / 2 / 0.9
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=memory * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
+    with caplog.at_level("INFO", logger="lift_fast.plan.choose"):
+        assert choose_policy(cfg, torch.device("cuda"), 96, 1) == "selective"
+    assert "model.grad_checkpointing=auto: selective on Test GPU" in caplog.text
