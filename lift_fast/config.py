@@ -138,6 +138,12 @@ class ModelConfig:
                                      "recompute that fits the GPU, from the planner (lift-fast plan; none on CPU); "
                                      "true/false mean full/none", choices=("auto", "none", "selective", "full"),
                                      aliases={"true": "full", "false": "none"})
+    grad_checkpointing_blocks: int = _field(0, "how many of the ViT's blocks (the first ones) model.grad_checkpointing "
+                                            "applies to; the others follow model.grad_checkpointing_rest (0: all "
+                                            "blocks; auto sets it)", min=0)
+    grad_checkpointing_rest: str = _field("none", "the checkpointing of the blocks model.grad_checkpointing_blocks "
+                                          "leaves out: none (keep everything) or selective (auto sets it)",
+                                          choices=("none", "selective"))
     fuse_projection: bool = _field(False, "compute the head's last Linear, the norm and the loss in one fused call "
                                    "(lift_fast.kernels.fused_projection_clip_loss): no [B, D] features kept; not under fsdp")
     text_tower: str = _field("frozen", "frozen: LIFT (caption embeddings from the store); transformer: the CLIP "

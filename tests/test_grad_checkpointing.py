@@ -1,4 +1,5 @@
-"""model.grad_checkpointing=none|selective|full (models/vit.py) and the residual stream in the compute dtype."""
+"""model.grad_checkpointing=none|selective|full, on all or some blocks (model.grad_checkpointing_blocks,
+_rest; models/vit.py), and the residual stream in the compute dtype."""
 
 from __future__ import annotations
 
@@ -14,20 +15,24 @@ from lift_fast.plan.memory import on_fake_storage
 
 
 def _model(policy: str, dtype=torch.float32, **overrides):
-    cfg = load_config(None, ["model.name=vit_tiny_patch16", "model.depth=2", f"model.grad_checkpointing={policy}",
+    overrides = {"depth": 2, **overrides}
+    cfg = load_config(None, ["model.name=vit_tiny_patch16", f"model.grad_checkpointing={policy}",
                              *(f"model.{key}={value}" for key, value in overrides.items())])
     torch.manual_seed(0)
     return build_model(cfg.model, 48, 40).to(dtype).train()
 
 
-@pytest.mark.parametrize("policy", ["selective", "full"])
+@pytest.mark.parametrize("policy, partial", [("selective", {}), ("full", {}),
+                                             ("full", {"depth": 3, "grad_checkpointing_blocks": 2,
+                                                       "grad_checkpointing_rest": "selective"}),
+                                             ("selective", {"depth": 3, "grad_checkpointing_blocks": 1})])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_each_policy_gives_the_gradients_of_no_checkpointing(policy, pooling):
+def test_each_policy_gives_the_gradients_of_no_checkpointing(policy, partial, pooling):
     images = torch.randn(5, 3, 48, 48, dtype=torch.float64)
     grads = {}
     weights = torch.randn(5, 40, dtype=torch.float64)  # the features are unit rows: weigh them, not square them
-    for name in ("none", policy):
-        model = _model(name, torch.float64, pooling=pooling)
+    for name, overrides in (("none", {"depth": partial.get("depth", 2)}), (policy, partial)):
+        model = _model(name, torch.float64, pooling=pooling, **overrides)
         (model(images) * weights).sum().backward()
         grads[name] = {key: p.grad for key, p in model.named_parameters()}
     assert grads["none"].keys() == grads[policy].keys()
@@ -47,8 +52,8 @@ class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _backward_ops(policy: str, images: torch.Tensor) -> list:
-    loss = _model(policy, attention="sdpa")(images).sum()
+def _backward_ops(policy: str, images: torch.Tensor, **overrides) -> list:
+    loss = _model(policy, attention="sdpa", **overrides)(images).sum()
     with _Ops() as ops:
         loss.backward()
     return ops.seen
@@ -70,12 +75,35 @@ def test_selective_recomputes_only_what_is_not_a_gemm():
     assert gemms(_backward_ops("full", images)) > gemms(plain)
 
 
+def test_checkpointing_some_blocks_recomputes_only_those():
+    """Full on 1 of 3 blocks recomputes that block's GEMMs once (a third of full's extra), the rest
+    selective recompute no GEMM but their norms; the others keep everything."""
+    images = torch.randn(3, 3, 48, 48)
+
+    def gemms(policy, **overrides):
+        ops = _backward_ops(policy, images, depth=3, **overrides)
+        return sum(op in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default) for op in ops), \
+            sum(op == torch.ops.aten.native_layer_norm.default for op in ops)
+
+    (plain, _), (full, _) = gemms("none"), gemms("full")
+    one, one_norms = gemms("full", grad_checkpointing_blocks=1)
+    assert full - plain == 3 * (one - plain) > 0 and one_norms == 2  # block 0's two norms, recomputed
+    with_rest, rest_norms = gemms("full", grad_checkpointing_blocks=1, grad_checkpointing_rest="selective")
+    assert with_rest == one and rest_norms == 6  # and the two selective blocks' norms
+    assert vit.block_policies("full", 3, 1, "selective") == ["full", "selective", "selective"]
+    assert vit.block_policies(True, 2) == ["full", "full"] and vit.block_policies("auto", 2, 1) == ["none"] * 2
+
+
 def test_booleans_and_bad_values():
     assert load_config(None, ["model.grad_checkpointing=true"]).model.grad_checkpointing == "full"
     assert load_config(None, ["model.grad_checkpointing=False"]).model.grad_checkpointing == "none"
     with pytest.raises(ConfigError, match="model.grad_checkpointing"):
         load_config(None, ["model.grad_checkpointing=sometimes"])
     assert vit.checkpoint_policy(True) == "full" and vit.checkpoint_policy("auto") == "none"
+    with pytest.raises(ConfigError, match="model.grad_checkpointing_blocks=3: the ViT has 2 blocks"):
+        _model("full", grad_checkpointing_blocks=3)
+    with pytest.raises(ConfigError, match="model.grad_checkpointing_rest"):
+        load_config(None, ["model.grad_checkpointing_rest=full"])
 
 
 def test_residual_stream_stays_in_bf16_under_cuda_autocast():

@@ -2,7 +2,7 @@
 
 Checked where it can be on a CPU: the same measurement on real CPU tensors against the CPU
 allocator's own peak; CUDA's autocast rules on CPU tensors against the real CUDA autocast on fake
-CUDA tensors (the tensors saved for the backward); auto's choice; the CLI's JSON.
+CUDA tensors (the tensors saved for the backward); auto's choice (on all or some blocks); the CLI's JSON.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from lift_fast.config import load_config
 from lift_fast.models.vit import build_model
 from lift_fast.plan import Device, make_plan, measure_step
 from lift_fast.plan.autocast_rules import cuda_autocast_rules
-from lift_fast.plan.choose import choose_policy
+from lift_fast.plan.choose import choose_checkpointing
 from lift_fast.plan.memory import on_fake_storage
 
 TINY = ["model.name=vit_tiny_patch16", "data.image_size=64", "model.depth=3"]
-KEYS = ("peak_memory_gib", "fits", "grad_checkpointing", "max_batch_per_gpu", "flops_per_step", "step_seconds_at_mfu",
+KEYS = ("peak_memory_gib", "fits", "grad_checkpointing", "grad_checkpointing_blocks", "grad_checkpointing_rest",
+        "max_batch_per_gpu", "flops_per_step", "recompute_flops_per_step", "recompute_fraction", "step_seconds_at_mfu",
         "mfu", "images_per_second_needed")
 
 
@@ -90,31 +91,69 @@ def test_cuda_rules_on_cpu_save_what_cuda_autocast_saves():
     assert cpu_policy != on_cuda  # CPU autocast's own policy differs: the rules are what makes them equal
 
 
-def test_auto_takes_the_least_recompute_that_fits():
+def test_auto_takes_the_least_recompute_that_fits(tmp_path, monkeypatch):
+    """auto: selective on the fewest blocks where selective fits and none does not; full on the fewest
+    blocks (the rest selective) where only full fits, at less recompute than full on all; measured,
+    with one block fewer measured not to fit; full, not fitting, where nothing fits.
+
+    One config throughout: its measurements are kept across the plans (the test's time)."""
+    import lift_fast.plan.planner
+
+    measured = {}
+
+    def remembered(cfg, batch, dim, **how):
+        key = (batch, dim, *sorted(how.items()))
+        if key not in measured:
+            measured[key] = measure_step(cfg, batch, dim, **how)
+        return measured[key]
+
+    monkeypatch.setattr(lift_fast.plan.planner, "measure_step", remembered)
     cfg = load_config(None, [*TINY, "train.batch_size=64", "embed.dim=96"])
-    peaks = {policy: measure_step(cfg, 64, 96, policy=policy).peak_gib for policy in ("none", "selective", "full")}
+    peaks = {policy: remembered(cfg, 64, 96, policy=policy, blocks=0, rest="none", world_size=1).peak_gib
+             for policy in ("none", "selective", "full")}
     assert peaks["none"] > peaks["selective"] > peaks["full"]
-    # a GPU whose budget (90 %) lies between selective's and none's peak: selective
-    memory = (peaks["none"] + peaks["selective"]) / 2 / 0.9
-    plan = make_plan(cfg, Device("test", memory, 989.4), search=False)
-    assert plan["grad_checkpointing"] == "selective" and plan["fits"]
-    assert not plan["policies"]["none"]["fits"]
-    assert plan["peak_memory_gib"] == pytest.approx(peaks["selective"], abs=1e-3)
-    # one that fits none: none; one that fits nothing: full, which does not fit
-    assert make_plan(cfg, Device("big", 10 * peaks["none"], None), search=False)["grad_checkpointing"] == "none"
+
+    def least(plan, policy, rest):
+        blocks = plan["grad_checkpointing_blocks"]
+        assert plan["grad_checkpointing"] == policy and plan["fits"] and 0 < blocks < 3, plan["setting"]
+        assert plan["grad_checkpointing_rest"] == rest and plan["setting"] in plan["policies"]
+        if blocks > 1:  # one block fewer was measured and does not fit
+            assert not plan["policies"][f"{policy} {blocks - 1}/3{'' if rest == 'none' else '+' + rest}"]["fits"]
+
+    # a GPU whose budget (90 %) lies between selective's and none's peak: selective on some blocks, no recompute
+    plan = make_plan(cfg, Device("test", (peaks["none"] + peaks["selective"]) / 2 / 0.9, 989.4), search=False)
+    least(plan, "selective", "none")
+    assert plan["recompute_flops_per_step"] == 0 and plan["peak_memory_gib"] <= plan["device"]["budget_gib"]
+    # between full's and selective's (through the CLI's --memory-gib): full on fewer blocks than all
+    out = tmp_path / "plan.json"
+    memory = (peaks["selective"] + peaks["full"]) / 2 / 0.9
+    assert main(["plan", *TINY, "train.batch_size=64", "embed.dim=96", "--memory-gib", str(memory), "--no-search",
+                 "--json", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    least(plan, "full", "selective")
+    rows = plan["policies"]
+    assert 0 < plan["recompute_flops_per_step"] < rows["full"]["recompute_flops_per_step"]
+    assert plan["recompute_fraction"] == pytest.approx(rows["full"]["recompute_fraction"] *
+                                                       plan["grad_checkpointing_blocks"] / 3, abs=1e-3)
+    assert not rows["selective"]["fits"] and rows["full"]["fits"]
+    assert len(rows) <= 6  # the three policies, the chosen setting and at most two more measured
+    # one that fits nothing: full, which does not fit
     small = make_plan(cfg, Device("small", peaks["full"] / 2, None), search=False)
-    assert small["grad_checkpointing"] == "full" and not small["fits"]
-    # an explicit policy is measured alone and kept
-    fixed = make_plan(load_config(None, [*TINY, "train.batch_size=64", "embed.dim=96", "model.grad_checkpointing=none"]),
-                      Device("small", peaks["full"] / 2, None), search=False)
-    assert fixed["grad_checkpointing"] == "none" and list(fixed["policies"]) == ["none"]
+    assert small["grad_checkpointing"] == "full" and small["grad_checkpointing_blocks"] == 0 and not small["fits"]
+    # an explicit setting is measured alone and kept
+    fixed = make_plan(load_config(None, [*TINY, "train.batch_size=64", "embed.dim=96", "model.grad_checkpointing=full",
+                                         "model.grad_checkpointing_blocks=1"]), Device("small", peaks["full"] / 2, None),
+                      search=False)
+    assert fixed["setting"] == "full 1/3" and list(fixed["policies"]) == ["full 1/3"]
+    assert fixed["grad_checkpointing_blocks"] == 1 and not fixed["fits"]
 
 
-def test_choose_policy_on_cpu_and_when_set():
+def test_choose_checkpointing_on_cpu_and_when_set():
     cfg = load_config(None, TINY)
-    assert cfg.model.grad_checkpointing == "auto"
-    assert choose_policy(cfg, torch.device("cpu"), 96, 1) == "none"
-    assert choose_policy(load_config(None, [*TINY, "model.grad_checkpointing=true"]), torch.device("cpu"), 96, 1) == "full"
+    assert cfg.model.grad_checkpointing == "auto" and cfg.model.grad_checkpointing_blocks == 0
+    assert choose_checkpointing(cfg, torch.device("cpu"), 96, 1).grad_checkpointing == "none"
+    fixed = load_config(None, [*TINY, "model.grad_checkpointing=true", "model.grad_checkpointing_blocks=2"])
+    assert choose_checkpointing(fixed, torch.device("cpu"), 96, 1) == fixed.model
     assert load_config(None, ["model.grad_checkpointing=false"]).model.grad_checkpointing == "none"
 
 
@@ -125,6 +164,7 @@ def test_cli_writes_the_plan(tmp_path, capsys):
     plan = json.loads(out.read_text())
     assert set(KEYS) <= set(plan) and set(plan["policies"]) == {"none", "selective", "full"}
     assert plan["config"]["batch_per_gpu"] == 8 and plan["grad_checkpointing"] == "none" and plan["fits"]
+    assert plan["grad_checkpointing_blocks"] == 0 and plan["setting"] == "none"
     assert plan["images_per_second_needed"] == pytest.approx(8 / plan["step_seconds_at_mfu"])
     rows = plan["policies"]
     assert rows["full"]["recompute_flops_per_step"] > 0 and rows["selective"]["recompute_flops_per_step"] == 0
@@ -134,10 +174,10 @@ def test_cli_writes_the_plan(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_largest_batch_is_measured_on_both_sides():
-    from lift_fast.plan.planner import _Peaks, max_batch
+    from lift_fast.plan.planner import Setting, _Peaks, max_batch
 
     cfg = load_config(None, [*TINY, "model.depth=1", "embed.dim=64"])
-    peaks = _Peaks(cfg, 64, "none", 1)
+    peaks = _Peaks(cfg, 64, Setting("none"), 1)
     budget = peaks(8) + 40 * (peaks(16) - peaks(8)) / 8  # room for about 48 images
     best = max_batch(peaks, budget, 16)
     assert peaks(best) <= budget < peaks(best + 1) or peaks(best + max(1, best // 256)) > budget
@@ -158,12 +198,14 @@ def test_vit_b16_at_2048_fits_an_h100_with_auto_not_without_checkpointing(tmp_pa
     plan = json.loads(out.read_text())
     assert plan["fits"] and plan["grad_checkpointing"] in ("selective", "full")
     assert plan["policies"]["none"]["peak_memory_gib"] > 80
-    assert plan["recompute_flops_per_step"] >= 0
+    # full on some blocks, not all: less recompute than full's third more
+    assert 0 < plan["grad_checkpointing_blocks"] < 12 and plan["recompute_fraction"] < 0.33
+    assert plan["recompute_fraction"] < plan["policies"]["full"]["recompute_fraction"]
 
 
 def test_auto_at_train_start_on_a_gpu_plans_for_its_memory(monkeypatch, caplog):
     """choose_policy on a CUDA device (its properties stubbed: no GPU here) runs the planner for the
-    device's memory and logs its choice: selective where none does not fit and selective does."""
+    device's memory and logs its choice: selective on some blocks where none does not fit and selective does."""
     import types
 
     cfg = load_config(None, [*TINY, "train.batch_size=64"])
@@ -172,5 +214,6 @@ def test_auto_at_train_start_on_a_gpu_plans_for_its_memory(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=memory * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Test GPU")
     with caplog.at_level("INFO", logger="lift_fast.plan.choose"):
-        assert choose_policy(cfg, torch.device("cuda"), 96, 1) == "selective"
-    assert "model.grad_checkpointing=auto: selective on Test GPU" in caplog.text
+        model = choose_checkpointing(cfg, torch.device("cuda"), 96, 1)
+    assert model.grad_checkpointing == "selective" and 0 < model.grad_checkpointing_blocks < 3
+    assert f"model.grad_checkpointing=auto: selective {model.grad_checkpointing_blocks}/3 on Test GPU" in caplog.text

@@ -12,6 +12,9 @@ planner, lift_fast/plan/): `none` keeps every activation the backward needs; `se
 block under torch's selective activation checkpointing, keeping the GEMM and attention outputs and
 recomputing norms, GELU and casts in the backward (no extra GEMM FLOPs); `full` keeps only each
 block's input and recomputes the whole block (one more forward of the blocks).
+model.grad_checkpointing_blocks=k (0: all) applies the policy to the first k blocks only; the
+others run as model.grad_checkpointing_rest says (none or selective). The planner picks the k
+whose peak fits the GPU with the least recompute (full on k blocks, selective on the rest).
 
 Under autocast the residual stream stays in the compute dtype: the position embedding is cast to it,
 and the LayerNorms run in the dtype of their input (their kernels accumulate in float32; CUDA
@@ -53,6 +56,19 @@ def checkpoint_policy(value: str | bool) -> str:
     if value not in CHECKPOINT_POLICIES:
         raise ValueError(f"grad_checkpointing must be auto, {', '.join(CHECKPOINT_POLICIES)} or a bool, got {value!r}")
     return value
+
+
+def block_policies(policy: str | bool, depth: int, blocks: int = 0, rest: str = "none") -> list[str]:
+    """Each of `depth` blocks' checkpointing: `policy` (checkpoint_policy's reading) on the first
+    `blocks` (0: all), `rest` (none or selective) on the others. Raises ConfigError naming
+    model.grad_checkpointing_blocks when blocks > depth, or model.grad_checkpointing_rest when rest
+    is neither none nor selective."""
+    if not 0 <= blocks <= depth:
+        raise ConfigError(f"model.grad_checkpointing_blocks={blocks}: the ViT has {depth} blocks (0: all of them)")
+    if rest not in ("none", "selective"):
+        raise ConfigError(f"model.grad_checkpointing_rest={rest!r}: none or selective")
+    blocks = blocks or depth
+    return [checkpoint_policy(policy)] * blocks + [rest] * (depth - blocks)
 
 
 @functools.cache
@@ -181,18 +197,20 @@ class VisionTransformer(nn.Module):
 
     attention: model.attention (auto|flash|sdpa|math); patch_dropout: FLIP's fraction of patch tokens
     dropped in training; grad_checkpointing: none, selective or full (see the module docstring; a
-    bool means full or none); pre_norm: a LayerNorm on the tokens before the first block (model.pre_norm).
+    bool means full or none), on the first checkpoint_blocks blocks (0: all) and checkpoint_rest on
+    the others (block_policies); pre_norm: a LayerNorm on the tokens before the first block (model.pre_norm).
     """
 
     def __init__(self, spec: ViTSpec, image_size: int, *, pooling: str = "mean", pos_embed: str = "learned",
                  attention: str = "sdpa", patch_dropout: float = 0.0, grad_checkpointing: str | bool = "none",
-                 pre_norm: bool = False):
+                 pre_norm: bool = False, checkpoint_blocks: int = 0, checkpoint_rest: str = "none"):
         super().__init__()
         if image_size % spec.patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {spec.patch_size}")
         grid = image_size // spec.patch_size
         self.spec, self.pooling, self.width = spec, pooling, spec.width
         self.grad_checkpointing = checkpoint_policy(grad_checkpointing)
+        self.block_policies = block_policies(grad_checkpointing, spec.depth, checkpoint_blocks, checkpoint_rest)
         self.patch_embed = PatchEmbed(spec.patch_size, spec.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.width)) if pooling == "cls" else None
         if pos_embed == "sincos":
@@ -212,15 +230,15 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+N, W]
         x = self.norm_pre(x)
-        policy = self.grad_checkpointing if torch.is_grad_enabled() else "none"
-        for block in self.blocks:
-            if policy == "full":
+        recompute = torch.is_grad_enabled()
+        for block, policy in zip(self.blocks, self.block_policies):
+            if not recompute or policy == "none":
+                x = block(x)
+            elif policy == "full":
                 x = checkpoint(block, x, use_reentrant=False)
             elif policy == "selective":
                 x = checkpoint(block, x, use_reentrant=False,
                                context_fn=partial(create_selective_checkpoint_contexts, _keep_gemm_outputs))
-            else:
-                x = block(x)
         x = self.norm(x)
         return x[:, 0] if self.cls_token is not None else x.mean(dim=1)  # [B, W]
 
@@ -276,7 +294,8 @@ def build_model(model_cfg, image_size: int, text_dim: int, logit_scale_init: flo
 
     Raises ConfigError naming the setting for an unknown model.name, an image size that is not a
     multiple of the patch size, a sincos position embedding on a width not divisible by 4, a
-    model.patch_dropout outside [0, 1), or model.attention=flash where flash-attn does not import.
+    model.patch_dropout outside [0, 1), model.grad_checkpointing_blocks over the depth, or
+    model.attention=flash where flash-attn does not import.
     (Whether flash can run on the tensors it gets, CUDA in half precision, is checked in forward.)
     """
     spec = vit_spec(model_cfg.name, patch_size=model_cfg.patch_size, depth=model_cfg.depth)
@@ -294,5 +313,7 @@ def build_model(model_cfg, image_size: int, text_dim: int, logit_scale_init: flo
                           "(pip install 'lift-fast[gpu]'), or use model.attention=auto (sdpa where flash cannot run)")
     tower = VisionTransformer(spec, image_size, pooling=model_cfg.pooling, pos_embed=model_cfg.pos_embed,
                               attention=model_cfg.attention, patch_dropout=model_cfg.patch_dropout,
-                              grad_checkpointing=model_cfg.grad_checkpointing, pre_norm=model_cfg.pre_norm)
+                              grad_checkpointing=model_cfg.grad_checkpointing, pre_norm=model_cfg.pre_norm,
+                              checkpoint_blocks=model_cfg.grad_checkpointing_blocks,
+                              checkpoint_rest=model_cfg.grad_checkpointing_rest)
     return LiftImageEncoder(tower, text_dim, model_cfg.head_hidden, logit_scale_init)

@@ -1,5 +1,5 @@
 """model.grad_checkpointing=auto at the start of training: the least recompute whose planned peak fits
-this GPU (plan/planner.py), none on a CPU. Called by train/build.py before the model is built."""
+this GPU (on all or some of the blocks) (plan/planner.py), none on a CPU. Called by train/build.py before the model is built."""
 
 from __future__ import annotations
 
@@ -13,39 +13,42 @@ from pathlib import Path
 
 import torch
 
-from lift_fast.config import Config, save_config
+from lift_fast.config import Config, ModelConfig, save_config
 
 log = logging.getLogger(__name__)
 
 
-def choose_policy(cfg: Config, device: torch.device, dim: int, world_size: int) -> str:
-    """The policy model.grad_checkpointing stands for on `device`: itself unless auto; for auto,
-    none on a CPU (memory is the host's), full in CLIP mode (the planner measures LIFT's step),
-    else the first of none, selective, full whose planned peak at train.batch_size / world_size per
-    GPU is within (1 - planner.DEFAULT_MARGIN) of the GPU's memory (full when none is). Logs the choice.
+def choose_checkpointing(cfg: Config, device: torch.device, dim: int, world_size: int) -> ModelConfig:
+    """cfg.model with model.grad_checkpointing (and _blocks, _rest) as they stand on `device`: as set
+    unless auto; for auto, none on a CPU (memory is the host's), full in CLIP mode (the planner
+    measures LIFT's step), else the planner's least recompute whose peak at train.batch_size /
+    world_size per GPU is within (1 - planner.DEFAULT_MARGIN) of the GPU's memory: none, selective
+    or full on the fewest blocks (full on all when nothing fits). Logs the choice.
 
     dim: the text embedding width (the store's). The plan runs in this process when it is alone,
     else in a fresh interpreter (its fake process group cannot live beside the job's).
+    Raises RuntimeError when the planner's interpreter fails.
     """
-    requested = cfg.model.grad_checkpointing
-    if requested != "auto":
-        return requested
+    model = cfg.model
+    if model.grad_checkpointing != "auto":
+        return model
     if device.type != "cuda":
         log.info("model.grad_checkpointing=auto: none on %s", device)
-        return "none"
-    if cfg.model.text_tower == "transformer":
+        return dataclasses.replace(model, grad_checkpointing="none", grad_checkpointing_blocks=0)
+    if model.text_tower == "transformer":
         log.info("model.grad_checkpointing=auto: full (CLIP mode; the planner measures LIFT's step only)")
-        return "full"
+        return dataclasses.replace(model, grad_checkpointing="full", grad_checkpointing_blocks=0)
     memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     cfg = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, dim=dim))
     plan = _plan(cfg, memory_gib, world_size)
-    chosen = plan["grad_checkpointing"]
-    peaks = ", ".join(f"{policy} {row['peak_memory_gib']:.1f}" for policy, row in plan["policies"].items())
+    peaks = ", ".join(f"{label} {row['peak_memory_gib']:.1f}" for label, row in plan["policies"].items())
     log.info("model.grad_checkpointing=auto: %s on %s (%.1f GiB, planned within %.1f GiB; peak GiB: %s; recompute "
-             "+%.0f%% FLOPs)%s", chosen, torch.cuda.get_device_name(device), memory_gib, plan["device"]["budget_gib"],
-             peaks, 100 * plan["recompute_flops_per_step"] / plan["flops_per_step"],
+             "+%.0f%% FLOPs)%s", plan["setting"], torch.cuda.get_device_name(device), memory_gib,
+             plan["device"]["budget_gib"], peaks, 100 * plan["recompute_fraction"],
              "" if plan["fits"] else "; even full does not fit: lower train.batch_size (lift-fast plan says how far)")
-    return chosen
+    return dataclasses.replace(model, grad_checkpointing=plan["grad_checkpointing"],
+                               grad_checkpointing_blocks=plan["grad_checkpointing_blocks"],
+                               grad_checkpointing_rest=plan["grad_checkpointing_rest"])
 
 
 def _plan(cfg: Config, memory_gib: float, world_size: int) -> dict:

@@ -108,6 +108,8 @@ class StepMemory:
 
     batch: int  # local batch (images per GPU)
     policy: str  # model.grad_checkpointing the model was built with
+    blocks: int  # model.grad_checkpointing_blocks (0: all)
+    rest: str  # model.grad_checkpointing_rest
     rules: str  # cuda or cpu
     peak_bytes: int
     parameters_bytes: int
@@ -133,12 +135,13 @@ def _feed_buffers(cfg: Config, batch: int, dim: int, rules: str, device: torch.d
     return images, texts
 
 
-def measure_step(cfg: Config, batch: int, dim: int, *, policy: str, world_size: int = 1, rules: str = "cuda",
-                 fake: bool = True) -> StepMemory:
+def measure_step(cfg: Config, batch: int, dim: int, *, policy: str, blocks: int = 0, rest: str = "none",
+                 world_size: int = 1, rules: str = "cuda", fake: bool = True) -> StepMemory:
     """Peak memory of one steady training step (AdamW's state already made) at `batch` images on this rank.
 
     cfg: the run's config (model, data.image_size, data.prefetch, train.loss/optimizer settings,
-    model.fuse_projection); dim: the text embedding width; policy: none, selective or full;
+    model.fuse_projection); dim: the text embedding width; policy: none, selective or full, on the
+    first `blocks` blocks (0: all) and `rest` (none or selective) on the others;
     world_size: ranks of the job (the loss sees world_size x batch texts); rules: cuda (CUDA autocast
     in bf16 unless train.precision=fp32, 512-byte blocks) or cpu (as the trainer runs on a CPU);
     fake: fake tensors (no memory used, any batch) or real CPU tensors (for the check against the
@@ -157,7 +160,8 @@ def measure_step(cfg: Config, batch: int, dim: int, *, policy: str, world_size: 
         precision = None if cfg.train.precision == "fp32" else torch.bfloat16
     else:
         precision = torch.bfloat16 if cfg.train.precision == "bf16" else None
-    model_cfg = dataclasses.replace(cfg.model, grad_checkpointing=policy, attention="sdpa" if
+    model_cfg = dataclasses.replace(cfg.model, grad_checkpointing=policy, grad_checkpointing_blocks=blocks,
+                                    grad_checkpointing_rest=rest, attention="sdpa" if
                                     cfg.model.attention in ("auto", "flash") else cfg.model.attention)
     device = torch.device("cpu")
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
@@ -220,7 +224,7 @@ def measure_step(cfg: Config, batch: int, dim: int, *, policy: str, world_size: 
                     step()
 
             allocator_peak = resident + _cpu_peak_bytes(tracked_step)
-        return StepMemory(batch=batch, policy=policy, rules=rules, peak_bytes=tracker.peak,
+        return StepMemory(batch=batch, policy=policy, blocks=blocks, rest=rest, rules=rules, peak_bytes=tracker.peak,
                           parameters_bytes=_nbytes(model.parameters()), optimizer_bytes=_nbytes(state),
                           feed_bytes=_nbytes([*feed_images, *feed_texts]), allocator_peak_bytes=allocator_peak)
 

@@ -4,7 +4,10 @@ policy, how large a batch fits, and how fast must the feed be; worked out withou
     lift-fast plan model.name=vit_b16 data.image_size=224 train.batch_size=16384 --gpu h100 --gpus 8 --json plan.json
 
 Memory is measured (plan/memory.py: the real step on fake tensors under CUDA's autocast rules), for
-each policy at the config's batch per GPU; the largest batch that fits comes from measurements at
+each policy at the config's batch per GPU; for auto, where none does not fit, also the checkpointing
+of only some blocks (model.grad_checkpointing_blocks: selective on the first k, or full on the first
+k and selective on the rest), k read off the line between the two whole-model policies' peaks and
+then measured (one step down checked too); the largest batch that fits comes from measurements at
 two batches, a straight line (checked at a third batch) and a direct measurement at its answer.
 FLOPs come from models/flops.py (what the trainer logs); the step time assumes the GPU runs every
 FLOP, recomputed ones included, at `mfu` of its dense bf16 peak (train/device.py's table).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 from lift_fast.config import Config, ConfigError
@@ -65,8 +69,9 @@ def text_dim(cfg: Config) -> int:
     return frozen_encoder(cfg).dim
 
 
-def step_flops(cfg: Config, dim: int, batch: int, world_size: int, policy: str) -> tuple[int, int]:
-    """(model FLOPs of one step on one GPU, FLOPs the policy recomputes on top) at `batch` per GPU."""
+def step_flops(cfg: Config, dim: int, batch: int, world_size: int, policy: str, blocks: int = 0) -> tuple[int, int]:
+    """(model FLOPs of one step on one GPU, FLOPs the policy recomputes on top) at `batch` per GPU,
+    the policy on the first `blocks` blocks (0: all; the others recompute no matmul)."""
     from lift_fast.models.flops import train_flops_per_sample, vit_flops_per_image
     from lift_fast.models.vit import vit_spec
 
@@ -76,21 +81,53 @@ def step_flops(cfg: Config, dim: int, batch: int, world_size: int, policy: str) 
     recompute = 0
     if policy == "full":  # one more forward of every block (the patch embedding and head are not checkpointed)
         image = vit_flops_per_image(spec, cfg.data.image_size, dim, **common)
-        recompute = image["attention_projections"] + image["attention_matmuls"] + image["mlp"]
+        recompute = (image["attention_projections"] + image["attention_matmuls"] + image["mlp"]) * (
+            blocks or spec.depth) // spec.depth
     # selective recomputes norms, GELU and casts only: no matmul FLOPs, the only ones counted
     return per_sample * batch, recompute * batch
 
 
-class _Peaks:
-    """Measured peaks of one policy by batch, so no batch is measured twice."""
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A checkpointing: `policy` on the first `blocks` of `depth` blocks (0: all), `rest` on the others."""
 
-    def __init__(self, cfg: Config, dim: int, policy: str, world_size: int):
-        self.cfg, self.dim, self.policy, self.world_size = cfg, dim, policy, world_size
+    policy: str
+    blocks: int = 0
+    rest: str = "none"
+    depth: int = 0
+
+    @property
+    def partial(self) -> bool:
+        return 0 < self.blocks < self.depth
+
+    @property
+    def label(self) -> str:
+        """none, selective, full, or e.g. 'full 3/12+selective' (full on 3 of 12 blocks, selective on the rest)."""
+        if not self.partial:
+            return self.policy
+        return f"{self.policy} {self.blocks}/{self.depth}" + ("" if self.rest == "none" else f"+{self.rest}")
+
+    def fields(self) -> dict:
+        """model.grad_checkpointing, _blocks (0: all) and _rest as the config takes them."""
+        if not self.partial:
+            return {"grad_checkpointing": self.policy, "grad_checkpointing_blocks": 0, "grad_checkpointing_rest": "none"}
+        return {"grad_checkpointing": self.policy, "grad_checkpointing_blocks": self.blocks,
+                "grad_checkpointing_rest": self.rest}
+
+
+class _Peaks:
+    """Measured peaks of one checkpointing Setting by batch, so no batch is measured twice."""
+
+    def __init__(self, cfg: Config, dim: int, setting: Setting, world_size: int):
+        self.cfg, self.dim, self.setting, self.world_size = cfg, dim, setting, world_size
         self.measured: dict[int, float] = {}
 
     def __call__(self, batch: int) -> float:
         if batch not in self.measured:
-            memory = measure_step(self.cfg, batch, self.dim, policy=self.policy, world_size=self.world_size)
+            fields = self.setting.fields()
+            memory = measure_step(self.cfg, batch, self.dim, policy=fields["grad_checkpointing"],
+                                  blocks=fields["grad_checkpointing_blocks"], rest=fields["grad_checkpointing_rest"],
+                                  world_size=self.world_size)
             self.measured[batch] = memory.peak_gib
         return self.measured[batch]
 
@@ -136,19 +173,23 @@ def _bisect(peaks: _Peaks, budget_gib: float) -> int:
 
 
 def make_plan(cfg: Config, device: Device, *, gpus: int = 1, mfu: float = DEFAULT_MFU,
-              margin: float = DEFAULT_MARGIN, search: bool = True, policies: tuple[str, ...] | None = None) -> dict:
+              margin: float = DEFAULT_MARGIN, search: bool = True) -> dict:
     """The plan of `cfg`'s training step on `gpus` GPUs of `device`.
 
-    Measures each policy (none, selective, full, or `policies`) at train.batch_size / gpus per GPU;
-    with `search`, also the largest batch per GPU that fits each. The policy it assumes is
-    model.grad_checkpointing, or for auto the least recompute that fits within (1 - margin) of the
-    device's memory (full when none fits). Returns a dict: peak_memory_gib, fits,
-    grad_checkpointing, max_batch_per_gpu, flops_per_step, recompute_flops_per_step, mfu,
+    Measures each policy (none, selective, full) on all blocks at train.batch_size /
+    gpus per GPU; with `search`, also the largest batch per GPU that fits each. The checkpointing it
+    assumes is the config's (model.grad_checkpointing, _blocks, _rest), or for auto the least
+    recomputed FLOPs whose peak fits within (1 - margin) of the device's memory: none; else
+    selective on the fewest blocks; else full on the fewest blocks and selective on the rest
+    (_least_recompute); full on all when nothing fits. Returns a dict: peak_memory_gib, fits,
+    grad_checkpointing, grad_checkpointing_blocks (0: all), grad_checkpointing_rest,
+    max_batch_per_gpu, flops_per_step, recompute_flops_per_step, recompute_fraction, mfu,
     step_seconds_at_mfu, images_per_second_needed (per GPU), the device, and `policies` (the same
-    figures for every policy measured). Raises ConfigError for a bad config, a batch that does not
-    split over the GPUs, or an mfu/margin outside (0, 1).
+    figures for every setting measured, by label: 'none', 'full', 'full 3/12+selective', ...).
+    Raises ConfigError for a bad config, a batch that does not split over the GPUs, or an
+    mfu/margin outside (0, 1).
     """
-    from lift_fast.models.vit import CHECKPOINT_POLICIES
+    from lift_fast.models.vit import CHECKPOINT_POLICIES, block_policies, vit_spec
     from lift_fast.train.build import local_batch_size
 
     if not 0 < mfu <= 1:
@@ -158,53 +199,98 @@ def make_plan(cfg: Config, device: Device, *, gpus: int = 1, mfu: float = DEFAUL
     batch = local_batch_size(cfg, gpus)
     dim = text_dim(cfg)
     budget = device.memory_gib * (1 - margin)
+    depth = vit_spec(cfg.model.name, patch_size=cfg.model.patch_size, depth=cfg.model.depth).depth
     requested = cfg.model.grad_checkpointing
-    policies = policies or (CHECKPOINT_POLICIES if requested == "auto" else (requested,))
-    rows = {}
-    for policy in policies:
-        peaks = _Peaks(cfg, dim, policy, gpus)
-        model_flops, recompute = step_flops(cfg, dim, batch, gpus, policy)
-        row = {"peak_memory_gib": round(peaks(batch), 3), "fits": peaks(batch) <= budget,
-               "max_batch_per_gpu": max_batch(peaks, budget, batch) if search else None,
-               "flops_per_step": model_flops, "recompute_flops_per_step": recompute}
-        if device.peak_tflops:
-            seconds = (model_flops + recompute) / (mfu * device.peak_tflops * 1e12)
-            row.update(step_seconds_at_mfu=seconds, images_per_second_needed=batch / seconds)
-        else:
-            row.update(step_seconds_at_mfu=None, images_per_second_needed=None)
-        rows[policy] = row
+    rows: dict[str, dict] = {}
+
+    def measure(setting: Setting) -> dict:
+        """The plan's row of `setting` (measured once), kept in rows under its label."""
+        if setting.label not in rows:
+            peaks = _Peaks(cfg, dim, setting, gpus)
+            model_flops, recompute = step_flops(cfg, dim, batch, gpus, setting.policy, setting.blocks)
+            row = {**setting.fields(), "peak_memory_gib": round(peaks(batch), 3), "fits": peaks(batch) <= budget,
+                   "max_batch_per_gpu": max_batch(peaks, budget, batch) if search else None,
+                   "flops_per_step": model_flops, "recompute_flops_per_step": recompute,
+                   "recompute_fraction": round(recompute / model_flops, 4)}
+            if device.peak_tflops:
+                seconds = (model_flops + recompute) / (mfu * device.peak_tflops * 1e12)
+                row.update(step_seconds_at_mfu=seconds, images_per_second_needed=batch / seconds)
+            else:
+                row.update(step_seconds_at_mfu=None, images_per_second_needed=None)
+            rows[setting.label] = row
+        return rows[setting.label]
+
     if requested == "auto":
-        chosen = next((policy for policy in policies if rows[policy]["fits"]), policies[-1])
+        for policy in CHECKPOINT_POLICIES:
+            measure(Setting(policy, depth=depth))
+        chosen = _least_recompute(measure, rows, depth, budget)
     else:
-        chosen = requested
+        blocks, rest = cfg.model.grad_checkpointing_blocks, cfg.model.grad_checkpointing_rest
+        block_policies(requested, depth, blocks, rest)  # ConfigError for blocks over the depth
+        setting = Setting(requested, blocks % depth, rest, depth)
+        measure(setting)
+        chosen = setting.label
     return {"config": {"model": cfg.model.name, "image_size": cfg.data.image_size, "text_dim": dim,
-                       "global_batch": cfg.train.batch_size, "batch_per_gpu": batch, "gpus": gpus,
+                       "global_batch": cfg.train.batch_size, "batch_per_gpu": batch, "gpus": gpus, "depth": depth,
                        "precision": "fp32" if cfg.train.precision == "fp32" else "bf16"},
             "device": {"name": device.name, "memory_gib": device.memory_gib, "budget_gib": round(budget, 3),
                        "margin": margin, "peak_tflops": device.peak_tflops},
-            "grad_checkpointing": chosen, "requested": requested, **rows[chosen], "mfu": mfu,
-            "policies": rows}
+            "setting": chosen, "requested": requested, **rows[chosen], "mfu": mfu, "policies": rows}
+
+
+def _least_recompute(measure, rows: dict, depth: int, budget: float) -> str:
+    """The label of the setting with the least recomputed matmul FLOPs whose peak fits `budget`, from
+    rows of none, selective and full on all blocks (measured): none if it fits; else selective on
+    the fewest blocks (no recomputed matmul; the rest none); else full on the fewest blocks, the rest
+    selective (selective's peak is the lower one to build on, at no FLOPs); full when nothing fits.
+
+    The peak is close to linear in the number of blocks checkpointed: k comes from the line between
+    the two whole-model peaks, is measured, moved up one block at a time until it fits, and down
+    while one block fewer fits. `measure(Setting)` measures and adds a row.
+    """
+    none, selective, full = (rows[policy] for policy in ("none", "selective", "full"))
+    if none["fits"]:
+        return "none"
+    if selective["fits"]:
+        policy, rest, low, high = "selective", "none", none, selective
+    elif full["fits"]:
+        policy, rest, low, high = "full", "selective", selective, full
+    else:
+        return "full"
+    slope = (low["peak_memory_gib"] - high["peak_memory_gib"]) / depth  # GiB saved per block checkpointed
+    blocks = min(depth, max(1, math.ceil((low["peak_memory_gib"] - budget) / slope))) if slope > 0 else depth
+
+    def fits(k: int) -> bool:
+        return k >= depth or measure(Setting(policy, k, rest, depth))["fits"]
+
+    while not fits(blocks):
+        blocks += 1
+    while blocks > 1 and fits(blocks - 1):
+        blocks -= 1
+    return Setting(policy, blocks % depth, rest, depth).label
 
 
 def format_plan(plan: dict) -> str:
-    """The plan as a plain-text table (one row per policy measured) and the policy chosen."""
+    """The plan as a plain-text table (one row per checkpointing measured) and the one chosen."""
     c, d = plan["config"], plan["device"]
     lines = [f"{c['model']} at {c['image_size']} px, text dim {c['text_dim']}, {c['batch_per_gpu']} images per GPU "
              f"x {c['gpus']} GPU(s), {c['precision']}; {d['name']}: {d['memory_gib']:g} GiB, plan within "
              f"{d['budget_gib']:g} GiB ({d['margin']:.0%} kept free)",
-             f"{'policy':<10}{'peak GiB':>10}{'fits':>6}{'max batch/GPU':>15}{'TFLOPs/step':>13}"
-             f"{'recompute':>11}{'step s':>9}{'images/s/GPU':>14}"]
-    for policy, row in plan["policies"].items():
+             f"{'checkpointing':<22}{'peak GiB':>10}{'fits':>6}{'max batch/GPU':>15}{'TFLOPs/step':>13}"
+             f"{'recompute':>14}{'step s':>9}{'images/s/GPU':>14}"]
+    for label, row in plan["policies"].items():
         seconds, rate, most = row["step_seconds_at_mfu"], row["images_per_second_needed"], row["max_batch_per_gpu"]
-        lines.append(f"{policy:<10}{row['peak_memory_gib']:>10.2f}{'yes' if row['fits'] else 'no':>6}"
-                     f"{'-' if most is None else most:>15}"
-                     f"{row['flops_per_step'] / 1e12:>13.1f}{row['recompute_flops_per_step'] / 1e12:>11.1f}"
+        recompute = f"{row['recompute_flops_per_step'] / 1e12:.1f} ({row['recompute_fraction']:.0%})"
+        lines.append(f"{label:<22}{row['peak_memory_gib']:>10.2f}{'yes' if row['fits'] else 'no':>6}"
+                     f"{'-' if most is None else most:>15}{row['flops_per_step'] / 1e12:>13.1f}{recompute:>14}"
                      f"{'-' if seconds is None else f'{seconds:.3f}':>9}{'-' if rate is None else f'{rate:.0f}':>14}")
-    extra = plan["recompute_flops_per_step"] / plan["flops_per_step"]
     how = "chosen by auto" if plan["requested"] == "auto" else "as set"
-    lines.append(f"grad_checkpointing={plan['grad_checkpointing']} ({how}): "
-                 f"{'fits' if plan['fits'] else 'does NOT fit'}, recompute +{extra:.0%} FLOPs; step time at "
-                 f"MFU {plan['mfu']:.0%} of the dense bf16 peak, recomputed FLOPs included")
+    lines.append(f"model.grad_checkpointing={plan['grad_checkpointing']} "
+                 f"grad_checkpointing_blocks={plan['grad_checkpointing_blocks']} "
+                 f"grad_checkpointing_rest={plan['grad_checkpointing_rest']} ({plan['setting']}, {how}): "
+                 f"{'fits' if plan['fits'] else 'does NOT fit'}, recompute +{plan['recompute_fraction']:.0%} FLOPs "
+                 f"(TFLOPs/step and recompute in TFLOPs; step time at MFU {plan['mfu']:.0%} of the dense bf16 peak, "
+                 "recomputed FLOPs included)")
     return "\n".join(lines)
 
 

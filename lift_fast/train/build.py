@@ -25,7 +25,7 @@ from lift_fast.data.loader import Loader, build_loader
 from lift_fast.kernels import ClipLoss, SigLipLoss, fused_projection_clip_loss
 from lift_fast.models.flops import train_flops_per_sample
 from lift_fast.models.vit import build_model
-from lift_fast.plan.choose import choose_policy
+from lift_fast.plan.choose import choose_checkpointing
 from lift_fast.train import distributed
 from lift_fast.train.checkpoint import CheckpointWriter, load_checkpoint
 from lift_fast.train.device import peak_tflops, resolve_compile, resolve_precision
@@ -150,9 +150,8 @@ def build_parts(cfg: Config, ctx: Distributed, data_dir, embeddings_dir, manifes
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
     dim = int(manifest["dim"])
-    # model.grad_checkpointing=auto becomes a policy for this device here (the planner on CUDA)
-    policy = choose_policy(cfg, device, dim, ctx.world_size)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grad_checkpointing=policy))
+    # model.grad_checkpointing=auto becomes a checkpointing (policy, blocks) for this device here (the planner on CUDA)
+    cfg = dataclasses.replace(cfg, model=choose_checkpointing(cfg, device, dim, ctx.world_size))
     model = build_model(cfg.model, cfg.data.image_size, dim, cfg.train.logit_scale_init).to(device)
     if cfg.model.init and start_ckpt is None:  # a resumed run takes the checkpoint's weights instead
         from lift_fast.models.pretrained import init_tower
