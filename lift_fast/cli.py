@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _settings(p)
 
     p = command("plan", "without a GPU: one train step's peak memory on a GPU (measured on fake tensors under CUDA "
-                "autocast rules) at each activation-checkpointing policy, the policy auto takes, the largest batch "
-                "per GPU that fits, FLOPs, step time at an MFU and the images/s the feed must give")
+                "autocast rules) at each activation-checkpointing policy, the policy auto takes (on all or some blocks), "
+                "the largest batch per GPU that fits, FLOPs, step time at an MFU and the images/s the feed must give")
     gpu = p.add_mutually_exclusive_group(required=True)
     gpu.add_argument("--gpu", choices=("h100", "h200", "b200"), help="the GPU to plan for")
     gpu.add_argument("--memory-gib", type=float, help="or: a GPU with this much memory (GiB)")
