@@ -191,7 +191,8 @@ def test_cli_refuses_a_batch_that_does_not_split(capsys):
 
 @pytest.mark.slow
 def test_vit_b16_at_2048_fits_an_h100_with_auto_not_without_checkpointing(tmp_path):
-    """The issue's case: ViT-B/16 at 224 px, 2,048 images per GPU, on an 80 GB H100 (about 40 s here)."""
+    """The issue's case: ViT-B/16 at 224 px, 2,048 images per GPU, on an 80 GB H100 (about 10 s here): auto
+    takes full on 3 of 12 blocks, the rest selective (+8 % FLOPs), not full on all (+33 %)."""
     out = tmp_path / "plan.json"
     assert main(["plan", "model.name=vit_b16", "data.image_size=224", "train.batch_size=2048", "--gpu", "h100",
                  "--no-search", "--json", str(out)]) == 0
