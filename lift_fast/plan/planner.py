@@ -176,9 +176,9 @@ def make_plan(cfg: Config, device: Device, *, gpus: int = 1, mfu: float = DEFAUL
               margin: float = DEFAULT_MARGIN, search: bool = True) -> dict:
     """The plan of `cfg`'s training step on `gpus` GPUs of `device`.
 
-    Measures each policy (none, selective, full) on all blocks at train.batch_size /
-    gpus per GPU; with `search`, also the largest batch per GPU that fits each. The checkpointing it
-    assumes is the config's (model.grad_checkpointing, _blocks, _rest), or for auto the least
+    Measures each policy (none, selective, full) on all blocks at train.batch_size / gpus per GPU;
+    with `search`, also the largest batch per GPU that fits each and the setting chosen (not the
+    settings auto only tried: their max_batch_per_gpu is None). The checkpointing it assumes is the config's (model.grad_checkpointing, _blocks, _rest), or for auto the least
     recomputed FLOPs whose peak fits within (1 - margin) of the device's memory: none; else
     selective on the fewest blocks; else full on the fewest blocks and selective on the rest
     (_least_recompute); full on all when nothing fits. Returns a dict: peak_memory_gib, fits,
@@ -202,14 +202,15 @@ def make_plan(cfg: Config, device: Device, *, gpus: int = 1, mfu: float = DEFAUL
     depth = vit_spec(cfg.model.name, patch_size=cfg.model.patch_size, depth=cfg.model.depth).depth
     requested = cfg.model.grad_checkpointing
     rows: dict[str, dict] = {}
+    peaks_of: dict[str, _Peaks] = {}
 
     def measure(setting: Setting) -> dict:
-        """The plan's row of `setting` (measured once), kept in rows under its label."""
+        """The plan's row of `setting` (measured once at the batch), kept in rows under its label."""
         if setting.label not in rows:
-            peaks = _Peaks(cfg, dim, setting, gpus)
+            peaks = peaks_of[setting.label] = _Peaks(cfg, dim, setting, gpus)
             model_flops, recompute = step_flops(cfg, dim, batch, gpus, setting.policy, setting.blocks)
             row = {**setting.fields(), "peak_memory_gib": round(peaks(batch), 3), "fits": peaks(batch) <= budget,
-                   "max_batch_per_gpu": max_batch(peaks, budget, batch) if search else None,
+                   "max_batch_per_gpu": None,
                    "flops_per_step": model_flops, "recompute_flops_per_step": recompute,
                    "recompute_fraction": round(recompute / model_flops, 4)}
             if device.peak_tflops:
@@ -230,6 +231,9 @@ def make_plan(cfg: Config, device: Device, *, gpus: int = 1, mfu: float = DEFAUL
         setting = Setting(requested, blocks % depth, rest, depth)
         measure(setting)
         chosen = setting.label
+    if search:  # the whole-model policies and the setting chosen; not the settings auto only tried
+        for label in dict.fromkeys([*(CHECKPOINT_POLICIES if requested == "auto" else ()), chosen]):
+            rows[label]["max_batch_per_gpu"] = max_batch(peaks_of[label], budget, batch)
     return {"config": {"model": cfg.model.name, "image_size": cfg.data.image_size, "text_dim": dim,
                        "global_batch": cfg.train.batch_size, "batch_per_gpu": batch, "gpus": gpus, "depth": depth,
                        "precision": "fp32" if cfg.train.precision == "fp32" else "bf16"},
