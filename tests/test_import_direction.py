@@ -1,6 +1,7 @@
-"""Imports point down: the store sits below the data loader and the embed stage.
+"""Imports point down: the store sits below the data loader and the embed stage, the stages below the trainer.
 
     embed -> data (shards, captions), store       data -> store       store -> neither
+    embed, models -> never train or eval (device switches: lift_fast/device.py)    eval -> never the train loop
 
 Checked on the source (every import statement, inside functions too, relative ones resolved), so a
 lazy import inside a function cannot slip an upward edge past the check, and in a fresh interpreter
@@ -22,6 +23,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lift_fast"
 FORBIDDEN = {
     "data": ("lift_fast.embed", "lift_fast.train", "lift_fast.eval"),
     "store": ("lift_fast.embed", "lift_fast.data", "lift_fast.train", "lift_fast.eval", "lift_fast.models"),
+    "embed": ("lift_fast.train", "lift_fast.eval"),
+    "models": ("lift_fast.data", "lift_fast.train", "lift_fast.eval"),
+    "eval": ("lift_fast.train.loop",),
 }
 
 

@@ -36,12 +36,12 @@ from lift_fast.embed.batching import auto_length_step, plan_batches, plan_exact,
 from lift_fast.embed.encoder import TextEncoder, resolve_model
 from lift_fast.embed.run import read_captions
 from lift_fast.models.flops import encoder_flops_per_caption
-from lift_fast.train.device import DENSE_BF16_TFLOPS
+from lift_fast.device import DENSE_BF16_TFLOPS
 
 # The MFU GPU-hours are stated at, until a GPU check has measured the embed pass (bench/gpu_check.py
 # --only embed): an assumption, typical of a well-fed bf16 forward pass of a 0.6-8B model.
 DEFAULT_MFU = 0.40
-GPUS = ("H100", "H200", "B200")  # dense bf16 peaks from lift_fast.train.device.DENSE_BF16_TFLOPS
+GPUS = ("H100", "H200", "B200")  # dense bf16 peaks from lift_fast.device.DENSE_BF16_TFLOPS
 SAMPLE = 10_000
 STORE_DTYPE_BYTES = {"float16": 2, "float32": 4, "int8": 1}
 MATRYOSHKA_DIMS = (4096, 2048, 1024, 512, 256)

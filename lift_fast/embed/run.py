@@ -45,7 +45,7 @@ from lift_fast.embed.quantize import (
     check_supported,
     quantize_encoder,
 )
-from lift_fast.train.device import resolve_compile
+from lift_fast.device import resolve_compile
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ k and selective on the rest), k read off the line between the two whole-model po
 then measured (one step down checked too); the largest batch that fits comes from measurements at
 two batches, a straight line (checked at a third batch) and a direct measurement at its answer.
 FLOPs come from models/flops.py (what the trainer logs); the step time assumes the GPU runs every
-FLOP, recomputed ones included, at `mfu` of its dense bf16 peak (train/device.py's table).
+FLOP, recomputed ones included, at `mfu` of its dense bf16 peak (lift_fast/device.py's table).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from lift_fast.plan.memory import measure_step
 log = logging.getLogger(__name__)
 
 # What torch.cuda.get_device_properties(0).total_memory reports (GiB) and the dense bf16 TFLOP/s of the
-# data sheets (train/device.py DENSE_BF16_TFLOPS): H100 SXM 80 GB, H200 141 GB, B200 180 GB.
+# data sheets (lift_fast/device.py DENSE_BF16_TFLOPS): H100 SXM 80 GB, H200 141 GB, B200 180 GB.
 GPUS = {"h100": ("H100 80GB", 79.1, 989.4), "h200": ("H200", 139.8, 989.4), "b200": ("B200", 178.4, 2250.0)}
 DEFAULT_MFU = 0.4  # a well-fed ViT-B/16 bf16 step; the step time scales as 1/mfu
 # Fraction of the device kept out of the plan: the CUDA context, cuBLAS and NCCL workspaces, the caching

@@ -2,7 +2,7 @@
 (model.text_tower=transformer, the CLIP baseline) jointly with a text tower on the raw captions.
 
 Builders live with what they build (model in models/, data in data/, optimiser in train/optim.py,
-process group in train/distributed.py, device switches in train/device.py, logs in
+process group in train/distributed.py, device switches in lift_fast/device.py, logs in
 train/metrics.py); train/build.py puts the parts together and restores them from a checkpoint, and
 this module runs the loop over them. Outputs in the run folder:
 config.yaml, metrics.jsonl, tensorboard/, checkpoints/step_NNNNNN/. The run folder is written only
@@ -44,7 +44,7 @@ from lift_fast.train.build import (  # noqa: F401 (Parts, Progress, build_loss, 
     local_batch_size,
 )
 from lift_fast.train.checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint
-from lift_fast.train.device import autocast
+from lift_fast.device import autocast
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.feed import DeviceFeed
 from lift_fast.train.metrics import MetricsLog, RunLog, StepTally, Throughput, utilisation

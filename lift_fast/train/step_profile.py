@@ -114,7 +114,7 @@ def synthetic_parts(cfg, ctx, dim: int, batch: int):
     from lift_fast.models.vit import build_model
     from lift_fast.train import distributed
     from lift_fast.train.build import Parts, build_loss
-    from lift_fast.train.device import peak_tflops, resolve_compile, resolve_precision
+    from lift_fast.device import peak_tflops, resolve_compile, resolve_precision
     from lift_fast.train.optim import build_optimizer, build_scheduler
 
     device = ctx.device

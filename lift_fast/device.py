@@ -1,4 +1,4 @@
-"""The device switches of `lift-fast train`: bf16 autocast (train.precision) and torch.compile
+"""The device switches of `lift-fast train` and `lift-fast embed`: bf16 autocast (train.precision) and torch.compile
 (train.compile, and embed.compile for the caption encoder).
 
 `auto` takes the fast path on CUDA (bf16 autocast, compiled model) and the plain one on CPU (fp32,
