@@ -204,29 +204,64 @@ def measure_step(cfg: Config, batch: int, dim: int, *, policy: str, blocks: int 
         for param in model.parameters():
             param.grad = torch.zeros_like(param)
         optimizer.step()
-        if not fake:  # real kernels make their caches (oneDNN primitives, thread scratch) in their first call
-            step()
-        state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         tracker = StepTracker()
-        tracker.track(*model.parameters(), *(p.grad for p in model.parameters()), *model.buffers(), *state,
-                      *feed_images, *feed_texts, mean, std)
-        if fake:
-            with tracker:
+        # real tensors: the allocator's own count over the same step, for the check (_allocator_peak)
+        with _memory_profiler(not fake) as profiler:
+            if not fake:  # real kernels make their caches (oneDNN primitives, thread scratch) in their first call
                 step()
-            allocator_peak = None
-        else:  # the allocator's own count over the same step, for the check (flops.py reads the profiler's events)
-            from lift_fast.flops import _cpu_peak_bytes
-
+            state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+            tracker.track(*model.parameters(), *(p.grad for p in model.parameters()), *model.buffers(), *state,
+                          *feed_images, *feed_texts, mean, std)
             resident = tracker.current
-
-            def tracked_step() -> None:
-                with tracker:
-                    step()
-
-            allocator_peak = resident + _cpu_peak_bytes(tracked_step)
+            with _span(not fake), tracker:
+                step()
+        allocator_peak = None if fake else resident + _allocator_peak(profiler)
         return StepMemory(batch=batch, policy=policy, blocks=blocks, rest=rest, rules=rules, peak_bytes=tracker.peak,
                           parameters_bytes=_nbytes(model.parameters()), optimizer_bytes=_nbytes(state),
                           feed_bytes=_nbytes([*feed_images, *feed_texts]), allocator_peak_bytes=allocator_peak)
+
+
+_SPAN = "lift_fast::measured_step"
+
+
+def _memory_profiler(enabled: bool):
+    """torch's profiler recording the CPU allocator's [memory] events while open, when `enabled`."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+def _span(enabled: bool):
+    """Marks the measured step in the profile (_allocator_peak reads its start and end)."""
+    from torch.profiler import record_function
+
+    return record_function(_SPAN) if enabled else contextlib.nullcontext()
+
+
+def _allocator_peak(profiler) -> int:
+    """The CPU allocator's peak over the measured step, above what it held when the step began: the
+    running sum of the profiler's [memory] events, taken over the step's span.
+
+    The profiler opens before the warm-up step because it drops the frees of blocks allocated before
+    it started: the warm-up's gradients, freed by the measured step's zero_grad(set_to_none=True),
+    would otherwise stay in the sum through the backward (the parameters' bytes counted twice there:
+    under full recompute, whose peak is in the backward, the check read the tracker 13-16 % low)."""
+    events = sorted(profiler.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+    span = next(e for e in events if e.name() == _SPAN)
+    current = peak = start = 0
+    for event in events:
+        if event.start_ns() > span.end_ns():
+            break
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
+            if event.start_ns() < span.start_ns():
+                start = current = current + event.nbytes()
+                peak = start
+            else:
+                current += event.nbytes()
+                peak = max(peak, current)
+    return peak - start
 
 
 def on_fake_storage(model: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:
