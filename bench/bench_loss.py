@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 from lift_fast.kernels import clip_loss, siglip_loss
 
 BATCH, DIM = 8192, 512

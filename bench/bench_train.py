@@ -30,9 +30,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lift_fast.kernels import clip_loss, fused_projection_clip_loss
 
 from lift_fast.config import ModelConfig, TrainConfig
+from lift_fast.kernels import clip_loss, fused_projection_clip_loss
 from lift_fast.models.vit import build_model
 from lift_fast.train.optim import build_optimizer
 

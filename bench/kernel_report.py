@@ -151,6 +151,7 @@ def report(targets: dict[str, int] = TARGETS) -> dict:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the kernel report compiles for a GPU: unset TRITON_INTERPRET before importing triton")
     import triton
+
     from lift_fast.kernels import slab_ops
 
     rows = []

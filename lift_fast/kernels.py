@@ -8,7 +8,7 @@ Its submodules are reachable under this name too (`lift_fast.kernels.slab_ops` i
 import sys
 
 import lift_fast_kernels
-from lift_fast_kernels import (
+from lift_fast_kernels import (  # noqa: F401 (re-exported: the trainer's name for the package)
     KERNELS_CHOICES,
     KERNELS_ENV_VAR,
     SLAB_BYTES_ENV_VAR,

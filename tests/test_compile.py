@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lift_fast.kernels import ClipLoss, SigLipLoss
 
 from lift_fast.config import load_config
+from lift_fast.kernels import ClipLoss, SigLipLoss
 from lift_fast.models import attention
 from lift_fast.models.vit import build_model
 

@@ -14,10 +14,10 @@ from test_embed_packing import lognormal_captions
 
 from lift_fast.cli import main
 from lift_fast.config import EmbedConfig
+from lift_fast.device import DENSE_BF16_TFLOPS
 from lift_fast.embed.encoder import load_encoder, resolve_model
 from lift_fast.embed.estimate import estimate
 from lift_fast.embed.run import read_captions
-from lift_fast.device import DENSE_BF16_TFLOPS
 
 # Qwen3-Embedding-8B's config.json (shape fields)
 QWEN3_8B = {"model_type": "qwen3", "architectures": ["Qwen3Model"], "hidden_size": 4096, "num_hidden_layers": 36,

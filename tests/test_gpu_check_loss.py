@@ -70,10 +70,11 @@ def test_quick_run_reports_every_side_at_every_size(quick_report):
 
 
 def test_guard_fails_the_check_when_the_loss_is_wrong(gpu_check, monkeypatch):
-    import lift_fast.kernels
     from gpu_check import load_checks
     from gpu_checks import Context
     from gpu_checks.loss import clip_loss_guard_fp32
+
+    import lift_fast.kernels
 
     right = lift_fast.kernels.clip_loss
     monkeypatch.setattr(lift_fast.kernels, "clip_loss", lambda *args: right(*args) * (1 + 1e-3))
@@ -116,9 +117,10 @@ def test_ceiling_comes_from_the_earlier_check_or_is_measured_here(gpu_check):
 
 @pytest.mark.parametrize("broken", ["host sync", "fp32 gemm"])
 def test_contract_check_fails_on_a_host_sync_or_a_gemm_outside_bf16(gpu_check, monkeypatch, broken):
-    import lift_fast.kernels
     from gpu_checks import Context
     from gpu_checks.loss import loss_dtypes_syncs
+
+    import lift_fast.kernels
 
     right = lift_fast.kernels.clip_loss
 

@@ -110,6 +110,7 @@ def test_report_configurations_are_the_launches_the_losses_make(monkeypatch):
     """slab_ops.kernel_launches() (what the report compiles) against the launches clip_loss and
     siglip_loss really make, forward and backward, in fp32, bf16 and fp16: the same set."""
     import torch
+
     from lift_fast.kernels import KERNELS_ENV_VAR, clip_loss, siglip_loss, slab_ops
 
     triton_names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

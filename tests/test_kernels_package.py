@@ -32,11 +32,11 @@ def test_import_kernels_from_the_root_is_not_ours():
 
 def test_trainer_and_package_name_one_module():
     """lift_fast.kernels is the trainer's name for lift_fast_kernels: the same module objects, ops registered once."""
+    import lift_fast.kernels.clip_loss
     import lift_fast_kernels
     import lift_fast_kernels.clip_loss
 
     import lift_fast.kernels
-    import lift_fast.kernels.clip_loss
 
     assert lift_fast.kernels.clip_loss is lift_fast_kernels.clip_loss  # the function
     assert sys.modules["lift_fast.kernels.clip_loss"] is sys.modules["lift_fast_kernels.clip_loss"]

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from lift_fast.kernels import (
     KERNELS_ENV_VAR,
     ClipLoss,

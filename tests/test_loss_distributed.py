@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, chunking, fused_projection_clip_loss, start_text_gather
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, chunking, fused_projection_clip_loss, start_text_gather
 
 WORLD_SIZE = 2
 LOCAL_BATCH = 7

@@ -14,9 +14,10 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from lift_fast.kernels import ClipLoss, SigLipLoss, clip_loss, fused_projection_clip_loss, siglip_loss
 from lift_fast.kernels.reference import gemm_dtype
 from torch.profiler import ProfilerActivity, profile
+
+from lift_fast.kernels import ClipLoss, SigLipLoss, clip_loss, fused_projection_clip_loss, siglip_loss
 
 GEMMS = {"aten::mm": (0, 1), "aten::matmul": (0, 1), "aten::bmm": (0, 1), "aten::addmm": (1, 2)}
 PROFILER_NAMES = {torch.bfloat16: "c10::BFloat16", torch.float32: "float", torch.float16: "c10::Half"}

@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lift_fast.kernels import KERNELS_ENV_VAR, chunking, clip_loss, siglip_loss, slab_ops
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from lift_fast.kernels import KERNELS_ENV_VAR, chunking, clip_loss, siglip_loss, slab_ops
 
 clip_module = importlib.import_module("lift_fast.kernels.clip_loss")  # the package's clip_loss is the function
 

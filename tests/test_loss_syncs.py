@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, clip_loss, fused_projection_clip_loss, siglip_loss, slab_ops
 from torch.profiler import ProfilerActivity, profile
+
+from lift_fast.kernels import KERNELS_ENV_VAR, ClipLoss, SigLipLoss, clip_loss, fused_projection_clip_loss, siglip_loss, slab_ops
 
 BATCH, DIM, HIDDEN = 7, 16, 24
 SYNC = "aten::_local_scalar_dense"

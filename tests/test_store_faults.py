@@ -13,8 +13,6 @@ import pytest
 from test_atomic import events  # noqa: F401  (the fixture: every fsync and rename, in order)
 
 from lift_fast.atomic import write_json
-from lift_fast.store import reader as store_module
-from lift_fast.store.manifest import new_manifest, record_shard
 from lift_fast.store import (
     StoreError,
     finished_shard,
@@ -25,6 +23,8 @@ from lift_fast.store import (
     store_rows,
     write_shard,
 )
+from lift_fast.store import reader as store_module
+from lift_fast.store.manifest import new_manifest, record_shard
 
 IDENTITY = {"model": "tiny", "pooling": "mean", "prompt": "", "max_length": 77, "normalize": False, "dim": 6}
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lift_fast import device as device_module
 from lift_fast.config import ConfigError, TrainConfig, load_config
 from lift_fast.data.dali import dali_available
 from lift_fast.data.shards import ShardError
@@ -25,7 +26,6 @@ from lift_fast.models.vit import build_model
 from lift_fast.train import NonFiniteLossError, RunFolderError
 from lift_fast.train import build as build_module
 from lift_fast.train import checkpoint as checkpoint_module
-from lift_fast.train import device as device_module
 from lift_fast.train import loop as loop_module
 from lift_fast.train import metrics as metrics_module
 from lift_fast.train.checkpoint import complete_checkpoints, latest_checkpoint, load_weights, save_checkpoint

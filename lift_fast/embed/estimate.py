@@ -32,11 +32,11 @@ import torch
 from lift_fast.config import ConfigError, EmbedConfig
 from lift_fast.data.captions import parse_sources
 from lift_fast.data.shards import list_shards
+from lift_fast.device import DENSE_BF16_TFLOPS
 from lift_fast.embed.batching import auto_length_step, plan_batches, plan_exact, plan_packs
 from lift_fast.embed.encoder import TextEncoder, resolve_model
 from lift_fast.embed.run import read_captions
 from lift_fast.models.flops import encoder_flops_per_caption
-from lift_fast.device import DENSE_BF16_TFLOPS
 
 # The MFU GPU-hours are stated at, until a GPU check has measured the embed pass (bench/gpu_check.py
 # --only embed): an assumption, typical of a well-fed bf16 forward pass of a 0.6-8B model.

@@ -33,6 +33,7 @@ from lift_fast.atomic import write_json
 from lift_fast.config import ConfigError, EmbedConfig
 from lift_fast.data.captions import JSON_PREFIX, TXT, caption_from, members_of, parse_sources
 from lift_fast.data.shards import ShardError, iter_samples, list_shards
+from lift_fast.device import resolve_compile
 from lift_fast.embed.encoder import (
     TextEncoder,
     Tokenized,
@@ -45,7 +46,6 @@ from lift_fast.embed.quantize import (
     check_supported,
     quantize_encoder,
 )
-from lift_fast.device import resolve_compile
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from lift_fast.atomic import atomic_write, write_json
-from lift_fast.store.manifest import MANIFEST, StoreError, read_manifest, record_shard
 from lift_fast.store.files import (
     HASH_DTYPE,
     caption_hash,
@@ -26,6 +25,7 @@ from lift_fast.store.files import (
     shard_files,
     shard_fingerprints,
 )
+from lift_fast.store.manifest import MANIFEST, StoreError, read_manifest, record_shard
 
 
 def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

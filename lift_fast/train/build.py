@@ -22,13 +22,13 @@ from torch import nn
 
 from lift_fast.config import Config, ConfigError
 from lift_fast.data.loader import Loader, build_loader
+from lift_fast.device import peak_tflops, resolve_compile, resolve_precision
 from lift_fast.kernels import ClipLoss, SigLipLoss, fused_projection_clip_loss
 from lift_fast.models.flops import train_flops_per_sample
 from lift_fast.models.vit import build_model
 from lift_fast.plan.choose import choose_checkpointing
 from lift_fast.train import distributed
 from lift_fast.train.checkpoint import CheckpointWriter, load_checkpoint
-from lift_fast.device import peak_tflops, resolve_compile, resolve_precision
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.metrics import StepTally
 from lift_fast.train.optim import build_optimizer, build_scheduler

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from lift_fast.atomic import write_json
 from lift_fast.config import Config, check_changes, load_config, load_run_config, save_config
+from lift_fast.device import autocast
 from lift_fast.kernels import start_text_gather
 from lift_fast.train import NonFiniteLossError, distributed
 from lift_fast.train.build import (  # noqa: F401 (Parts, Progress, build_loss, local_batch_size: re-exported)
@@ -44,7 +45,6 @@ from lift_fast.train.build import (  # noqa: F401 (Parts, Progress, build_loss, 
     local_batch_size,
 )
 from lift_fast.train.checkpoint import checkpoint_path, checkpoint_step, latest_checkpoint
-from lift_fast.device import autocast
 from lift_fast.train.distributed import Distributed
 from lift_fast.train.feed import DeviceFeed
 from lift_fast.train.metrics import MetricsLog, RunLog, StepTally, Throughput, utilisation

@@ -110,11 +110,11 @@ def synthetic_parts(cfg, ctx, dim: int, batch: int):
     """The trainer's Parts for cfg on ctx (model, wrapped/sharded and compiled as `build.build_parts` does it,
     loss, optimiser, schedule; no loader) and a synthetic batch dict for `loop._train_step`: images
     [batch, 3, S, S] and unit text embeddings [batch, dim] on ctx.device, seeded."""
+    from lift_fast.device import peak_tflops, resolve_compile, resolve_precision
     from lift_fast.models.flops import train_flops_per_sample
     from lift_fast.models.vit import build_model
     from lift_fast.train import distributed
     from lift_fast.train.build import Parts, build_loss
-    from lift_fast.device import peak_tflops, resolve_compile, resolve_precision
     from lift_fast.train.optim import build_optimizer, build_scheduler
 
     device = ctx.device
